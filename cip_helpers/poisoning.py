@@ -1,0 +1,245 @@
+"""Output perturbations: batched functions from probability rows (N, K) to probability rows.
+
+Strong PPD (high-ES OOD queries): ``shuffle_noise``, ``reverse_rank``, ``inverse``, ``flatten``.
+Weak PPD (low-ES OOD) and the DP baseline: ``reverse_sigmoid``. PBD (hard ID queries): ``flip``.
+DAWN's watermark: ``permute_top``. Every function returns finite, non-negative float32 rows that
+sum to 1 (within 1e-6).
+
+Top-1 guarantees hold on the returned float32 rows, ties included: ``shuffle_noise``,
+``reverse_rank``, ``inverse``, ``flip`` and ``permute_top`` always move the argmax away from the
+input's argmax (``p.argmax(1)``, first index on ties); ``flatten`` always keeps it, and
+``reverse_sigmoid`` keeps it whenever p_max >= 0.5.
+
+Measuring a perturbation: :func:`top1_change_rate`, :func:`mean_l1`, :func:`mean_kl` and
+:func:`perturbation_stats` (all three at once).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+EPS = 1e-12
+
+
+def normalize(p: Tensor) -> Tensor:
+    """Clip at 0 and rescale rows to sum to 1 (computed in float64 for an exact sum); float32 out."""
+    p = p.double().clamp_min(0)
+    return (p / p.sum(1, keepdim=True).clamp_min(EPS)).float()
+
+
+def _rows(n: int) -> Tensor:
+    return torch.arange(n)
+
+
+def ensure_top_changed(q: Tensor, original_top: Tensor) -> Tensor:
+    """Make sure no row of ``q`` has ``original_top`` as (one of) its largest entries.
+
+    Where ``q[original_top]`` is >= every other entry, swap it with the largest other entry; if
+    the two were tied, lower the original entry by one float ulp (the row sum moves by < 1e-7).
+    Afterwards ``q.argmax(1) != original_top`` for every row (``q`` must have K >= 2)."""
+    q = q.clone()
+    n = len(q)
+    if n == 0:
+        return q
+    ar = _rows(n)
+    others = q.clone()
+    others[ar, original_top] = float("-inf")
+    best_other_val, best_other = others.max(1)
+    stuck = q[ar, original_top] >= best_other_val
+    if stuck.any():
+        rows = torch.nonzero(stuck).flatten()
+        top, other = original_top[rows], best_other[rows]
+        top_val, other_val = q[rows, top].clone(), q[rows, other].clone()
+        q[rows, top], q[rows, other] = other_val, top_val
+        tied = q[rows, top] >= q[rows, other]
+        if tied.any():
+            r, t = rows[tied], top[tied]
+            q[r, t] = torch.nextafter(q[r, t], torch.zeros_like(q[r, t]))
+    return q
+
+
+def ensure_top_kept(q: Tensor, original_top: Tensor) -> Tensor:
+    """Make sure ``q.argmax(1) == original_top`` for every row: where another entry is >= the
+    original top's entry (float32 rounding of near-ties), swap them and, if still tied, raise the
+    original top by one float ulp (the row sum moves by < 1e-7)."""
+    q = q.clone()
+    n = len(q)
+    if n == 0:
+        return q
+    ar = _rows(n)
+    others = q.clone()
+    others[ar, original_top] = float("-inf")
+    best_other_val, best_other = others.max(1)
+    lost = best_other_val >= q[ar, original_top]
+    if lost.any():
+        rows = torch.nonzero(lost).flatten()
+        top, other = original_top[rows], best_other[rows]
+        top_val, other_val = q[rows, top].clone(), q[rows, other].clone()
+        q[rows, top], q[rows, other] = torch.maximum(top_val, other_val), torch.minimum(top_val, other_val)
+        tied = q[rows, other] >= q[rows, top]
+        if tied.any():
+            r, t = rows[tied], top[tied]
+            q[r, t] = torch.nextafter(q[r, t], torch.ones_like(q[r, t]))
+    return q
+
+
+def _check_probs(p: Tensor, name: str) -> None:
+    if not isinstance(p, Tensor) or p.ndim != 2 or p.shape[1] < 2:
+        shape = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
+        raise ValueError(f"{name} expects probability rows (N, K >= 2), got {shape}; "
+                         "pass model(x).softmax(1)")
+    if not p.is_floating_point():
+        raise ValueError(f"{name} expects float probabilities, got dtype {p.dtype}")
+
+
+def shuffle_noise(p: Tensor, snr_db: float = 10.0, generator: torch.Generator | None = None) -> Tensor:
+    """Strong PPD against KnockoffNets/DFME: permute each row at random so that its top class moves,
+    add |white Gaussian noise| at ``snr_db`` (noise power = mean(q^2) / 10^(snr/10)), renormalise."""
+    _check_probs(p, "shuffle_noise")
+    n, k = p.shape
+    perm = torch.rand(n, k, generator=generator).argsort(1)
+    top = p.argmax(1)
+    # q[j] = p[perm[j]]: the top value stays in place exactly where perm[top] == top. There, swap
+    # perm[top] with a random other slot so the top value always lands on another class.
+    stuck = perm.gather(1, top[:, None])[:, 0] == top
+    if stuck.any():
+        rows = torch.nonzero(stuck).flatten()
+        other = (top[rows] + torch.randint(1, k, (len(rows),), generator=generator)) % k
+        a, b = perm[rows, top[rows]].clone(), perm[rows, other].clone()
+        perm[rows, top[rows]], perm[rows, other] = b, a
+    q = p.double().gather(1, perm)
+    noise_std = torch.sqrt(q.pow(2).mean(1, keepdim=True) / 10 ** (snr_db / 10))
+    q = q + (torch.randn(n, k, generator=generator, dtype=torch.float64) * noise_std).abs()
+    return ensure_top_changed(normalize(q), top)
+
+
+def reverse_rank(p: Tensor) -> Tensor:
+    """Strong PPD against IDA/DQA: the k-th largest probability goes to the class with the k-th
+    smallest probability (the argmax becomes the argmin). Ties in ``p`` are broken so that the
+    top-1 class still changes."""
+    _check_probs(p, "reverse_rank")
+    ascending = torch.argsort(p, dim=1, stable=True)
+    descending_values = p.gather(1, ascending.flip(1))
+    q = torch.zeros_like(p).scatter(1, ascending, descending_values)
+    return ensure_top_changed(normalize(q), p.argmax(1))
+
+
+def inverse(p: Tensor) -> Tensor:
+    """p -> (1/p) renormalised (p clipped at 1e-8): the least likely class becomes the most likely."""
+    _check_probs(p, "inverse")
+    return ensure_top_changed(normalize(1.0 / p.double().clamp_min(1e-8)), p.argmax(1))
+
+
+def flatten(p: Tensor, power: float = 1 / 30) -> Tensor:
+    """p -> p^(1/30) renormalised: nearly uniform, but the argmax is KEPT (a weak poison)."""
+    _check_probs(p, "flatten")
+    return ensure_top_kept(normalize(p.double().clamp_min(0).pow(power)), p.argmax(1))
+
+
+def reverse_sigmoid(p: Tensor, beta: float = 0.9, gamma: float = 0.6) -> Tensor:
+    """Reverse sigmoid (Lee et al. 2019): y' = y - beta * (sigmoid(gamma * logit(y)) - 1/2), clipped
+    at 0 and renormalised (y clipped to [1e-7, 1 - 1e-7] first). Keeps the top-1 class when
+    p_max >= 0.5; below that it may change (the map is not monotonic near 0)."""
+    _check_probs(p, "reverse_sigmoid")
+    y = p.double().clamp(1e-7, 1 - 1e-7)
+    q = normalize(y - beta * (torch.sigmoid(gamma * torch.logit(y)) - 0.5))
+    confident = p.max(1).values >= 0.5
+    if confident.any():
+        q[confident] = ensure_top_kept(q[confident], p[confident].argmax(1))
+    return q
+
+
+def flip(p: Tensor) -> Tensor:
+    """PBD's flipped answer: the inverted distribution, whose top class differs from p's."""
+    return inverse(p)
+
+
+def dawn_top_k(n_classes: int) -> int:
+    """How many top entries DAWN permutes: floor(sqrt(K)), at least 2 (so something can move)."""
+    return max(2, math.isqrt(n_classes))
+
+
+def permute_top(p: Tensor, shift: Tensor | None = None) -> Tensor:
+    """DAWN's watermark: cyclically shift the top-floor(sqrt(K)) entries of each row by ``shift``
+    (1..k-1, default 1) so every one of them moves, hence the top-1 class changes (ties included)."""
+    _check_probs(p, "permute_top")
+    n, k = p.shape
+    top_k = dawn_top_k(k)
+    idx = p.topk(top_k, dim=1).indices  # (n, top_k), descending
+    shift = torch.ones(n, dtype=torch.long) if shift is None else shift.long()
+    if shift.shape != (n,):
+        raise ValueError(f"shift must have one entry per row ({n}), got shape {tuple(shift.shape)}")
+    if len(shift) and ((shift < 1) | (shift >= top_k)).any():
+        raise ValueError(f"shift must be in 1..{top_k - 1} (K={k} classes permute the top {top_k})")
+    src = (torch.arange(top_k)[None] + shift[:, None]) % top_k  # slot j takes the value of slot j+s
+    q = p.clone()
+    q.scatter_(1, idx, p.gather(1, idx.gather(1, src)))
+    return ensure_top_changed(normalize(q), p.argmax(1))
+
+
+STRONG_PPD = {"shuffle_noise": shuffle_noise, "reverse_rank": reverse_rank, "inverse": inverse,
+              "flatten": flatten}
+
+
+def all_variants(p: Tensor, snr_db: float = 10.0, beta: float = 0.9, gamma: float = 0.6,
+                 generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    """Every CIP perturbation of ``p``: the four strong PPDs, weak PPD (reverse sigmoid) and the
+    PBD flip, keyed by name (the names of :data:`STRONG_PPD`, ``"weak (reverse_sigmoid)"``, ``"flip"``)."""
+    out = {name: (fn(p, snr_db=snr_db, generator=generator) if name == "shuffle_noise" else fn(p))
+           for name, fn in STRONG_PPD.items()}
+    out["weak (reverse_sigmoid)"] = reverse_sigmoid(p, beta, gamma)
+    out["flip"] = flip(p)
+    return out
+
+
+# --- measuring a perturbation --------------------------------------------------------------
+
+def _pair(clean: Tensor, poisoned: Tensor) -> None:
+    if clean.shape != poisoned.shape or clean.ndim != 2:
+        raise ValueError(f"need two (N, K) tensors of the same shape, got {tuple(clean.shape)} "
+                         f"and {tuple(poisoned.shape)}")
+
+
+def top1_change_rate(clean: Tensor, poisoned: Tensor) -> float:
+    """Fraction of rows whose argmax differs between ``clean`` and ``poisoned`` (NaN if empty)."""
+    _pair(clean, poisoned)
+    if len(clean) == 0:
+        return float("nan")
+    return float((clean.argmax(1) != poisoned.argmax(1)).double().mean())
+
+
+def mean_l1(clean: Tensor, poisoned: Tensor) -> float:
+    """Mean over rows of sum_k |clean_k - poisoned_k| (0 = identical, 2 = disjoint supports)."""
+    _pair(clean, poisoned)
+    if len(clean) == 0:
+        return float("nan")
+    return float((clean.double() - poisoned.double()).abs().sum(1).mean())
+
+
+def mean_kl(clean: Tensor, poisoned: Tensor, eps: float = 1e-8) -> float:
+    """Mean over rows of KL(clean || poisoned) = sum_k c_k log(c_k / q_k), in nats; both rows are
+    clipped at ``eps`` and renormalised so that zeros give large but finite values."""
+    _pair(clean, poisoned)
+    if len(clean) == 0:
+        return float("nan")
+    c = clean.double().clamp_min(eps)
+    q = poisoned.double().clamp_min(eps)
+    c, q = c / c.sum(1, keepdim=True), q / q.sum(1, keepdim=True)
+    return float((c * (c.log() - q.log())).sum(1).mean())
+
+
+def perturbation_stats(clean: Tensor, poisoned: Tensor) -> dict[str, float]:
+    """``top1_change_rate``, ``mean_l1`` and ``mean_kl`` of one perturbation, as a dict."""
+    return {"top1_change_rate": top1_change_rate(clean, poisoned), "mean_l1": mean_l1(clean, poisoned),
+            "mean_kl": mean_kl(clean, poisoned)}
+
+
+def perturbation_table(clean: Tensor, variants: dict[str, Tensor]):
+    """A pandas DataFrame, one row per named perturbation of ``clean`` (e.g. the output of
+    :func:`all_variants`), columns ``top1_change_rate``, ``mean_l1``, ``mean_kl``."""
+    import pandas as pd
+
+    rows = {name: perturbation_stats(clean, q) for name, q in variants.items()}
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("perturbation")

@@ -1,0 +1,81 @@
+"""The scores CIP routes on: energy (OOD), the energy-margin OE loss, thresholds, routing and the
+reliability score. All functions are batched tensor operations."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ID, LOW_ES, HIGH_ES = 0, 1, 2
+ROUTE_NAMES = ("ID", "low-ES OOD", "high-ES OOD")
+
+
+def energy_score(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """E(x) = -T * logsumexp(f(x) / T) per row; higher means more out-of-distribution."""
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be (N, K), got shape {tuple(logits.shape)}")
+    return -temperature * torch.logsumexp(logits / temperature, dim=1)
+
+
+def oe_energy_loss(logits_in: Tensor, y_in: Tensor, logits_out: Tensor, m_in: float,
+                   m_out: float, lam: float = 0.1) -> Tensor:
+    """Energy-margin outlier-exposure loss (Liu et al. 2020):
+    CE(ID) + lam * ( mean(relu(E_in - m_in)^2) + mean(relu(m_out - E_out)^2) )."""
+    e_in, e_out = energy_score(logits_in), energy_score(logits_out)
+    margin = F.relu(e_in - m_in).pow(2).mean() + F.relu(m_out - e_out).pow(2).mean()
+    return F.cross_entropy(logits_in, y_in) + lam * margin
+
+
+def ood_metrics(id_energy: Tensor, ood_energy: Tensor) -> dict[str, float]:
+    """AUROC and FPR at 95 % TPR with ID as the positive class (the energy_ood convention):
+    the detector score is -E, FPR95 is the fraction of OOD samples scoring above the threshold
+    that keeps 95 % of ID samples."""
+    from sklearn.metrics import roc_auc_score
+
+    s_id = -id_energy.detach().double().cpu().numpy()
+    s_ood = -ood_energy.detach().double().cpu().numpy()
+    if len(s_id) == 0 or len(s_ood) == 0:
+        raise ValueError("ood_metrics needs at least one ID and one OOD score")
+    labels = np.r_[np.ones(len(s_id)), np.zeros(len(s_ood))]
+    auroc = roc_auc_score(labels, np.r_[s_id, s_ood])
+    threshold = np.percentile(s_id, 5)  # 95 % of ID scores are >= this
+    fpr95 = float(np.mean(s_ood >= threshold))
+    return {"auroc": float(auroc), "fpr95": fpr95}
+
+
+def select_thresholds(id_energy: Tensor, p1: float = 95.0, p2: float = 99.9) -> tuple[float, float]:
+    """E1, E2 = the p1-th and p2-th percentiles of ID (training) energies."""
+    if not 0 <= p1 < p2 <= 100:
+        raise ValueError(f"need 0 <= p1 < p2 <= 100, got p1={p1}, p2={p2}")
+    e = id_energy.detach().double().cpu().numpy()
+    if e.size == 0 or not np.isfinite(e).all():
+        raise ValueError("ID energies must be a non-empty array of finite values")
+    e1, e2 = np.percentile(e, [p1, p2])
+    return float(e1), float(e2)
+
+
+def route(energy: Tensor, e1: float, e2: float) -> Tensor:
+    """Branch per query: 0 = ID (E < E1), 1 = low-ES OOD (E1 <= E < E2), 2 = high-ES OOD (E >= E2)."""
+    if not e1 <= e2:
+        raise ValueError(f"thresholds must satisfy E1 <= E2, got E1={e1}, E2={e2}")
+    return (energy >= e1).long() + (energy >= e2).long()
+
+
+def route_fractions(energy: Tensor, e1: float, e2: float) -> dict[str, float]:
+    """Fraction of queries routed to each branch, keyed by :data:`ROUTE_NAMES`."""
+    counts = torch.bincount(route(energy, e1, e2), minlength=3).double()
+    fractions = counts / max(len(energy), 1)
+    return {name: float(f) for name, f in zip(ROUTE_NAMES, fractions)}
+
+
+def reliability_score(probs: Tensor) -> Tensor:
+    """R = (p_max^2 - 1/N) / (std(p without p_max) + 1 - 1/N^2), N = number of classes.
+
+    Low R marks hard, ambiguous queries (PBD flips the lowest). ``std`` is the population
+    standard deviation of the N-1 probabilities left after removing the largest."""
+    if probs.ndim != 2 or probs.shape[1] < 3:
+        raise ValueError(f"probs must be (batch, N >= 3), got shape {tuple(probs.shape)}")
+    n = probs.shape[1]
+    top, rest = probs.topk(n, dim=1).values.split([1, n - 1], dim=1)
+    return (top[:, 0] ** 2 - 1 / n) / (rest.std(dim=1, unbiased=False) + 1 - 1 / n**2)

@@ -1,0 +1,107 @@
+"""Artifacts on disk: atomic JSON, checkpoints with a config spec, and load-or-train.
+
+A checkpoint stores the ``spec`` (a JSON-able dict of every setting that shaped the weights).
+:func:`load_or_train` reuses a checkpoint only if its spec matches exactly, retrains (and says
+why) if the spec differs, and raises :class:`CheckpointError` if the file is corrupt.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file exists but cannot be used as it is."""
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON atomically (temp file + rename); returns the path."""
+    text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n"
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+    return Path(path)
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON artifact; a missing file raises an error naming the notebook that writes it."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run the notebook that produces it first "
+                                "(python -m cip_helpers.run --profile <profile>)")
+    return json.loads(path.read_text())
+
+
+def _jsonable(spec: dict) -> dict:
+    return json.loads(json.dumps(spec, sort_keys=True))
+
+
+def save_checkpoint(path: Path, model: nn.Module, spec: dict, extra: dict | None = None) -> None:
+    """Save weights with their spec (and JSON-able ``extra``, e.g. a learning curve) atomically."""
+    payload = {"format": CHECKPOINT_FORMAT, "spec_json": json.dumps(_jsonable(spec), sort_keys=True),
+               "extra_json": json.dumps(extra or {}), "state_dict": model.state_dict()}
+    _atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
+    """Return ``(spec, extra, state_dict)``; raises :class:`CheckpointError` on a corrupt file."""
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        spec, extra = json.loads(payload["spec_json"]), json.loads(payload["extra_json"])
+        state = payload["state_dict"]
+        if payload.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"format {payload.get('format')} != {CHECKPOINT_FORMAT}")
+    except Exception as exc:  # noqa: BLE001 - re-raised with the fix
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a cip_helpers checkpoint "
+                              f"({type(exc).__name__}: {exc}). Delete it to retrain: rm '{path}'") from exc
+    return spec, extra, state
+
+
+def load_or_train(path: Path, spec: dict, build: Callable[[], nn.Module],
+                  train: Callable[[nn.Module], dict], verbose: bool = True) -> tuple[nn.Module, dict]:
+    """Load the model at ``path`` if it was trained with exactly ``spec``; otherwise build it,
+    call ``train(model) -> extra`` and save. Returns ``(model, {"loaded": bool, **extra})``."""
+    path, spec = Path(path), _jsonable(spec)
+    model = build()
+    if path.exists():
+        saved_spec, extra, state = load_checkpoint(path)
+        if saved_spec == spec:
+            try:
+                model.load_state_dict(state)
+            except RuntimeError as exc:
+                raise CheckpointError(f"checkpoint {path} does not fit the model built for its spec "
+                                      f"({exc}). Delete it to retrain: rm '{path}'") from exc
+            model.eval()
+            if verbose:
+                print(f"loaded checkpoint {path.name} (spec matches; delete the file to retrain)")
+            return model, {"loaded": True, **extra}
+        changed = sorted(k for k in set(spec) | set(saved_spec) if spec.get(k) != saved_spec.get(k))
+        if verbose:
+            print(f"checkpoint {path.name} was trained with other settings ({', '.join(changed)}): retraining")
+    elif verbose:
+        print(f"no checkpoint at {path.name}: training")
+    extra = train(model) or {}
+    model.eval()
+    save_checkpoint(path, model, spec, extra)
+    return model, {"loaded": False, **extra}

@@ -1,0 +1,160 @@
+"""Training loops: classifiers (hard or soft targets), inference helpers and OE fine-tuning."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .data import make_loader
+from .scores import energy_score, oe_energy_loss
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch so CPU runs repeat exactly."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_images(x: Tensor, shape: tuple[int, ...] | None = None) -> None:
+    """Raise a clear ``ValueError`` unless ``x`` is a finite float batch (N, C, H, W)
+    (optionally with per-image ``shape`` (C, H, W)) of values in [0, 1]."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"expected a torch.Tensor of images, got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(f"expected a batch of images (N, C, H, W), got rank {x.ndim} shape "
+                         f"{tuple(x.shape)}; add a batch dimension with x.unsqueeze(0)")
+    if shape is not None and tuple(x.shape[1:]) != tuple(shape):
+        raise ValueError(f"expected images of shape (C, H, W) = {tuple(shape)}, got {tuple(x.shape[1:])}")
+    if not x.is_floating_point():
+        raise ValueError(f"expected float images in [0, 1], got dtype {x.dtype}; use x.float() / 255")
+    if len(x) and not torch.isfinite(x).all():
+        raise ValueError("images contain NaN or inf values")
+    if len(x) and (x.min() < 0 or x.max() > 1):
+        raise ValueError(f"images must be in [0, 1], got range [{x.min():.3g}, {x.max():.3g}]")
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: Tensor, batch_size: int = 2048) -> Tensor:
+    """Logits of ``model`` (eval mode) for every image of ``x``, batched."""
+    model.eval()
+    if len(x) == 0:
+        return torch.empty(0, model(torch.zeros(1, *x.shape[1:])).shape[1])
+    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    """Top-1 accuracy (a fraction) of ``model`` on ``(x, y)``."""
+    return float((predict_logits(model, x).argmax(1) == y).float().mean())
+
+
+def random_affine(x: Tensor, max_shift: int, generator: torch.Generator,
+                  max_degrees: float = 10.0, max_scale: float = 0.1) -> Tensor:
+    """Per-image random rotation (+-max_degrees), scaling (+-max_scale) and translation
+    (+-max_shift pixels), zero fill; ``max_shift=0`` returns ``x`` unchanged."""
+    if max_shift <= 0:
+        return x
+    n, _, h, w = x.shape
+    u = torch.rand(4, n, generator=generator) * 2 - 1
+    angle, scale = u[0] * max_degrees * torch.pi / 180, 1 + u[1] * max_scale
+    tx, ty = u[2] * 2 * max_shift / w, u[3] * 2 * max_shift / h
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+
+
+def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy against integer labels (hard) or probability rows (soft)."""
+    if target.ndim == 1:
+        return F.cross_entropy(logits, target)
+    return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+def train_classifier(model: nn.Module, x: Tensor, target: Tensor, *, epochs: int, lr: float,
+                     batch_size: int = 64, seed: int = 0, weight_decay: float = 0.0,
+                     eval_data: tuple[Tensor, Tensor] | None = None, desc: str = "train",
+                     augment_shift: int = 0, progress: bool = True) -> list[dict]:
+    """Train on hard labels (N,) or soft labels (N, K). Adam for small lr, SGD+momentum (cosine
+    schedule) for lr >= 0.05 (the ResNet/WRN recipe). Returns one dict per epoch (loss, train
+    accuracy against argmax targets, test accuracy if ``eval_data`` is given). ``augment_shift``
+    > 0 randomly shifts, rotates and scales every training image (:func:`random_affine`): less
+    overfitting, so ID test energies stay close to the ID training energies thresholds come from."""
+    if len(x) == 0:
+        raise ValueError("cannot train on an empty dataset")
+    set_seed(seed)
+    if lr >= 0.05:
+        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9,
+                                                     nesterov=True, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
+    loader = make_loader(x, target, batch_size, shuffle=True, seed=seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    history = []
+    bar = tqdm(range(epochs), desc=desc, disable=not progress)
+    for epoch in bar:
+        model.train()
+        total, correct, loss_sum = 0, 0, 0.0
+        for xb, tb in loader:
+            logits = model(random_affine(xb, augment_shift, g))
+            loss = soft_cross_entropy(logits, tb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            labels = tb if tb.ndim == 1 else tb.argmax(1)
+            total += len(xb)
+            correct += int((logits.argmax(1) == labels).sum())
+            loss_sum += float(loss.detach()) * len(xb)
+        sched.step()
+        row = {"epoch": epoch + 1, "loss": loss_sum / total, "train_acc": correct / total}
+        if eval_data is not None:
+            row["test_acc"] = accuracy(model, *eval_data)
+        history.append(row)
+        bar.set_postfix({k: round(v, 4) for k, v in row.items() if k != "epoch"})
+    model.eval()
+    return history
+
+
+def finetune_oe(model: nn.Module, x_in: Tensor, y_in: Tensor, x_out: Tensor, *, epochs: int,
+                lr: float, lam: float, m_in: float, m_out: float, batch_size: int = 64, seed: int = 0,
+                eval_data: tuple[Tensor, Tensor] | None = None, desc: str = "OE fine-tuning",
+                augment_shift: int = 0, progress: bool = True) -> list[dict]:
+    """Outlier-exposure fine-tuning with the energy-margin loss. Every step concatenates an ID batch
+    and an outlier batch into one forward pass (BatchNorm sees both), then splits the logits."""
+    if len(x_out) == 0:
+        raise ValueError("OE fine-tuning needs a non-empty outlier pool")
+    set_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    in_loader = make_loader(x_in, y_in, batch_size, shuffle=True, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    history = []
+    bar = tqdm(range(epochs), desc=desc, disable=not progress)
+    for epoch in bar:
+        model.train()
+        out_order = torch.randperm(len(x_out), generator=g)
+        stats = {"loss": 0.0, "e_in": 0.0, "e_out": 0.0}
+        steps = 0
+        for step, (xb, yb) in enumerate(in_loader):
+            pick = out_order[(torch.arange(len(xb)) + step * batch_size) % len(x_out)]
+            logits = model(torch.cat([random_affine(xb, augment_shift, g), x_out[pick]]))
+            logits_in, logits_out = logits[: len(xb)], logits[len(xb):]
+            loss = oe_energy_loss(logits_in, yb, logits_out, m_in, m_out, lam)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+            stats["loss"] += float(loss.detach())
+            stats["e_in"] += float(energy_score(logits_in.detach()).mean())
+            stats["e_out"] += float(energy_score(logits_out.detach()).mean())
+        row = {"epoch": epoch + 1, **{k: v / steps for k, v in stats.items()}}
+        if eval_data is not None:
+            row["test_acc"] = accuracy(model, *eval_data)
+        history.append(row)
+        bar.set_postfix({k: round(v, 3) for k, v in row.items() if k != "epoch"})
+    model.eval()
+    return history

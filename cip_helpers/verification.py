@@ -1,0 +1,57 @@
+"""Ownership verification: does a suspect model agree with the defender's trigger set far more
+often than models that were NOT stolen?
+
+The defender keeps its trigger set (queries whose answers it altered) secret. Against a suspect,
+it queries the trigger inputs through the suspect's API and counts agreements m out of T with the
+altered labels. Under the null hypothesis (the suspect was trained independently) each trigger
+agrees with probability at most p0, estimated conservatively from innocent models; a one-sided
+binomial test gives the p-value, and the suspect is flagged when p < alpha.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from scipy import stats
+from torch import Tensor, nn
+
+from .training import predict_logits
+
+
+def count_agreements(model: nn.Module, trigger_x: Tensor, trigger_labels: Tensor) -> int:
+    """m: how many trigger inputs the model labels with the defender's altered label."""
+    if len(trigger_x) != len(trigger_labels):
+        raise ValueError(f"{len(trigger_x)} trigger inputs but {len(trigger_labels)} labels")
+    if len(trigger_x) == 0:
+        return 0
+    return int((predict_logits(model, trigger_x).argmax(1) == trigger_labels).sum())
+
+
+def binomial_p_value(m: int, t: int, p0: float) -> float:
+    """P(X >= m) for X ~ Binomial(t, p0): the one-sided test of 'agrees more than chance'."""
+    if not 0 <= m <= t:
+        raise ValueError(f"need 0 <= m <= T, got m={m}, T={t}")
+    if not 0 < p0 < 1:
+        raise ValueError(f"p0 must be in (0, 1), got {p0}")
+    if t == 0:
+        return 1.0
+    return float(stats.binomtest(m, t, p0, alternative="greater").pvalue)
+
+
+def null_agreement_rate(innocent_counts: Sequence[tuple[int, int]], n_classes: int,
+                        confidence: float = 0.99) -> float:
+    """Conservative p0 from innocent models' (m_i, T_i): the upper end of the one-sided
+    Clopper-Pearson ``confidence`` interval of the pooled agreement rate, and never below chance
+    (1 / n_classes). Pooling counts and taking an upper bound errs towards NOT flagging."""
+    m = sum(c[0] for c in innocent_counts)
+    t = sum(c[1] for c in innocent_counts)
+    chance = 1.0 / n_classes
+    if t == 0:
+        return chance
+    upper = 1.0 if m == t else float(stats.beta.ppf(confidence, m + 1, t - m))
+    return min(max(chance, upper), 1 - 1e-9)
+
+
+def verify(m: int, t: int, p0: float, alpha: float = 0.01) -> dict:
+    """The verdict for one suspect: m, T, p0, p-value and whether it is flagged at ``alpha``."""
+    p = binomial_p_value(m, t, p0)
+    return {"m": m, "T": t, "p0": p0, "p_value": p, "flagged": bool(t > 0 and p < alpha)}

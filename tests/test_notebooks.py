@@ -1,0 +1,76 @@
+"""Every notebook executes on the smoke profile through the runner, and writes its artifacts."""
+from __future__ import annotations
+
+import json
+
+import nbformat
+import pytest
+
+from cip_helpers import run
+from cip_helpers.config import get_profile
+
+NOTEBOOKS = run.list_notebooks()
+
+
+def test_notebooks_are_stored_clean_with_a_parameters_cell():
+    assert NOTEBOOKS, "no notebooks found"
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert all(not c.outputs and c.execution_count is None for c in code), f"{path.name} has outputs"
+        params = [c for c in code if "parameters" in c.metadata.get("tags", [])]
+        assert len(params) == 1 and 'profile = "quick"' in params[0].source, path.name
+        assert nb.cells[0].cell_type == "markdown" and "Run time" in nb.cells[0].source, path.name
+
+
+@pytest.fixture(scope="module")
+def smoke_run(smoke_results_root):
+    status = run.main(["--profile", "smoke"])
+    return status, get_profile("smoke").results_dir
+
+
+def test_all_notebooks_execute_on_smoke(smoke_run):
+    status, results = smoke_run
+    assert status == 0
+    executed = sorted(p.name for p in (results / "executed").glob("*.ipynb"))
+    assert executed == [p.name for p in NOTEBOOKS]
+    timings = json.loads((results / "timings.json").read_text())
+    assert set(timings["notebooks"]) == {p.stem for p in NOTEBOOKS}
+
+
+def test_smoke_run_writes_the_artifacts_later_notebooks_need(smoke_run):
+    _, results = smoke_run
+    victims = json.loads((results / "victims.json").read_text())
+    assert set(victims) == {"all", "half"} and all(0 <= a <= 1 for a in victims.values())
+    t = json.loads((results / "thresholds.json").read_text())
+    assert t["E1"] < t["E2"] and t["half"]["E1"] < t["half"]["E2"]
+    ood = json.loads((results / "ood_metrics.json").read_text())
+    assert {"auroc_before", "auroc_after", "fpr95_before", "fpr95_after"} <= set(ood["noise"])
+    assert (results / "checkpoints" / "victim_all.pt").exists()
+    assert any((results / "figures").glob("01_*.png"))
+
+
+def test_second_run_reuses_checkpoints(smoke_run, capsys):
+    from cip_helpers import pipeline
+
+    _, info = pipeline.get_victim(get_profile("smoke"), "all")
+    assert info["loaded"] is True
+    assert "loaded checkpoint victim_all.pt" in capsys.readouterr().out
+
+
+def test_runner_names_the_failing_notebook_and_cell(tmp_path, results_root, capsys):
+    good = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell('profile = "quick"\noverrides = {}', metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("x = 1")])
+    bad = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell('profile = "quick"\noverrides = {}', metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("raise ValueError('broken on purpose')")])
+    never = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 3")])
+    for name, nb in (("01_good", good), ("02_bad", bad), ("03_never", never)):
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(nb, tmp_path / f"{name}.ipynb")
+    status = run.main(["--profile", "smoke"], notebook_dir=tmp_path)
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "02_bad.ipynb failed" in err and "ValueError: broken on purpose" in err
+    assert not (results_root / "smoke" / "executed" / "03_never.ipynb").exists()
