@@ -36,7 +36,7 @@ class Profile:
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.0
-    augment_shift: int = 2  # random translation (pixels) while training victims and OE
+    augment_shift: int = 3  # random shift (pixels), +-10 deg rotation, +-10 % scale (victims, OE)
     # --- 02 outlier exposure (energy-margin loss, Liu et al. 2020) ----------------------
     oe_epochs: int = 3
     oe_lambda: float = 0.1
@@ -52,31 +52,34 @@ class Profile:
     rs_beta: float = 0.9  # reverse sigmoid (weak PPD and DP)
     rs_gamma: float = 0.6
     pbd_r1_percentile: float = 0.5  # online PBD: flip when R < this percentile of ID-train R
-    pbd_offline_T: float = 0.0035  # offline PBD: fraction (<1) or absolute count (>=1) of queries
+    pbd_offline_T: float = 0.0035  # offline PBD: fraction (<1) of ID-routed queries or a count (>=1)
     # --- 06 DAWN -------------------------------------------------------------------------
     dawn_rate: float = 0.005
     dawn_key: str = "cip-course-dawn-key"
     # --- attacks (07-10) -----------------------------------------------------------------
     surrogate_arch: str = "cnn"
-    surrogate_epochs: int = 12
+    surrogate_epochs: int = 6  # KnockoffNets surrogate
     surrogate_lr: float = 2e-3
-    surrogate_width: int = 32  # channels of the first conv of the `cnn` surrogate / DFME student
+    surrogate_width: int = 16  # channels of the first conv of the `cnn` surrogate / DFME student
     surrogate_batch: int = 64
     knockoff_queries: int = 8000
     knockoff_curve: tuple[int, ...] = (1000, 2000, 4000, 8000)
+    knockoff_gamma: float = 3.0  # attacker's contrast adaptation of the pool: stretch(x)**gamma; 0 = raw
+    knockoff_curve_label_type: str = "soft"  # label type of the queries-vs-accuracy curve
     dfme_queries: int = 36000
     dfme_batch: int = 128
     dfme_nz: int = 64
-    dfme_gen_channels: tuple[int, int] = (64, 32)
+    dfme_gen_channels: tuple[int, int] = (32, 16)
+    dfme_gain: float = 8.0  # generator images = sigmoid(gain * pre-activation): high contrast
     dfme_grad_m: int = 1  # random directions per forward-difference gradient estimate
     dfme_grad_eps: float = 1e-3
     dfme_lr_s: float = 0.1
-    dfme_lr_g: float = 1e-4
+    dfme_lr_g: float = 1e-2
     dfme_g_iter: int = 1
     dfme_s_iter: int = 5
     dfme_eval_every: int = 4000  # queries between test-accuracy points of the DFME curve
-    ida_label_type: str = "soft"
-    ida_epochs: int = 30
+    ida_label_type: str = "hard"  # soft labels: PBD's flipped answers are too flat to be learned
+    ida_epochs: int = 20
     dqa_ratios: tuple[float, ...] = (1.0, 0.5, 0.25)
     # --- 11 verification -----------------------------------------------------------------
     n_innocent: int = 3
@@ -165,10 +168,14 @@ PROFILES: dict[str, Profile] = {
         surrogate_lr=0.1,
         knockoff_queries=50_000,
         knockoff_curve=(5000, 10_000, 20_000, 50_000),
+        knockoff_gamma=0.0,  # ImageNet photos are sent as they are
+        surrogate_batch=128,
         dfme_queries=20_000_000,
         dfme_batch=256,
         dfme_nz=256,
         dfme_gen_channels=(128, 64),
+        dfme_gain=2.0,  # = DFME's tanh output
+        dfme_lr_g=1e-4,
         dfme_eval_every=1_000_000,
         ida_epochs=100,
         pbd_offline_T=87,

@@ -220,6 +220,9 @@ def _id_data_shape(dataset: str) -> tuple[int, int, int]:
         return (1, 28, 28)
     from . import data_full
 
+    if dataset not in data_full.DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose 'mnist_embedded' or one of "
+                         f"{sorted(data_full.DATASETS)}")
     return data_full.DATASETS[dataset]["shape"]
 
 

@@ -11,8 +11,9 @@ Measuring defenses (notebooks 04-06): :func:`branch_examples`, :func:`change_rat
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,19 @@ from .models import build_model
 from .scores import HIGH_ES, ID, LOW_ES, ROUTE_NAMES, energy_score, reliability_score, route
 from .store import load_checkpoint, read_json
 from .training import check_images, predict_logits
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run the enclosed torch ops on one intra-op thread. The per-query post-processing works on
+    (N, K) tensors that are far too small to gain from threads; on a busy CPU, waiting for a
+    second thread made each such op ~30x slower (benchmarks/cip_overhead.py)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -76,15 +90,21 @@ class TriggerSet:
 
 
 class Defense:
-    """Base class: input checks, one batched forward pass, and output checks."""
+    """Base class: input checks, one batched forward pass, and output checks. After each call,
+    ``last_clean`` holds the wrapped model's own (undefended) softmax answers to that call.
+
+    ``forward_batch``: a call with up to this many queries runs the victim in ONE forward pass
+    (larger calls are chunked); lower it for big models whose activations do not fit."""
 
     name = "base"
+    forward_batch = 10_000
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, int, int]) -> None:
         self.model = model.eval()
         self.input_shape = tuple(input_shape)
         with torch.no_grad():
             self.n_classes = int(model(torch.zeros(1, *self.input_shape)).shape[1])
+        self.last_clean = torch.zeros(0, self.n_classes)  # the wrapped model's softmax, last call
 
     def __call__(self, x: Tensor) -> Tensor:
         """Answer a batch of raw images (N, C, H, W) in [0, 1] with (N, K) probability rows."""
@@ -92,11 +112,13 @@ class Defense:
         if len(x) == 0:  # still goes through answer() so per-call records (routes, marks) reset
             logits = torch.empty(0, self.n_classes)
         else:
-            logits = predict_logits(self.model, x)
-        with torch.no_grad():
+            logits = predict_logits(self.model, x, batch_size=self.forward_batch)
+        with torch.no_grad(), single_thread():
+            self.last_clean = softmax(logits)
             probs = self.answer(x, logits)
-        if len(probs) and not (torch.isfinite(probs).all() and (probs >= 0).all()
-                               and ((probs.sum(1) - 1).abs() <= 1e-6).all()):
+            valid = bool(torch.isfinite(probs).all() and (probs >= 0).all()
+                         and ((probs.sum(1) - 1).abs() <= 1e-6).all())
+        if not valid:
             raise RuntimeError(f"{self.name} produced invalid probability rows (bug in the defense)")
         return probs
 
@@ -192,7 +214,7 @@ class CIP(Defense):
 
     PBD modes: ``"online"`` flips ID queries with R < ``r1``; ``"offline"`` treats each call as the
     whole transfer set and flips its T lowest-R ID-routed queries, T = ``pbd_T`` if >= 1, else
-    round(``pbd_T`` x the number of queries in the call) (capped at the number of ID-routed
+    round(``pbd_T`` x the number of ID-routed queries in the call) (capped at the number of ID-routed
     queries); ``None`` disables PBD. After each call, ``last_routes`` holds the branch
     per query (0 ID, 1 low-ES, 2 high-ES) and ``last_flipped`` which ones PBD flipped."""
 
@@ -224,6 +246,7 @@ class CIP(Defense):
     def answer(self, x: Tensor, logits: Tensor) -> Tensor:
         p = softmax(logits)
         routes = route(energy_score(logits, self.temperature), self.e1, self.e2)
+        # every branch below works on the rows of its mask only: one pass over each query
         out = p.clone()
         low, high = routes == LOW_ES, routes == HIGH_ES
         if low.any():
@@ -246,7 +269,9 @@ class CIP(Defense):
         if self.pbd == "online":
             return is_id & (r < self.r1)
         n_id = int(is_id.sum())
-        t = int(round(self.pbd_T * len(p))) if self.pbd_T < 1 else int(self.pbd_T)
+        # a fractional T counts ID-routed queries, so deceptive OOD queries (DQA) neither add nor
+        # remove triggers: the paper's T is the same for IDA and DQA (Table IV: 87 on CIFAR-10)
+        t = int(round(self.pbd_T * n_id)) if self.pbd_T < 1 else int(self.pbd_T)
         t = min(t, n_id)
         mask = torch.zeros(len(p), dtype=torch.bool)
         if t > 0:
@@ -321,15 +346,17 @@ def r1_from_scores(train_scores: Tensor, percentile: float) -> float:
 
 
 def branch_examples(cip: CIP, pools: Mapping[str, Tensor], per_branch: int = 3) -> dict[str, Tensor]:
-    """Up to ``per_branch`` queries per CIP branch (ID, low-ES, high-ES), taken in order from the
-    named ``pools``. Returns ``x``, ``energy``, ``route`` (0/1/2), ``source`` (index into the pool
-    names), ``clean`` (the wrapped model's softmax) and ``answer`` (CIP's answer), in branch order."""
+    """The first (up to) ``per_branch`` queries of every pool that CIP routes to each branch (ID,
+    low-ES, high-ES). Returns ``x``, ``energy``, ``route`` (0/1/2), ``source`` (index into the
+    pool names), ``clean`` (the wrapped model's softmax) and ``answer`` (CIP's answer to just
+    these queries), ordered by branch, then pool."""
     names = list(pools)
     x = torch.cat([pools[n] for n in names])
     source = torch.cat([torch.full((len(pools[n]),), i) for i, n in enumerate(names)])
     logits = predict_logits(cip.model, x)
     routes = route(energy_score(logits, cip.temperature), cip.e1, cip.e2)
-    pick = torch.cat([torch.nonzero(routes == b).flatten()[:per_branch] for b in (ID, LOW_ES, HIGH_ES)])
+    pick = torch.cat([torch.nonzero((routes == b) & (source == s)).flatten()[:per_branch]
+                      for b in (ID, LOW_ES, HIGH_ES) for s in range(len(names))])
     answer = cip(x[pick])
     return {"x": x[pick], "energy": energy_score(logits[pick], cip.temperature), "route": routes[pick],
             "source": source[pick], "clean": softmax(logits[pick]), "answer": answer}
@@ -367,7 +394,7 @@ def compare_defenses(defenses: Mapping[str, Defense], test: tuple[Tensor, Tensor
         row: dict = {"defense": name}
         for set_name, x in {"test": test_x, **queries}.items():
             answer = defense(x)
-            clean = softmax(predict_logits(defense.model, x))
+            clean = defense.last_clean
             if set_name == "test":
                 row["fidelity"] = float((answer.argmax(1) == test_y).double().mean())
                 row["victim_accuracy"] = float((clean.argmax(1) == test_y).double().mean())

@@ -170,3 +170,36 @@ def get_defense(cfg: Profile, name: str, split: str = "all", strong: str = "shuf
     if name == "dawn":
         return DAWN(model, shape, rate=cfg.dawn_rate, key=cfg.dawn_key)
     raise ValueError(f"unknown defense {name!r}; choose one of {DEFENSES}")
+
+
+INNOCENT_RECIPES = (("cnn", 101), ("cnn_wide", 202), ("mlp", 303))
+
+
+def get_innocent_models(cfg: Profile, verbose: bool = True) -> dict[str, nn.Module]:
+    """Models that were NOT stolen: trained independently on the attacker's half with its TRUE
+    labels, each with its own architecture and seed (``INNOCENT_RECIPES``, cycled up to
+    ``cfg.n_innocent``). They estimate how often an honest model agrees with a trigger set."""
+    d = data.id_data(cfg)
+    x, y = d.split("attacker")
+    models = {}
+    for i in range(cfg.n_innocent):
+        arch, seed = INNOCENT_RECIPES[i % len(INNOCENT_RECIPES)]
+        seed += 1000 * (i // len(INNOCENT_RECIPES))
+        name = f"innocent_{i + 1}_{arch}"
+        spec = {"stage": "innocent", "arch": arch, "seed": seed, "dataset": cfg.dataset,
+                "n_train": cfg.n_train, "data": "attacker half, true labels",
+                "epochs": cfg.victim_epochs, "lr": cfg.lr, "batch_size": cfg.batch_size,
+                "augment_shift": cfg.augment_shift}
+
+        def train(model: nn.Module, seed: int = seed, name: str = name) -> dict:
+            return {"history": train_classifier(model, x, y, epochs=cfg.victim_epochs, lr=cfg.lr,
+                                                batch_size=cfg.batch_size, seed=seed,
+                                                augment_shift=cfg.augment_shift, desc=name)}
+
+        def build(arch: str = arch, seed: int = seed) -> nn.Module:
+            torch.manual_seed(seed)
+            c, h, _ = d.shape
+            return build_model(arch, c, d.n_classes, h)
+
+        models[name], _ = load_or_train(cfg.checkpoint_dir / f"{name}.pt", spec, build, train, verbose)
+    return models

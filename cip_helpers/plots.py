@@ -142,4 +142,211 @@ def threshold_explorer(logits_by_set: Mapping[str, Tensor], id_train_logits: Ten
 # --- defenses (notebooks 04-06) ------------------------------------------------------------
 
 
+def poisoned_bars(clean: Tensor, variants: Mapping[str, Tensor], classes: Sequence[str],
+                  row_titles: Sequence[str] | None = None) -> plt.Figure:
+    """One row per query, one column per perturbation: each panel shows the clean probability
+    bars next to the perturbed ones (``variants[name]`` has the same rows as ``clean``)."""
+    n, names = len(clean), list(variants)
+    fig, axes = plt.subplots(n, len(names), figsize=(2.9 * len(names), 2.1 * n), squeeze=False,
+                             sharey=True)
+    for i in range(n):
+        for j, name in enumerate(names):
+            ax = axes[i, j]
+            q = variants[name][i]
+            probability_bars({"clean": clean[i], name.split(" ")[0]: q}, classes, ax=ax)
+            changed = int(q.argmax()) != int(clean[i].argmax())
+            ax.set_title(f"{name}\ntop-1 {classes[int(clean[i].argmax())]} → {classes[int(q.argmax())]}"
+                         f"{' (changed)' if changed else ''}", fontsize=8)
+            ax.legend(fontsize=6, loc="upper right")
+            if j:
+                ax.set_ylabel("")
+            elif row_titles is not None:
+                ax.set_ylabel(f"{row_titles[i]}\nprobability", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def reliability_histograms(scores: Mapping[str, Tensor], r1: float | None = None,
+                           ax: plt.Axes | None = None, title: str = "") -> plt.Axes:
+    """Overlaid density histograms (log y axis) of reliability scores per query set, with an
+    optional vertical line at R1."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.5, 3.2))
+    values = [s.detach().double().flatten().numpy() for s in scores.values() if len(s)]
+    lo = min(float(np.min(v)) for v in values)
+    bins = np.linspace(lo, 1.0, 50)
+    for name, s in scores.items():
+        if len(s):
+            ax.hist(s.detach().double().numpy(), bins=bins, density=True, histtype="stepfilled",
+                    alpha=0.35, label=f"{name} (n={len(s)})")
+    if r1 is not None:
+        ax.axvline(r1, color="k", linestyle="--", label=f"R1 = {r1:.3f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("reliability score R   (low = ambiguous query)")
+    ax.set_ylabel("density")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return ax
+
+
+def r1_threshold(scores: Tensor, percentile: float, queries: Tensor | None = None,
+                 query_name: str = "benign queries") -> tuple[plt.Figure, int]:
+    """R1 = the ``percentile``-th percentile of ``scores`` (ID TRAINING reliability scores); draw
+    both distributions with R1 and return ``(figure, count)``, count = how many of ``queries``
+    (default: ``scores`` themselves) fall below R1, i.e. would be flipped by online PBD. Notebook
+    05's slider calls exactly this function; a plain call renders the default."""
+    from .defenses import r1_from_scores
+
+    r1 = r1_from_scores(scores, percentile)
+    target = scores if queries is None else queries
+    count = int((target.detach().double() < r1).sum())
+    sets = {"ID train": scores} if queries is None else {"ID train": scores, query_name: queries}
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    reliability_histograms(sets, r1, ax=ax)
+    ax.set_title(f"R1 = {percentile:g}th percentile of ID-train R: {count} of {len(target)} "
+                 f"{query_name} ({100 * count / max(len(target), 1):.2f} %) would be flipped", fontsize=9)
+    fig.tight_layout()
+    return fig, count
+
+
+def change_rate_bars(table, title: str = "") -> plt.Figure:
+    """Bar chart of a :func:`cip_helpers.defenses.change_rate_by_pmax` table: top-1 change rate
+    per clean-p_max bin, with each bin's query count on its bar."""
+    fig, ax = plt.subplots(figsize=(6.5, 3))
+    rates = table["change_rate"].fillna(0).to_numpy()
+    bars = ax.bar(table["bin"], rates, color=["tab:red" if r > 0 else "tab:gray" for r in rates])
+    for bar, n, c in zip(bars, table["n"], table["changed"]):
+        ax.annotate(f"{c}/{n}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                    va="bottom", fontsize=7)
+    half = [b.startswith("[0.50") for b in table["bin"]]
+    if any(half):  # where p_max reaches 0.5: reverse sigmoid keeps the top-1 from here on
+        ax.axvline(half.index(True) - 0.5, color="k", linestyle=":", linewidth=1)
+    ax.set_xlabel("clean p_max of the query")
+    ax.set_ylabel("top-1 change rate")
+    ax.set_ylim(0, max(0.05, float(rates.max()) * 1.25))
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def watermark_rate(marked: Tensor, rate: float, title: str = "") -> plt.Figure:
+    """Running fraction of watermarked queries over a batch, with the target ``rate`` and its
+    binomial 3-sigma band (rate +- 3 sqrt(rate (1 - rate) / n))."""
+    n = torch.arange(1, len(marked) + 1, dtype=torch.float64)
+    running = marked.double().cumsum(0) / n
+    band = 3 * torch.sqrt(rate * (1 - rate) / n)
+    fig, ax = plt.subplots(figsize=(6.5, 3))
+    ax.plot(n.numpy(), running.numpy(), label="watermarked so far")
+    ax.fill_between(n.numpy(), (rate - band).clamp_min(0).numpy(), (rate + band).numpy(), alpha=0.2,
+                    color="tab:orange", label="rate ± 3σ (binomial)")
+    ax.axhline(rate, color="tab:orange", linestyle="--", label=f"r = {rate}")
+    ax.set_xscale("log")
+    ax.set_ylim(0, min(1, max(4 * rate, float(running[len(running) // 10:].max()) * 1.2)))
+    ax.set_xlabel("queries answered")
+    ax.set_ylabel("fraction watermarked")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def defense_comparison(rows: Sequence[Mapping], metrics: Sequence[str] = (
+        "fidelity", "test_top1_change", "knockoff_top1_change")) -> plt.Figure:
+    """Grouped bars: one group per metric of :func:`cip_helpers.defenses.compare_defenses` rows,
+    one bar per defense (values are fractions)."""
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    names = [r["defense"] for r in rows]
+    width = 0.8 / max(len(rows), 1)
+    for i, row in enumerate(rows):
+        values = [row.get(m, np.nan) for m in metrics]
+        bars = ax.bar(np.arange(len(metrics)) + (i - (len(rows) - 1) / 2) * width, values, width,
+                      label=names[i])
+        for bar, v in zip(bars, values):
+            ax.annotate(f"{v:.3f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=6)
+    ax.set_xticks(np.arange(len(metrics)), metrics, fontsize=8)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("fraction")
+    ax.legend(fontsize=7, ncol=len(rows))
+    fig.tight_layout()
+    return fig
+
+
 # --- attacks (notebooks 07-10) -------------------------------------------------------------
+
+
+def attack_bars(table, x: str = "defense", hue: str = "label_type", value: str = "surrogate_acc",
+                reference: float | None = None, title: str = "") -> plt.Figure:
+    """Grouped bars of ``value`` (default the surrogate's test accuracy) per defense from a results
+    table (a pandas DataFrame of attack records), with an optional dashed reference line (the
+    victim's accuracy) and the value printed on each bar."""
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    order = [d for d in ("none", "dp", "dawn", "cip") if d in set(table[x])]
+    sns.barplot(data=table, x=x, y=value, hue=hue if hue in table else None, order=order, ax=ax)
+    for container in ax.containers:
+        ax.bar_label(container, fmt="%.2f", fontsize=7)
+    if reference is not None:
+        ax.axhline(reference, color="k", linestyle="--", linewidth=1, label=f"victim {reference:.2f}")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(value.replace("_", " "))
+    ax.set_title(title)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_vs_queries(curves: Mapping[str, Sequence[tuple[int, float]]],
+                        reference: float | None = None, title: str = "",
+                        ylabel: str = "surrogate test accuracy") -> plt.Figure:
+    """One line per defense: accuracy of the stolen model against the number of queries spent."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    for name, points in curves.items():
+        q, a = zip(*points) if points else ((), ())
+        ax.plot(q, a, marker="o", label=name)
+    if reference is not None:
+        ax.axhline(reference, color="k", linestyle="--", linewidth=1, label=f"victim {reference:.2f}")
+    ax.axhline(0.1, color="grey", linestyle=":", linewidth=1, label="chance")
+    ax.set_xlabel("queries to the API")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def generated_images(x: Tensor, energies: Tensor, e1: float, e2: float, ncols: int = 8,
+                     title: str = "") -> plt.Figure:
+    """A grid of (generated) images titled with their energy score and CIP's route for it."""
+    def route_name(e: float) -> str:
+        return "ID" if e < e1 else ("low-ES" if e < e2 else "high-ES")
+
+    titles = [f"E={float(e):.1f}\n{route_name(float(e))}" for e in energies]
+    return image_grid(x, titles, ncols=ncols, title=title, size=1.4)
+
+
+def trigger_vs_ratio(table, title: str = "") -> plt.Figure:
+    """DQA: trigger accuracy of DAWN and CIP against the ratio r = (ID queries) / (noise queries),
+    with the number of triggers T next to every point."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    for name in ("dawn", "cip"):
+        rows = table[table["defense"] == name].sort_values("dqa_ratio", ascending=False)
+        if rows.empty:
+            continue
+        ax.plot(rows["dqa_ratio"], rows["trigger_acc"], marker="o", label=name)
+        for r, acc, t in zip(rows["dqa_ratio"], rows["trigger_acc"], rows["n_triggers"]):
+            ax.annotate(f"T={int(t)}", (r, acc), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log", base=2)
+    ratios = sorted(set(table["dqa_ratio"].dropna()), reverse=True)
+    ax.set_xticks(ratios, [f"{r:g}" for r in ratios])
+    ax.minorticks_off()
+    ax.invert_xaxis()
+    ax.set_xlabel("r = ID queries / noise queries  (more noise to the right)")
+    ax.set_ylabel("trigger accuracy")
+    ax.set_ylim(0, 1.12)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -43,6 +43,12 @@ def write_json(path: Path, obj: Any) -> Path:
     return Path(path)
 
 
+def write_text(path: Path, text: str) -> Path:
+    """Write a text artifact (e.g. a Markdown table) atomically; returns the path."""
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+    return Path(path)
+
+
 def read_json(path: Path) -> Any:
     """Read a JSON artifact; a missing file raises an error naming the notebook that writes it."""
     path = Path(path)

@@ -38,17 +38,17 @@ def binomial_p_value(m: int, t: int, p0: float) -> float:
 
 
 def null_agreement_rate(innocent_counts: Sequence[tuple[int, int]], n_classes: int,
-                        confidence: float = 0.99) -> float:
-    """Conservative p0 from innocent models' (m_i, T_i): the upper end of the one-sided
-    Clopper-Pearson ``confidence`` interval of the pooled agreement rate, and never below chance
-    (1 / n_classes). Pooling counts and taking an upper bound errs towards NOT flagging."""
-    m = sum(c[0] for c in innocent_counts)
-    t = sum(c[1] for c in innocent_counts)
+                        confidence: float = 0.95) -> float:
+    """Conservative p0 from innocent models' (m_i, T_i): the LARGEST of the models' one-sided
+    Clopper-Pearson upper ``confidence`` bounds, and never below chance (1 / n_classes).
+
+    Taking the worst model rather than pooling matters: honest models differ in how often they
+    happen to agree with a trigger set (on noise-like triggers one model may favour the very class
+    the defender chose), so a pooled rate would understate the null and accuse innocent models."""
     chance = 1.0 / n_classes
-    if t == 0:
-        return chance
-    upper = 1.0 if m == t else float(stats.beta.ppf(confidence, m + 1, t - m))
-    return min(max(chance, upper), 1 - 1e-9)
+    bounds = [1.0 if m == t else float(stats.beta.ppf(confidence, m + 1, t - m))
+              for m, t in innocent_counts if t > 0]
+    return min(max([chance, *bounds]), 1 - 1e-9)
 
 
 def verify(m: int, t: int, p0: float, alpha: float = 0.01) -> dict:

@@ -1,0 +1,428 @@
+"""Model-stealing attacks against the defended APIs (notebooks 07-10): KnockoffNets, DFME, IDA, DQA.
+
+The attacker only ever calls ``api(x)`` (a :class:`~cip_helpers.defenses.Defense` used as a black
+box: images in, probability rows out). Everything the defender knows (the victim's accuracy, the
+trigger set of DAWN/CIP) is read from the defender's side *after* the attack, to score it.
+
+Shared machinery:
+
+* :func:`train_surrogate`: load-or-train a surrogate on (query, answer) pairs with hard (argmax) or
+  soft labels. The checkpoint is content-addressed: its name is a hash of a spec holding the sha256
+  of the queries, of the training targets and every training setting, so identical answers give the
+  identical surrogate without retraining (this makes DQA almost free after IDA).
+* :func:`trigger_accuracy`: how often the surrogate's top-1 equals the defender's altered label.
+* :func:`write_record` / :func:`load_records` / :func:`load_surrogate`: one JSON record per
+  (attack, defense, setting) run under ``results/<profile>/metrics/``, with the trigger set saved
+  next to it and the surrogate checkpoint named in the record.
+
+DFME's generator/student loop lives in :mod:`cip_helpers.dfme`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from . import data, dfme, pipeline
+from .config import Profile
+from .defenses import CIP, DAWN, Defense, TriggerSet
+from .models import build_model, small_cnn
+from .store import load_checkpoint, load_or_train, read_json, write_json
+from .training import accuracy, set_seed, train_classifier
+
+LABEL_TYPES = ("hard", "soft")
+ATTACKS = ("knockoff", "dfme", "ida", "dqa")
+REQUIRED_KEYS = ("name", "attack", "defense", "setting", "dataset", "victim", "label_type", "queries",
+                 "victim_acc", "defended_acc", "surrogate_acc", "trigger_acc", "n_triggers",
+                 "dqa_ratio", "seed", "seconds", "surrogate_checkpoint", "trigger_file")
+DQA_NOISE_SEED = 4242  # offset of the DQA attacker's uniform-noise generator
+
+
+# ----------------------------------------------------------------------------- hashing and models
+
+
+def tensor_sha256(t: Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes (identical tensors, identical hash)."""
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def build_surrogate(arch: str, width: int, input_shape: tuple[int, ...], n_classes: int,
+                    seed: int = 0) -> nn.Module:
+    """A fresh, seeded surrogate: ``cnn`` is the small CNN at ``width`` channels, other
+    architectures come from :func:`cip_helpers.models.build_model`."""
+    torch.manual_seed(seed)
+    c, h, _ = input_shape
+    if arch == "cnn":
+        return small_cnn(c, n_classes, h, width=width)
+    return build_model(arch, c, n_classes, h)
+
+
+def _model_from_spec(spec: dict) -> nn.Module:
+    return build_surrogate(spec["arch"], spec["width"], tuple(spec["input_shape"]), spec["n_classes"])
+
+
+def targets_from_answers(answers: Tensor, label_type: str) -> Tensor:
+    """Training targets: argmax labels (``hard``) or the answered probability rows (``soft``)."""
+    if label_type not in LABEL_TYPES:
+        raise ValueError(f"label_type must be one of {LABEL_TYPES}, got {label_type!r}")
+    return answers.argmax(1) if label_type == "hard" else answers.float()
+
+
+# ----------------------------------------------------------------------------- surrogate training
+
+
+def surrogate_spec(cfg: Profile, x: Tensor, targets: Tensor, label_type: str, epochs: int) -> dict:
+    """Everything that shapes a surrogate's weights: the data hashes and the training recipe."""
+    d = data.id_data(cfg)
+    return {"stage": "surrogate", "arch": cfg.surrogate_arch, "width": cfg.surrogate_width,
+            "input_shape": list(d.shape), "n_classes": d.n_classes, "label_type": label_type,
+            "n_queries": len(x), "queries_sha256": tensor_sha256(x),
+            "targets_sha256": tensor_sha256(targets), "epochs": epochs, "lr": cfg.surrogate_lr,
+            "batch_size": cfg.surrogate_batch, "seed": cfg.seed}
+
+
+def train_surrogate(cfg: Profile, x: Tensor, answers: Tensor, label_type: str, *,
+                    epochs: int | None = None, desc: str = "surrogate",
+                    verbose: bool = True) -> tuple[nn.Module, dict]:
+    """Load-or-train a surrogate on (query, answer) pairs. ``answers`` are the API's probability
+    rows; ``label_type`` ``hard`` trains on their argmax with cross-entropy, ``soft`` on the rows
+    with soft cross-entropy. Returns ``(model, info)``; ``info["checkpoint"]`` is the checkpoint
+    path relative to ``cfg.results_dir`` and ``info["loaded"]`` says whether it was reused."""
+    if len(x) != len(answers):
+        raise ValueError(f"{len(x)} queries but {len(answers)} answers")
+    epochs = cfg.surrogate_epochs if epochs is None else epochs
+    targets = targets_from_answers(answers, label_type)
+    spec = surrogate_spec(cfg, x, targets, label_type, epochs)
+    path = cfg.checkpoint_dir / "surrogates" / f"surrogate_{pipeline.spec_hash(spec)}.pt"
+
+    def train(model: nn.Module) -> dict:
+        history = train_classifier(model, x, targets, epochs=epochs, lr=cfg.surrogate_lr,
+                                   batch_size=cfg.surrogate_batch, seed=cfg.seed, desc=desc)
+        return {"history": history}
+
+    model, info = load_or_train(path, spec, lambda: _model_from_spec(spec), train, verbose)
+    return model, {**info, "checkpoint": str(path.relative_to(cfg.results_dir))}
+
+
+def trigger_accuracy(model: nn.Module, triggers: TriggerSet) -> float | None:
+    """Fraction of the trigger set on which ``model``'s top-1 equals the altered label
+    (``None`` for an empty trigger set)."""
+    if len(triggers) == 0:
+        return None
+    return accuracy(model, triggers.x, triggers.labels)
+
+
+# ----------------------------------------------------------------------------- defenses and scoring
+
+
+def dawn_rate_for(cfg: Profile, n_queries: int) -> float:
+    """DAWN's rate matching offline PBD's budget ``cfg.pbd_offline_T``: the fraction itself if < 1,
+    else T absolute triggers among ``n_queries`` queries."""
+    t = cfg.pbd_offline_T
+    return float(t) if t < 1 else min(1.0, float(t) / max(n_queries, 1))
+
+
+def make_defense(cfg: Profile, name: str, split: str = "all", strong: str = "shuffle_noise",
+                 pbd: str | None = "online", dawn_rate: float | None = None,
+                 pbd_T: float | None = None) -> Defense:
+    """A FRESH defended API (empty trigger set) via :func:`pipeline.get_defense`;
+    ``dawn_rate`` and ``pbd_T`` override ``cfg.dawn_rate`` and ``cfg.pbd_offline_T``."""
+    if dawn_rate is not None:
+        cfg = dataclasses.replace(cfg, dawn_rate=dawn_rate)
+    if pbd_T is not None:
+        cfg = dataclasses.replace(cfg, pbd_offline_T=pbd_T)
+    return pipeline.get_defense(cfg, name, split, strong=strong, pbd=pbd)
+
+
+def defended_accuracy(cfg: Profile, split: str = "all", **defense_kwargs) -> float:
+    """Top-1 accuracy of the defended API on the ID test digits, measured on a separate fresh
+    instance (so test digits never enter the trigger set of the instance the attacker used)."""
+    x, y = data.id_data(cfg).split("test")
+    api = make_defense(cfg, split=split, **defense_kwargs)
+    return float((api(x).argmax(1) == y).float().mean())
+
+
+def victim_accuracy(cfg: Profile, split: str = "all") -> float:
+    """Test accuracy of the plain victim M_V."""
+    model, _ = pipeline.get_victim(cfg, split, verbose=False)
+    return accuracy(model, *data.id_data(cfg).split("test"))
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def record_name(attack: str, defense: str, setting: str | None = None) -> str:
+    """``<attack>_<defense>[_<setting>]``: the file stem of a run's record."""
+    return f"{attack}_{defense}" + (f"_{setting}" if setting else "")
+
+
+def write_record(cfg: Profile, record: dict, triggers: TriggerSet | None = None) -> Path:
+    """Write ``metrics/<name>.json`` (and the defender's trigger set as ``<name>.triggers.pt``).
+    ``record`` must hold every key of :data:`REQUIRED_KEYS` except ``trigger_file``."""
+    name = record["name"]
+    if triggers is not None:
+        path = cfg.metrics_dir / f"{name}.triggers.pt"
+        triggers.save(path)
+        record["trigger_file"] = str(path.relative_to(cfg.results_dir))
+    record.setdefault("trigger_file", None)
+    missing = [k for k in REQUIRED_KEYS if k not in record]
+    if missing:
+        raise ValueError(f"record {name} lacks keys {missing}")
+    return write_json(cfg.metrics_dir / f"{name}.json", record)
+
+
+def load_records(cfg: Profile, attack: str) -> pd.DataFrame:
+    """All records of ``attack`` under ``metrics/`` as a table (one row per run)."""
+    rows = [read_json(p) for p in sorted(cfg.metrics_dir.glob(f"{attack}_*.json"))]
+    rows = [r for r in rows if r.get("attack") == attack]
+    return pd.DataFrame(rows)
+
+
+def results_table(cfg: Profile, attack: str, columns: tuple[str, ...] = (
+        "defense", "setting", "label_type", "queries", "victim_acc", "defended_acc", "surrogate_acc",
+        "trigger_acc", "n_triggers", "dqa_ratio", "seconds")) -> pd.DataFrame:
+    """The results-table rows of ``attack`` (main runs only, not the learning-curve points)."""
+    df = load_records(cfg, attack)
+    if df.empty:
+        return df
+    if "curve_point" in df:
+        df = df[~df["curve_point"].fillna(False).astype(bool)]
+    return df[[c for c in columns if c in df]].reset_index(drop=True)
+
+
+def load_surrogate(cfg: Profile, record: str) -> nn.Module:
+    """The surrogate (or DFME student) of the run whose record is ``metrics/<record>.json``."""
+    rec = read_json(cfg.metrics_dir / f"{record}.json")
+    spec, _, state = load_checkpoint(cfg.results_dir / rec["surrogate_checkpoint"])
+    model = _model_from_spec(spec)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def load_trigger_set(cfg: Profile, record: str) -> TriggerSet | None:
+    """The defender's trigger set of the run ``record`` (``None`` for defenses without one)."""
+    rec = read_json(cfg.metrics_dir / f"{record}.json")
+    return TriggerSet.load(cfg.results_dir / rec["trigger_file"]) if rec["trigger_file"] else None
+
+
+# ----------------------------------------------------------------------------- one stealing run
+
+
+def steal(cfg: Profile, attack: str, defense: str, queries: Tensor, label_type: str, *,
+          split: str = "all", setting: str | None = None, epochs: int | None = None,
+          keep: Tensor | None = None, defense_kwargs: dict | None = None,
+          extra: dict | None = None, verbose: bool = True) -> dict:
+    """One query-then-train run: the attacker sends ``queries`` to a fresh ``defense`` API in ONE
+    call (the transfer set), keeps the answers selected by the boolean mask ``keep`` (default all),
+    trains a surrogate on them and the defender scores it. Writes and returns the record."""
+    start = time.perf_counter()
+    set_seed(cfg.seed)
+    defense_kwargs = dict(defense_kwargs or {})
+    api = make_defense(cfg, defense, split, **defense_kwargs)
+    answers = api(queries)  # <- the attacker's only access to the victim
+    keep = torch.ones(len(queries), dtype=torch.bool) if keep is None else keep
+    name = record_name(attack, defense, setting)
+    model, info = train_surrogate(cfg, queries[keep], answers[keep], label_type, epochs=epochs,
+                                  desc=name, verbose=verbose)
+    triggers = api.trigger_set if isinstance(api, (DAWN, CIP)) else None
+    test_x, test_y = data.id_data(cfg).split("test")
+    record = {
+        "name": name, "attack": attack, "defense": defense, "setting": setting,
+        "dataset": cfg.dataset, "victim": split, "label_type": label_type,
+        "queries": len(queries), "queries_trained": int(keep.sum()),
+        "victim_acc": victim_accuracy(cfg, split),
+        "defended_acc": defended_accuracy(cfg, split, name=defense, **defense_kwargs),
+        "surrogate_acc": accuracy(model, test_x, test_y),
+        "trigger_acc": trigger_accuracy(model, triggers) if triggers is not None else None,
+        "n_triggers": len(triggers) if triggers is not None else None,
+        "triggers_trained": _n_triggers_trained(triggers, queries[keep]) if triggers is not None else None,
+        "dqa_ratio": None, "seed": cfg.seed, "routes": api.route_counts() if isinstance(api, CIP) else None,
+        "defense_kwargs": defense_kwargs, "surrogate_checkpoint": info["checkpoint"],
+        "surrogate_loaded": info["loaded"], **(extra or {}),
+    }
+    record["seconds"] = round(time.perf_counter() - start, 2)
+    write_record(cfg, record, triggers)
+    return record
+
+
+def _n_triggers_trained(triggers: TriggerSet, trained_x: Tensor) -> int:
+    """How many triggers are among the queries the attacker trained on (exact image match)."""
+    if len(triggers) == 0:
+        return 0
+    trained = {tensor_sha256(x) for x in trained_x}
+    return sum(tensor_sha256(t) in trained for t in triggers.x)
+
+
+# ----------------------------------------------------------------------------- the attacks
+
+
+def adapt_to_digits(x: Tensor, gamma: float) -> Tensor:
+    """The KnockoffNets attacker's only adaptation of its natural images to a digit API (it knows
+    the input format: white strokes on a black background): stretch each image to [0, 1], then
+    raise it to the power ``gamma`` (darkens backgrounds, keeps bright structures).
+    ``gamma = 0`` sends the pool images unchanged."""
+    if gamma == 0:
+        return x
+    lo, hi = x.amin((1, 2, 3), keepdim=True), x.amax((1, 2, 3), keepdim=True)
+    return ((x - lo) / (hi - lo).clamp_min(1e-3)).pow(gamma).clamp(0, 1)
+
+
+def knockoff_queries(cfg: Profile, n: int | None = None) -> Tensor:
+    """The first ``n`` (default ``cfg.knockoff_queries``) images of the KnockoffNets pool, adapted
+    with :func:`adapt_to_digits` (``cfg.knockoff_gamma``)."""
+    pool = data.query_pool(cfg, "knockoff")
+    n = cfg.knockoff_queries if n is None else n
+    if n > len(pool):
+        raise ValueError(f"{n} KnockoffNets queries requested but the pool holds {len(pool)}")
+    return adapt_to_digits(pool[:n], cfg.knockoff_gamma)
+
+
+def run_knockoff(cfg: Profile, defense: str, label_type: str, n_queries: int | None = None,
+                 verbose: bool = True) -> dict:
+    """KnockoffNets (Orekondy et al. 2019) against the ``all`` victim: natural images from the
+    Knockoff pool, answers from ``defense`` (CIP: strong PPD ``shuffle_noise``, online PBD), a
+    surrogate trained on them. A run with fewer queries than the budget is a learning-curve point
+    (setting ``<label>_q<n>``)."""
+    n = cfg.knockoff_queries if n_queries is None else n_queries
+    curve = n != cfg.knockoff_queries
+    setting = f"{label_type}_q{n}" if curve else label_type
+    return steal(cfg, "knockoff", defense, knockoff_queries(cfg, n), label_type, setting=setting,
+                 defense_kwargs={"strong": "shuffle_noise", "pbd": "online"} if defense == "cip" else {},
+                 extra={"curve_point": curve}, verbose=verbose)
+
+
+def offline_pbd_T(cfg: Profile, queries: Tensor, split: str = "half") -> float:
+    """The defender's offline-PBD budget for a transfer set, as an absolute count: T =
+    ``cfg.pbd_offline_T`` if >= 1, else round(fraction x the number of queries CIP routes ID).
+    (``defenses.CIP`` reads a fraction as a share of ALL queries in the call; the course's IDA/DQA
+    setting counts ID-routed queries, so padding a transfer set with noise does not change T.)"""
+    if cfg.pbd_offline_T >= 1:
+        return float(cfg.pbd_offline_T)
+    probe = make_defense(cfg, "cip", split, strong="reverse_rank", pbd=None)
+    probe(queries)  # the defender routes the transfer set (nothing is flipped or returned)
+    n_id = int((probe.last_routes == 0).sum())
+    return float(round(cfg.pbd_offline_T * n_id))
+
+
+def knockoff_curve(cfg: Profile, defense: str, label_type: str | None = None,
+                   verbose: bool = False) -> list[tuple[int, float]]:
+    """``[(n, surrogate accuracy), ...]`` for ``n`` in ``cfg.knockoff_curve``: KnockoffNets with the
+    first ``n`` queries. The full-budget point is read from its record when that exists (the main
+    run), so its record (and ``seconds``) are not overwritten by a cached re-run."""
+    label_type = cfg.knockoff_curve_label_type if label_type is None else label_type
+    points = []
+    for n in cfg.knockoff_curve:
+        main = cfg.metrics_dir / f"{record_name('knockoff', defense, label_type)}.json"
+        if n == cfg.knockoff_queries and main.exists():
+            points.append((n, read_json(main)["surrogate_acc"]))
+        else:
+            points.append((n, run_knockoff(cfg, defense, label_type, n, verbose)["surrogate_acc"]))
+    return points
+
+
+def _ida_defense_kwargs(cfg: Profile, defense: str, queries: Tensor, n_id: int) -> dict:
+    if defense == "cip":
+        return {"strong": "reverse_rank", "pbd": "offline", "pbd_T": offline_pbd_T(cfg, queries)}
+    if defense == "dawn":
+        return {"dawn_rate": dawn_rate_for(cfg, n_id)}
+    return {}
+
+
+def run_ida(cfg: Profile, defense: str, verbose: bool = True) -> dict:
+    """In-distribution attack against the ``half`` victim: the attacker queries all of its own
+    half of the ID data (``split("attacker")``) and trains on the answers (``cfg.ida_label_type``,
+    ``cfg.ida_epochs``). CIP: strong PPD ``reverse_rank``, offline PBD with T = ``pbd_offline_T``;
+    DAWN watermarks the same fraction."""
+    x, _ = data.id_data(cfg).split("attacker")
+    return steal(cfg, "ida", defense, x, cfg.ida_label_type, split="half", epochs=cfg.ida_epochs,
+                 defense_kwargs=_ida_defense_kwargs(cfg, defense, x, len(x)), verbose=verbose)
+
+
+def dqa_queries(cfg: Profile, r: float) -> tuple[Tensor, Tensor]:
+    """DQA's transfer set for ratio ``r``: the attacker's ID images plus ``round(n_id / r)``
+    uniform-noise images, interleaved at random. Returns ``(queries, is_id)``."""
+    x_id, _ = data.id_data(cfg).split("attacker")
+    n_noise = int(round(len(x_id) / r))
+    g = torch.Generator().manual_seed(cfg.seed + DQA_NOISE_SEED)
+    noise = torch.rand(n_noise, *x_id.shape[1:], generator=g)
+    queries = torch.cat([x_id, noise])
+    is_id = torch.cat([torch.ones(len(x_id), dtype=torch.bool), torch.zeros(n_noise, dtype=torch.bool)])
+    order = torch.randperm(len(queries), generator=g)
+    # keep the ID images in their original order inside the mix: the ID part the attacker trains on
+    # is then bit-identical to IDA's transfer set, so identical answers reuse IDA's surrogate.
+    id_slots = torch.sort(order[: len(x_id)]).values
+    mixed, mixed_is_id = torch.empty_like(queries), torch.zeros(len(queries), dtype=torch.bool)
+    mixed[id_slots], mixed_is_id[id_slots] = x_id, True
+    noise_slots = torch.sort(order[len(x_id):]).values
+    mixed[noise_slots] = noise
+    return mixed, mixed_is_id
+
+
+def run_dqa(cfg: Profile, defense: str, r: float, verbose: bool = True) -> dict:
+    """Deceptive query attack: IDA's queries mixed with ``n_id / r`` uniform-noise queries in ONE
+    transfer set; the attacker discards the noise answers and trains on the ID part exactly as IDA.
+    DAWN's rate is IDA's (fraction of ALL queries), CIP's offline PBD counts ID-routed queries only."""
+    queries, is_id = dqa_queries(cfg, r)
+    kwargs = _ida_defense_kwargs(cfg, defense, queries, int(is_id.sum()))
+    return steal(cfg, "dqa", defense, queries, cfg.ida_label_type, split="half", setting=f"r{r:g}",
+                 epochs=cfg.ida_epochs, keep=is_id, defense_kwargs=kwargs,
+                 extra={"dqa_ratio": r, "n_noise": int((~is_id).sum())}, verbose=verbose)
+
+
+def defense_spec(cfg: Profile, defense: str, split: str = "all", strong: str = "shuffle_noise",
+                 pbd: str | None = "online", dawn_rate: float | None = None) -> dict:
+    """Every setting of a defended API (the wrapped model's spec hash included): the part of an
+    interactive attack's checkpoint key that the defense contributes."""
+    if defense == "cip":
+        t = pipeline.get_thresholds(cfg, split)
+        return {"name": "cip", "model": pipeline.spec_hash(pipeline.oe_spec(cfg, split)),
+                "E1": t["E1"], "E2": t["E2"], "R1": t["R1"], "T": t["T"], "strong": strong,
+                "pbd": pbd, "snr_db": cfg.snr_db, "beta": cfg.rs_beta, "gamma": cfg.rs_gamma,
+                "pbd_T": cfg.pbd_offline_T, "seed": cfg.seed}
+    spec = {"name": defense, "model": pipeline.spec_hash(pipeline.victim_spec(cfg, split))}
+    if defense == "dp":
+        spec.update(beta=cfg.rs_beta, gamma=cfg.rs_gamma)
+    elif defense == "dawn":
+        spec.update(rate=cfg.dawn_rate if dawn_rate is None else dawn_rate, key=cfg.dawn_key)
+    elif defense != "none":
+        raise ValueError(f"unknown defense {defense!r}; choose one of {pipeline.DEFENSES}")
+    return spec
+
+
+def run_dfme(cfg: Profile, defense: str, verbose: bool = True) -> tuple[dict, dfme.Generator]:
+    """DFME against the ``all`` victim behind ``defense`` (CIP: ``shuffle_noise``, online PBD),
+    ``cfg.dfme_queries`` queries in all (gradient-estimation queries included). Load-or-run: the
+    student, generator and trigger set are reused when the settings match. Writes the record and
+    returns ``(record, generator)``; the record's ``curve`` is test accuracy vs queries."""
+    start = time.perf_counter()
+    kwargs = {"strong": "shuffle_noise", "pbd": "online"} if defense == "cip" else {}
+    d = data.id_data(cfg)
+    student, gen, triggers, info = dfme.run_dfme_attack(
+        cfg, lambda: make_defense(cfg, defense, **kwargs), defense_spec(cfg, defense, **kwargs),
+        lambda: build_surrogate(cfg.surrogate_arch, cfg.surrogate_width, d.shape, d.n_classes, cfg.seed),
+        desc=f"dfme_{defense}", verbose=verbose)
+    test_x, test_y = d.split("test")
+    name = record_name("dfme", defense)
+    record = {
+        "name": name, "attack": "dfme", "defense": defense, "setting": None, "dataset": cfg.dataset,
+        "victim": "all", "label_type": "logits", "queries": info["n_queries"],
+        "victim_acc": victim_accuracy(cfg), "defended_acc": defended_accuracy(cfg, name=defense, **kwargs),
+        "surrogate_acc": accuracy(student, test_x, test_y),
+        "trigger_acc": trigger_accuracy(student, triggers) if triggers is not None else None,
+        "n_triggers": len(triggers) if triggers is not None else None, "dqa_ratio": None,
+        "seed": cfg.seed, "defense_kwargs": kwargs, "curve": info["curve"],
+        "attack_seconds": info["seconds"], "surrogate_checkpoint": str(info["path"].relative_to(cfg.results_dir)),
+        "generator_checkpoint": str(info["path"].with_suffix(".generator.pt").relative_to(cfg.results_dir)),
+        "surrogate_loaded": info["loaded"],
+    }
+    record["seconds"] = round(time.perf_counter() - start, 2)
+    write_record(cfg, record, triggers)
+    return record, gen

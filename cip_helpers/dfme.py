@@ -1,0 +1,213 @@
+"""Data-free model extraction (DFME, Truong et al. 2021) through a black-box API.
+
+A generator G(z) synthesises queries; a student S imitates the victim on them. Alternating:
+
+Images are ``sigmoid(gain * a)`` of the generator's pre-activations ``a`` (DFME uses tanh, i.e.
+gain 2; a larger gain gives the high-contrast images a digit classifier needs to answer anything
+but its "blob" class).
+
+* generator step: maximise the disagreement L(x) = mean_k |S(x)_k - V(x)_k| between the student's
+  logits and the victim's logits V recovered from the answered probabilities
+  (log p, mean-corrected). The API gives no gradients, so dL/dx is estimated by forward
+  differences along ``m`` random unit directions u_j (in the generator's pre-sigmoid space a):
+  g = d/m * sum_j (L(a + eps u_j) - L(a)) / eps * u_j, which costs B(m + 1) queries.
+* student steps: minimise L on fresh generator samples (B queries each).
+
+Every image sent to the API, including the perturbed ones, is counted by :class:`CountingAPI`.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import data, pipeline
+from .config import Profile
+from .defenses import TriggerSet
+from .store import load_checkpoint, load_or_train, save_checkpoint
+from .training import accuracy, set_seed
+
+
+class QueryBudgetExceeded(RuntimeError):
+    """A call would send more queries than the attacker's budget allows."""
+
+
+class CountingAPI:
+    """The attacker's handle on the black box: forwards ``api(x)`` and counts every image sent.
+    A call that would exceed ``budget`` raises :class:`QueryBudgetExceeded` (nothing is sent)."""
+
+    def __init__(self, api: Callable[[Tensor], Tensor], budget: int) -> None:
+        self.api, self.budget = api, int(budget)
+        self.n_queries, self.n_calls = 0, 0
+
+    @property
+    def remaining(self) -> int:
+        return self.budget - self.n_queries
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if len(x) > self.remaining:
+            raise QueryBudgetExceeded(f"{len(x)} queries requested, {self.remaining} of "
+                                      f"{self.budget} left")
+        self.n_queries += len(x)
+        self.n_calls += 1
+        return self.api(x)
+
+
+class Generator(nn.Module):
+    """DFME-style generator: z -> linear -> (c0, s/4, s/4) -> [upsample, conv, BN, LeakyReLU] x 2
+    -> conv to the image channels. ``forward`` returns pre-activations; images are their sigmoid."""
+
+    def __init__(self, nz: int, channels: tuple[int, int], out_channels: int, image_size: int) -> None:
+        super().__init__()
+        c0, c1 = channels
+        self.s0, self.c0 = image_size // 4, c0
+        self.fc = nn.Linear(nz, c0 * self.s0 * self.s0)
+        self.net = nn.Sequential(
+            nn.BatchNorm2d(c0), nn.Upsample(scale_factor=2),
+            nn.Conv2d(c0, c0, 3, padding=1), nn.BatchNorm2d(c0), nn.LeakyReLU(0.2),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(c0, c1, 3, padding=1), nn.BatchNorm2d(c1), nn.LeakyReLU(0.2),
+            nn.Conv2d(c1, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels, affine=False),
+        )
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.net(self.fc(z).view(len(z), self.c0, self.s0, self.s0))
+
+
+def recovered_logits(probs: Tensor, floor: float = 1e-6) -> Tensor:
+    """The victim's logits as far as the answer reveals them: log p minus its row mean."""
+    logp = probs.clamp_min(floor).log()
+    return logp - logp.mean(1, keepdim=True)
+
+
+def l1_disagreement(student_logits: Tensor, victim_logits: Tensor) -> Tensor:
+    """Per-sample mean absolute difference of two logit rows (DFME's loss)."""
+    return (student_logits - victim_logits).abs().mean(1)
+
+
+def zo_gradient(f: Callable[[Tensor], Tensor], a: Tensor, m: int, eps: float,
+                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Forward-difference estimate of the per-sample gradient of ``f`` at ``a`` (B, ...):
+    ``d/m * sum_j (f(a + eps u_j) - f(a)) / eps * u_j`` with u_j uniform on the unit sphere of
+    dimension d. ``f`` maps (N, ...) to (N,) and is called ONCE on all B(m + 1) points.
+    Returns ``(gradient estimate, f(a))``."""
+    b, d = len(a), a[0].numel()
+    u = torch.randn(m, b, d, generator=generator)
+    u = u / u.norm(dim=2, keepdim=True)
+    points = torch.cat([a.reshape(1, b, d), a.reshape(1, b, d) + eps * u]).reshape(-1, *a.shape[1:])
+    values = f(points).reshape(m + 1, b)
+    diffs = (values[1:] - values[0]) / eps  # (m, b)
+    grad = d / m * (diffs[..., None] * u).sum(0)
+    return grad.reshape(a.shape), values[0]
+
+
+def dfme_spec(cfg: Profile, defense_spec: dict) -> dict:
+    """Every setting that shapes a DFME student (the defense's configuration included)."""
+    d = data.id_data(cfg)
+    return {"stage": "dfme", "arch": cfg.surrogate_arch, "width": cfg.surrogate_width,
+            "input_shape": list(d.shape), "n_classes": d.n_classes, "defense": defense_spec,
+            "queries": cfg.dfme_queries, "batch": cfg.dfme_batch, "nz": cfg.dfme_nz,
+            "gen_channels": list(cfg.dfme_gen_channels), "gain": cfg.dfme_gain, "grad_m": cfg.dfme_grad_m,
+            "grad_eps": cfg.dfme_grad_eps, "lr_s": cfg.dfme_lr_s, "lr_s_schedule": "constant", "lr_g": cfg.dfme_lr_g,
+            "g_iter": cfg.dfme_g_iter, "s_iter": cfg.dfme_s_iter, "eval_every": cfg.dfme_eval_every,
+            "seed": cfg.seed}
+
+
+def new_generator(cfg: Profile) -> Generator:
+    d = data.id_data(cfg)
+    torch.manual_seed(cfg.seed + 1)
+    return Generator(cfg.dfme_nz, tuple(cfg.dfme_gen_channels), d.shape[0], d.shape[1])
+
+
+def dfme_train(cfg: Profile, api: CountingAPI, student: nn.Module, gen: Generator,
+               desc: str = "DFME", progress: bool = True) -> list[dict]:
+    """Run DFME until the budget of ``api`` is spent; returns the learning curve
+    ``[{"queries": n, "test_acc": a}, ...]`` (a point every ``cfg.dfme_eval_every`` queries)."""
+    set_seed(cfg.seed)
+    test = data.id_data(cfg).split("test")
+    opt_s = torch.optim.SGD(student.parameters(), lr=cfg.dfme_lr_s, momentum=0.9, weight_decay=5e-4)
+    opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.dfme_lr_g)
+    per_iter = cfg.dfme_batch * (cfg.dfme_g_iter * (cfg.dfme_grad_m + 1) + cfg.dfme_s_iter)
+    n_iters = api.remaining // per_iter
+    rng = torch.Generator().manual_seed(cfg.seed + 3)
+    curve, next_eval = [], cfg.dfme_eval_every
+
+    def disagreement(a: Tensor) -> Tensor:  # the black-box objective of the generator step
+        x = torch.sigmoid(cfg.dfme_gain * a)
+        with torch.no_grad():
+            return l1_disagreement(student(x), recovered_logits(api(x)))
+
+    bar = tqdm(range(n_iters), desc=desc, disable=not progress)
+    for _ in bar:
+        for _ in range(cfg.dfme_g_iter):  # generator: ascend the estimated disagreement gradient
+            gen.train()
+            student.eval()
+            a = gen(torch.randn(cfg.dfme_batch, cfg.dfme_nz, generator=rng))
+            grad, _ = zo_gradient(disagreement, a.detach(), cfg.dfme_grad_m, cfg.dfme_grad_eps, rng)
+            opt_g.zero_grad(set_to_none=True)
+            a.backward(-grad / len(a))  # maximise L = minimise -L
+            opt_g.step()
+        for _ in range(cfg.dfme_s_iter):  # student: imitate the recovered logits
+            with torch.no_grad():
+                x = torch.sigmoid(cfg.dfme_gain * gen(torch.randn(cfg.dfme_batch, cfg.dfme_nz, generator=rng)))
+                target = recovered_logits(api(x))
+            student.train()
+            loss = l1_disagreement(student(x), target).mean()
+            opt_s.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_s.step()
+        if api.n_queries >= next_eval or api.remaining < per_iter:
+            curve.append({"queries": api.n_queries, "test_acc": accuracy(student, *test)})
+            next_eval += cfg.dfme_eval_every
+            bar.set_postfix(loss=round(float(loss.detach()), 3), acc=curve[-1]["test_acc"])
+    student.eval()
+    gen.eval()
+    return curve
+
+
+def run_dfme_attack(cfg: Profile, api_factory: Callable[[], object], defense_spec: dict,
+                    build_student: Callable[[], nn.Module], desc: str = "DFME",
+                    verbose: bool = True) -> tuple[nn.Module, Generator, TriggerSet | None, dict]:
+    """Load-or-run DFME against a fresh API from ``api_factory``. The student checkpoint is keyed
+    by :func:`dfme_spec`; the generator and the defender's trigger set are saved beside it.
+    Returns ``(student, generator, triggers or None, info)``; ``info`` holds ``curve``,
+    ``n_queries``, ``loaded``, ``path`` (the student checkpoint) and ``seconds``."""
+    spec = dfme_spec(cfg, defense_spec)
+    path = cfg.checkpoint_dir / "surrogates" / f"dfme_{pipeline.spec_hash(spec)}.pt"
+    gen_path, trig_path = path.with_suffix(".generator.pt"), path.with_suffix(".triggers.pt")
+    if path.exists() and not gen_path.exists():
+        path.unlink()  # an incomplete run: train again
+    gen = new_generator(cfg)
+    state: dict = {}
+
+    def train(student: nn.Module) -> dict:
+        start = time.perf_counter()
+        api = api_factory()
+        counted = CountingAPI(api, cfg.dfme_queries)
+        curve = dfme_train(cfg, counted, student, gen, desc, progress=verbose)
+        save_checkpoint(gen_path, gen, spec)
+        triggers = getattr(api, "trigger_set", None)
+        if triggers is not None:
+            triggers.save(trig_path)
+        state["triggers"] = triggers
+        return {"curve": curve, "n_queries": counted.n_queries, "n_calls": counted.n_calls,
+                "has_triggers": triggers is not None, "seconds": round(time.perf_counter() - start, 2)}
+
+    student, info = load_or_train(path, spec, build_student, train, verbose)
+    if info["loaded"]:
+        gen.load_state_dict(load_checkpoint(gen_path)[2])
+        state["triggers"] = TriggerSet.load(trig_path) if info["has_triggers"] else None
+    gen.eval()
+    return student, gen, state["triggers"], {**info, "path": path}
+
+
+def sample_images(gen: Generator, n: int, nz: int, gain: float, seed: int = 0) -> Tensor:
+    """``n`` images ``sigmoid(gain * G(z))`` from the (trained) generator, reproducibly."""
+    gen.eval()
+    with torch.no_grad():
+        z = torch.randn(n, nz, generator=torch.Generator().manual_seed(seed))
+        return torch.sigmoid(gain * gen(z))
+
