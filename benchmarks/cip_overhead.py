@@ -9,9 +9,9 @@ and uniform noise, then times, on the same batch and in alternating order,
 * baseline: ``softmax(victim(x))`` in one call under ``torch.no_grad()`` (the OE-tuned victim
   CIP wraps, no input checks): the issue's reference,
 * batched baseline: ``softmax(predict_logits(victim, x, cip.forward_batch))``, the exact forward
-  call every defense makes (one pass for up to ``forward_batch`` = 10,000 queries): isolates CIP's
+  call every defense makes (chunks of ``forward_batch`` = 256 queries): isolates CIP's
   own overhead (checks, routing, PPD, PBD), and
-* CIP: ``defense(x)`` from ``pipeline.get_defense(cfg, "cip")`` (input checks, one forward pass,
+* CIP: ``defense(x)`` from ``pipeline.get_defense(cfg, "cip")`` (input checks, the chunked forward pass,
   routing, weak/strong PPD, online PBD, trigger-set bookkeeping, output checks).
 
 Each repeat times all three back to back, in a rotating order. Prints the median time of each over

@@ -93,11 +93,12 @@ class Defense:
     """Base class: input checks, one batched forward pass, and output checks. After each call,
     ``last_clean`` holds the wrapped model's own (undefended) softmax answers to that call.
 
-    ``forward_batch``: a call with up to this many queries runs the victim in ONE forward pass
-    (larger calls are chunked); lower it for big models whose activations do not fit."""
+    ``forward_batch``: the victim sees the queries of a call in chunks of this many (256 was the
+    fastest chunk on 2 CPU cores: 1.9 s vs 4.3 s for one 10,000-query pass); lower it for big
+    models whose activations do not fit. Answers do not depend on it (eval mode)."""
 
     name = "base"
-    forward_batch = 10_000
+    forward_batch = 256
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, int, int]) -> None:
         self.model = model.eval()

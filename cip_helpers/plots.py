@@ -9,12 +9,18 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
-import seaborn as sns
 import torch
 from torch import Tensor
 
 from .config import Profile
 
+
+def _sns():
+    """seaborn, imported on first use: it pulls in scipy.stats (about 2 s of start-up here), which
+    notebooks 04, 05, 06, 08 and 10 never need."""
+    import seaborn
+
+    return seaborn
 
 
 def save_figure(fig: plt.Figure, cfg: Profile, name: str) -> Path:
@@ -72,8 +78,8 @@ def confusion_matrix(y_true: Tensor, y_pred: Tensor, classes: Sequence[str],
     k = len(classes)
     cm = torch.bincount(y_true * k + y_pred, minlength=k * k).view(k, k).numpy()
     fig, ax = plt.subplots(figsize=(0.45 * k + 2, 0.4 * k + 1.5))
-    sns.heatmap(cm, annot=True, fmt="d", cmap="Blues", cbar=False, ax=ax,
-                xticklabels=classes, yticklabels=classes, annot_kws={"fontsize": 7})
+    _sns().heatmap(cm, annot=True, fmt="d", cmap="Blues", cbar=False, ax=ax,
+                   xticklabels=classes, yticklabels=classes, annot_kws={"fontsize": 7})
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
@@ -92,8 +98,8 @@ def energy_histograms(energies: Mapping[str, Tensor], thresholds: tuple[float, f
         allv = torch.cat([e.flatten() for e in energies.values()]).numpy()
         bins = np.linspace(np.percentile(allv, 0.5), np.percentile(allv, 99.5), 60)
     for name, e in energies.items():
-        sns.histplot(np.clip(e.numpy(), bins[0], bins[-1]), bins=bins, stat="density", element="step",
-                     fill=True, alpha=0.3, label=name, ax=ax)
+        _sns().histplot(np.clip(e.numpy(), bins[0], bins[-1]), bins=bins, stat="density",
+                        element="step", fill=True, alpha=0.3, label=name, ax=ax)
     if thresholds is not None:
         for value, label, style in zip(thresholds, ("E1", "E2"), ("--", ":")):
             ax.axvline(value, color="k", linestyle=style, label=f"{label} = {value:.2f}")
@@ -283,7 +289,7 @@ def attack_bars(table, x: str = "defense", hue: str = "label_type", value: str =
     victim's accuracy) and the value printed on each bar."""
     fig, ax = plt.subplots(figsize=(6, 3.2))
     order = [d for d in ("none", "dp", "dawn", "cip") if d in set(table[x])]
-    sns.barplot(data=table, x=x, y=value, hue=hue if hue in table else None, order=order, ax=ax)
+    _sns().barplot(data=table, x=x, y=value, hue=hue if hue in table else None, order=order, ax=ax)
     for container in ax.containers:
         ax.bar_label(container, fmt="%.2f", fontsize=7)
     if reference is not None:

@@ -39,7 +39,7 @@ def check_images(x: Tensor, shape: tuple[int, ...] | None = None) -> None:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: Tensor, batch_size: int = 2048) -> Tensor:
+def predict_logits(model: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor:
     """Logits of ``model`` (eval mode) for every image of ``x``, batched."""
     model.eval()
     if len(x) == 0:

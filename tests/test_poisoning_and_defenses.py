@@ -119,9 +119,11 @@ class TableModel(nn.Module):
         super().__init__()
         self.register_buffer("table", table.float())
         self.calls = 0
+        self.rows = 0  # images seen by forward, over all calls
 
     def forward(self, x: Tensor) -> Tensor:
         self.calls += 1
+        self.rows += len(x)
         idx = (x[:, 0, 0, 0] * (len(self.table) - 1)).round().long()
         return self.table[idx]
 
@@ -378,15 +380,23 @@ def test_cip_branches_match_the_poisoning_functions(cnn, queries, strong):
 
 
 def test_cip_uses_one_forward_pass():
+    """Energy, softmax and reliability all come from one pass of each query through the victim
+    (in chunks of ``forward_batch`` queries), never a second call per branch."""
     table = torch.stack([logits_with_energy(-20.0 + i) for i in range(30)])
     model = TableModel(table)
     cip = CIP(model, SHAPE, e1=-12.0, e2=-5.0, r1=0.0)
-    model.calls = 0
+    model.calls = model.rows = 0
     cip(model.images(list(range(30))))
-    assert model.calls == 1
-    model.calls = 0
-    cip(model.images(torch.arange(10_000) % 30))  # the issue's 10,000-query batch: still one pass
-    assert model.calls == 1
+    assert (model.calls, model.rows) == (1, 30)
+    model.calls = model.rows = 0
+    cip(model.images(torch.arange(10_000) % 30))  # the issue's 10,000-query batch
+    assert model.rows == 10_000
+    assert model.calls == -(-10_000 // cip.forward_batch) > 1
+    one_chunk = CIP(model, SHAPE, e1=-12.0, e2=-5.0, r1=0.0)
+    one_chunk.forward_batch = 10_000  # chunking changes neither the victim's answers nor the routes
+    one_chunk(model.images(torch.arange(10_000) % 30))
+    assert torch.equal(one_chunk.last_clean, cip.last_clean)
+    assert one_chunk.route_counts() == cip.route_counts()
 
 
 def test_routing_at_exact_thresholds():

@@ -28,3 +28,17 @@ def test_table_has_undefended_reference_and_percentages():
     assert cip["paper Trig(M_S)"] == 100.0
     md = report.to_markdown(df)
     assert md.count("\n") == 2 + len(df) and "| ida |" in md
+
+
+def test_trigger_counts_print_as_integers_and_empty_cip_trigger_sets_are_explained():
+    records = [_rec("knockoff", "cip", "soft", 0.10, None, 0),
+               _rec("knockoff", "dawn", "soft", 0.70, 0.05, 38), _rec("knockoff", "dp", "soft", 0.1)]
+    records[0]["routes"] = {"ID": 0, "low-ES OOD": 16, "high-ES OOD": 7984, "PBD flipped": 0}
+    df = report.table_iv(records)
+    md = report.to_markdown(df)
+    assert "| 38 |" in md and "38.00" not in md and "<NA>" not in md and "nan" not in md
+    notes = report.table_notes(df, records)
+    assert len(notes) == 4 and "knockoff soft" in notes[-1] and "high-ES OOD 7984" in notes[-1]
+    assert "every answer got performance-degradation poisoning" in notes[-1]
+    records[0]["n_triggers"] = 5
+    assert len(report.table_notes(report.table_iv(records), records)) == 3
