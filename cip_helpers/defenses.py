@@ -25,7 +25,7 @@ from . import poisoning
 from .models import build_model
 from .scores import HIGH_ES, ID, LOW_ES, ROUTE_NAMES, energy_score, reliability_score, route
 from .store import load_checkpoint, read_json
-from .training import check_images, predict_logits
+from .training import PREDICT_BATCH, check_images, predict_logits
 
 
 @contextlib.contextmanager
@@ -93,12 +93,12 @@ class Defense:
     """Base class: input checks, one batched forward pass, and output checks. After each call,
     ``last_clean`` holds the wrapped model's own (undefended) softmax answers to that call.
 
-    ``forward_batch``: the victim sees the queries of a call in chunks of this many (256 was the
-    fastest chunk on 2 CPU cores: 1.9 s vs 4.3 s for one 10,000-query pass); lower it for big
-    models whose activations do not fit. Answers do not depend on it (eval mode)."""
+    ``forward_batch``: the victim sees the queries of a call in chunks of this many (default
+    :data:`training.PREDICT_BATCH`); lower it for big models whose activations do not fit.
+    Answers do not depend on it (eval mode)."""
 
     name = "base"
-    forward_batch = 256
+    forward_batch = PREDICT_BATCH
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, int, int]) -> None:
         self.model = model.eval()

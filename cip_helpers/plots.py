@@ -97,9 +97,10 @@ def energy_histograms(energies: Mapping[str, Tensor], thresholds: tuple[float, f
     if bins is None:
         allv = torch.cat([e.flatten() for e in energies.values()]).numpy()
         bins = np.linspace(np.percentile(allv, 0.5), np.percentile(allv, 99.5), 60)
+    sns = _sns()
     for name, e in energies.items():
-        _sns().histplot(np.clip(e.numpy(), bins[0], bins[-1]), bins=bins, stat="density",
-                        element="step", fill=True, alpha=0.3, label=name, ax=ax)
+        sns.histplot(np.clip(e.numpy(), bins[0], bins[-1]), bins=bins, stat="density",
+                     element="step", fill=True, alpha=0.3, label=name, ax=ax)
     if thresholds is not None:
         for value, label, style in zip(thresholds, ("E1", "E2"), ("--", ":")):
             ax.axvline(value, color="k", linestyle=style, label=f"{label} = {value:.2f}")

@@ -3,6 +3,7 @@ verification verdicts, built from the JSON records that notebooks 07-10 write.""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -98,7 +99,7 @@ def to_markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def table_notes(df: pd.DataFrame, records: list[dict] = ()) -> list[str]:
+def table_notes(df: pd.DataFrame, records: Sequence[dict] = ()) -> list[str]:
     """Footnotes that explain the empty and surprising cells of :func:`table_iv`'s output;
     ``records`` (optional) supply the per-branch routing counts quoted for CIP runs without
     triggers."""

@@ -38,8 +38,13 @@ def check_images(x: Tensor, shape: tuple[int, ...] | None = None) -> None:
         raise ValueError(f"images must be in [0, 1], got range [{x.min():.3g}, {x.max():.3g}]")
 
 
+PREDICT_BATCH = 256
+"""Images per forward pass at inference: the fastest chunk measured on 2 CPU cores (1.9 s vs 4.3 s
+for one 10,000-image pass of the quick victim). Results do not depend on it (eval mode)."""
+
+
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor:
+def predict_logits(model: nn.Module, x: Tensor, batch_size: int = PREDICT_BATCH) -> Tensor:
     """Logits of ``model`` (eval mode) for every image of ``x``, batched."""
     model.eval()
     if len(x) == 0:
