@@ -20,7 +20,7 @@ DFME's generator/student loop lives in :mod:`cip_helpers.dfme`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import functools
 import time
 from pathlib import Path
 
@@ -32,26 +32,19 @@ from . import data, dfme, pipeline
 from .config import Profile
 from .defenses import CIP, DAWN, Defense, TriggerSet
 from .models import build_model, small_cnn
-from .store import load_checkpoint, load_or_train, read_json, write_json
+from .store import load_checkpoint, load_or_train, read_json, tensor_sha256, weights_sha256, write_json
 from .training import accuracy, set_seed, train_classifier
 
 LABEL_TYPES = ("hard", "soft")
 ATTACKS = ("knockoff", "dfme", "ida", "dqa")
 REQUIRED_KEYS = ("name", "attack", "defense", "setting", "dataset", "victim", "label_type", "queries",
                  "victim_acc", "defended_acc", "surrogate_acc", "trigger_acc", "n_triggers",
-                 "dqa_ratio", "seed", "seconds", "surrogate_checkpoint", "trigger_file")
+                 "dqa_ratio", "seed", "seconds", "surrogate_checkpoint", "trigger_file",
+                 "weights_sha256", "surrogate_sha256", "triggers_sha256")
 DQA_NOISE_SEED = 4242  # offset of the DQA attacker's uniform-noise generator
 
 
 # ----------------------------------------------------------------------------- hashing and models
-
-
-def tensor_sha256(t: Tensor) -> str:
-    """sha256 of a tensor's dtype, shape and bytes (identical tensors, identical hash)."""
-    t = t.detach().cpu().contiguous()
-    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.numpy().tobytes())
-    return h.hexdigest()
 
 
 def build_surrogate(arch: str, width: int, input_shape: tuple[int, ...], n_classes: int,
@@ -166,13 +159,16 @@ def record_name(attack: str, defense: str, setting: str | None = None) -> str:
 
 def write_record(cfg: Profile, record: dict, triggers: TriggerSet | None = None) -> Path:
     """Write ``metrics/<name>.json`` (and the defender's trigger set as ``<name>.triggers.pt``).
-    ``record`` must hold every key of :data:`REQUIRED_KEYS` except ``trigger_file``."""
+    ``record`` must hold every key of :data:`REQUIRED_KEYS` except ``trigger_file`` and
+    ``triggers_sha256`` (filled in here from ``triggers``)."""
     name = record["name"]
     if triggers is not None:
         path = cfg.metrics_dir / f"{name}.triggers.pt"
         triggers.save(path)
         record["trigger_file"] = str(path.relative_to(cfg.results_dir))
+        record["triggers_sha256"] = triggers_sha256(triggers)
     record.setdefault("trigger_file", None)
+    record.setdefault("triggers_sha256", None)
     missing = [k for k in REQUIRED_KEYS if k not in record]
     if missing:
         raise ValueError(f"record {name} lacks keys {missing}")
@@ -198,19 +194,61 @@ def results_table(cfg: Profile, attack: str, columns: tuple[str, ...] = (
     return df[[c for c in columns if c in df]].reset_index(drop=True)
 
 
+def _rerun_hint(cfg: Profile, rec: dict) -> str:
+    book = {"knockoff": "07", "dfme": "08", "ida": "09", "dqa": "10"}.get(rec.get("attack"), "07-10")
+    return (f"re-run the attack: python -m cip_helpers.run --profile {cfg.name} --set seed={cfg.seed}"
+            f"{' --set tag=' + cfg.tag if cfg.tag else ''} --only {book}")
+
+
 def load_surrogate(cfg: Profile, record: str) -> nn.Module:
-    """The surrogate (or DFME student) of the run whose record is ``metrics/<record>.json``."""
+    """The surrogate (or DFME student) of the run whose record is ``metrics/<record>.json``.
+    Raises ``ValueError`` if the checkpoint's weights are not the ones the record was measured on
+    (``surrogate_sha256``), with the command that re-runs the attack."""
     rec = read_json(cfg.metrics_dir / f"{record}.json")
     spec, _, state = load_checkpoint(cfg.results_dir / rec["surrogate_checkpoint"])
+    if rec.get("surrogate_sha256") != weights_sha256(state):
+        raise ValueError(f"{rec['surrogate_checkpoint']} does not hold the surrogate that "
+                         f"metrics/{record}.json was measured on (weights sha256 differs); "
+                         + _rerun_hint(cfg, rec))
     model = _model_from_spec(spec)
     model.load_state_dict(state)
     return model.eval()
 
 
 def load_trigger_set(cfg: Profile, record: str) -> TriggerSet | None:
-    """The defender's trigger set of the run ``record`` (``None`` for defenses without one)."""
+    """The defender's trigger set of the run ``record`` (``None`` for defenses without one).
+    Raises ``ValueError`` if the file is not the trigger set the record names (sha256)."""
     rec = read_json(cfg.metrics_dir / f"{record}.json")
-    return TriggerSet.load(cfg.results_dir / rec["trigger_file"]) if rec["trigger_file"] else None
+    if not rec["trigger_file"]:
+        return None
+    triggers = TriggerSet.load(cfg.results_dir / rec["trigger_file"])
+    if rec.get("triggers_sha256") != triggers_sha256(triggers):
+        raise ValueError(f"{rec['trigger_file']} is not the trigger set of metrics/{record}.json "
+                         "(sha256 differs); " + _rerun_hint(cfg, rec))
+    return triggers
+
+
+@functools.lru_cache(maxsize=16)
+def _checkpoint_sha256(path: str, mtime_ns: int) -> str:  # mtime_ns: a rewritten file is re-read
+    return weights_sha256(load_checkpoint(Path(path))[2])
+
+
+def check_record(cfg: Profile, rec: dict) -> None:
+    """Refuse a record made with other weights than the victim checkpoint now on disk.
+
+    The record's ``weights_sha256`` must equal the sha256 of the checkpoint that answered
+    (``oe_victim_<victim>.pt`` for CIP, ``victim_<victim>.pt`` otherwise). Without the checkpoint
+    (a fresh clone reading committed JSON) there is nothing to compare and the record is kept.
+    Raises ``ValueError`` naming the command that re-runs the attack."""
+    stage = "oe_victim" if rec.get("defense") == "cip" else "victim"
+    path = cfg.checkpoint_dir / f"{stage}_{rec.get('victim', 'all')}.pt"
+    if not path.exists():
+        return
+    have = _checkpoint_sha256(str(path), path.stat().st_mtime_ns)
+    if rec.get("weights_sha256") != have:
+        raise ValueError(f"metrics/{rec.get('name')}.json was measured against other weights than "
+                         f"{path.name} now holds ({str(rec.get('weights_sha256'))[:16]}... vs "
+                         f"{have[:16]}...); " + _rerun_hint(cfg, rec))
 
 
 # ----------------------------------------------------------------------------- one stealing run
@@ -246,11 +284,29 @@ def steal(cfg: Profile, attack: str, defense: str, queries: Tensor, label_type: 
         "triggers_trained": _n_triggers_trained(triggers, queries[keep]) if triggers is not None else None,
         "dqa_ratio": None, "seed": cfg.seed, "routes": api.route_counts() if isinstance(api, CIP) else None,
         "defense_kwargs": defense_kwargs, "surrogate_checkpoint": info["checkpoint"],
-        "surrogate_loaded": info["loaded"], **(extra or {}),
+        "surrogate_loaded": info["loaded"], **provenance(api, queries, triggers, model),
+        **(extra or {}),
     }
     record["seconds"] = round(time.perf_counter() - start, 2)
     write_record(cfg, record, triggers)
     return record
+
+
+def provenance(api: Defense, queries: Tensor, triggers: TriggerSet | None,
+               surrogate: nn.Module) -> dict:
+    """The content addresses of one run (sha256, hex): the weights that answered
+    (``weights_sha256``), the transfer set (``queries_sha256``), the defender's trigger set
+    (``triggers_sha256``, ``None`` without one) and the surrogate's weights (``surrogate_sha256``).
+    Readers of the record compare them with the files at hand (:func:`check_record`)."""
+    return {"weights_sha256": api.weights_sha256, "queries_sha256": tensor_sha256(queries),
+            "triggers_sha256": triggers_sha256(triggers) if triggers is not None else None,
+            "surrogate_sha256": weights_sha256(surrogate)}
+
+
+def triggers_sha256(triggers: TriggerSet) -> str:
+    """sha256 of a trigger set's inputs and altered answers (what verification uses)."""
+    return tensor_sha256(torch.cat([triggers.x.flatten(1), triggers.altered], 1)) if len(triggers) \
+        else tensor_sha256(torch.empty(0))
 
 
 def _n_triggers_trained(triggers: TriggerSet, trained_x: Tensor) -> int:
@@ -379,19 +435,21 @@ def run_dqa(cfg: Profile, defense: str, r: float, verbose: bool = True) -> dict:
 
 def defense_spec(cfg: Profile, defense: str, split: str = "all", strong: str = "shuffle_noise",
                  pbd: str | None = "online", dawn_rate: float | None = None) -> dict:
-    """Every setting of a defended API (the wrapped model's spec hash included): the part of an
-    interactive attack's checkpoint key that the defense contributes."""
+    """Every setting of a defended API, the sha256 of the wrapped model's weights included (and,
+    for CIP, the thresholds computed from them): the part of an interactive attack's checkpoint
+    key that the defense contributes, so a retrained victim never reuses a stale DFME student."""
     if defense == "cip":
         t = pipeline.get_thresholds(cfg, split)
-        return {"name": "cip", "model": pipeline.spec_hash(pipeline.oe_spec(cfg, split)),
+        return {"name": "cip", "weights_sha256": t["weights_sha256"],
                 "E1": t["E1"], "E2": t["E2"], "R1": t["R1"], "T": t["T"], "strong": strong,
                 "pbd": pbd, "snr_db": cfg.snr_db, "beta": cfg.rs_beta, "gamma": cfg.rs_gamma,
                 "pbd_T": cfg.pbd_offline_T, "seed": cfg.seed}
-    spec = {"name": defense, "model": pipeline.spec_hash(pipeline.victim_spec(cfg, split))}
+    _, info = pipeline.get_victim(cfg, split, verbose=False)
+    spec = {"name": defense, "weights_sha256": info["weights_sha256"]}
     if defense == "dp":
         spec.update(beta=cfg.rs_beta, gamma=cfg.rs_gamma)
     elif defense == "dawn":
-        spec.update(rate=cfg.dawn_rate if dawn_rate is None else dawn_rate, key=cfg.dawn_key)
+        spec.update(rate=cfg.dawn_rate if dawn_rate is None else dawn_rate, key=pipeline.dawn_key(cfg))
     elif defense != "none":
         raise ValueError(f"unknown defense {defense!r}; choose one of {pipeline.DEFENSES}")
     return spec
@@ -405,8 +463,9 @@ def run_dfme(cfg: Profile, defense: str, verbose: bool = True) -> tuple[dict, df
     start = time.perf_counter()
     kwargs = {"strong": "shuffle_noise", "pbd": "online"} if defense == "cip" else {}
     d = data.id_data(cfg)
+    spec = defense_spec(cfg, defense, **kwargs)
     student, gen, triggers, info = dfme.run_dfme_attack(
-        cfg, lambda: make_defense(cfg, defense, **kwargs), defense_spec(cfg, defense, **kwargs),
+        cfg, lambda: make_defense(cfg, defense, **kwargs), spec,
         lambda: build_surrogate(cfg.surrogate_arch, cfg.surrogate_width, d.shape, d.n_classes, cfg.seed),
         desc=f"dfme_{defense}", verbose=verbose)
     test_x, test_y = d.split("test")
@@ -420,6 +479,9 @@ def run_dfme(cfg: Profile, defense: str, verbose: bool = True) -> tuple[dict, df
         "n_triggers": len(triggers) if triggers is not None else None, "dqa_ratio": None,
         "seed": cfg.seed, "defense_kwargs": kwargs, "curve": info["curve"],
         "attack_seconds": info["seconds"], "surrogate_checkpoint": str(info["path"].relative_to(cfg.results_dir)),
+        "weights_sha256": spec["weights_sha256"], "queries_sha256": None,
+        "triggers_sha256": triggers_sha256(triggers) if triggers is not None else None,
+        "surrogate_sha256": weights_sha256(student),
         "generator_checkpoint": str(info["path"].with_suffix(".generator.pt").relative_to(cfg.results_dir)),
         "surrogate_loaded": info["loaded"],
     }

@@ -19,8 +19,10 @@ The ``full`` profile reads the datasets laid out by ``data_prep/`` (see :mod:`ci
 from __future__ import annotations
 
 import functools
+import hashlib
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -182,8 +184,45 @@ def random_crops(images: list[np.ndarray], n: int, size: int, seed: int,
 
 def query_pool(cfg: Profile, name: str) -> Tensor:
     """A pool of unlabelled images shaped like the ID data: ``outlier`` (OE training outliers),
-    ``knockoff`` (KnockoffNets queries), ``textures`` and ``noise`` (OOD test sets)."""
-    return _query_pool(cfg.dataset, name, _pool_size(cfg, name), cfg.seed)
+    ``knockoff`` (KnockoffNets queries), ``textures`` and ``noise`` (OOD test sets); (n, C, H, W)
+    float32 in [0, 1]. The embedded photo pools are cut crop by crop (seconds per pool), so they
+    are cached in ``<profile_dir>/cache/`` (:func:`_cached_pool`); the cache returns the same bits."""
+    n = _pool_size(cfg, name)
+    if cfg.dataset == "mnist_embedded" and name != "noise":
+        return _cached_pool(str(cfg.profile_dir / "cache"), cfg.dataset, name, n, cfg.seed)
+    return _query_pool(cfg.dataset, name, n, cfg.seed)
+
+
+@functools.lru_cache(maxsize=1)
+def _pool_code_sha256() -> str:
+    """sha256 of everything that shapes an embedded pool: the generating functions' source, the
+    photo lists and scikit-image's version. A change to any of them gives new cache files."""
+    import inspect
+
+    import skimage
+
+    parts = [inspect.getsource(f) for f in (random_crops, _query_pool, _skimage_gray)]
+    parts += [repr((OE_PHOTOS, KNOCKOFF_PHOTOS, TEXTURE_PHOTOS, SPLIT_SEED, POOLS)), skimage.__version__]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_pool(cache_dir: str, dataset: str, name: str, n: int, seed: int) -> Tensor:
+    """:func:`_query_pool`, stored once per (pool, size, seed, code) in ``cache_dir``. A cache file
+    that is unreadable or whose stored sha256 does not match its tensor is regenerated."""
+    from .store import _atomic_write, tensor_sha256
+
+    path = Path(cache_dir) / f"pool_{dataset}_{name}_{n}_seed{seed}_{_pool_code_sha256()[:16]}.pt"
+    if path.exists():
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved["sha256"] == tensor_sha256(saved["x"]):
+                return saved["x"]
+        except Exception:  # noqa: BLE001 - a broken cache file is simply rebuilt
+            pass
+    x = _query_pool(dataset, name, n, seed)
+    _atomic_write(path, lambda tmp: torch.save({"x": x, "sha256": tensor_sha256(x)}, tmp))
+    return x
 
 
 def _pool_size(cfg: Profile, name: str) -> int:

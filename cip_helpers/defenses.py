@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from . import poisoning
 from .models import build_model
 from .scores import HIGH_ES, ID, LOW_ES, ROUTE_NAMES, energy_score, reliability_score, route
-from .store import load_checkpoint, read_json
+from .store import load_checkpoint, read_json, weights_sha256
 from .training import PREDICT_BATCH, check_images, predict_logits
 
 
@@ -106,6 +106,15 @@ class Defense:
         with torch.no_grad():
             self.n_classes = int(model(torch.zeros(1, *self.input_shape)).shape[1])
         self.last_clean = torch.zeros(0, self.n_classes)  # the wrapped model's softmax, last call
+        self._weights_sha256: str | None = None
+
+    @property
+    def weights_sha256(self) -> str:
+        """sha256 of the wrapped model's weights at first use (:func:`store.weights_sha256`):
+        what records and trigger sets cite as the model that answered."""
+        if self._weights_sha256 is None:
+            self._weights_sha256 = weights_sha256(self.model)
+        return self._weights_sha256
 
     def __call__(self, x: Tensor) -> Tensor:
         """Answer a batch of raw images (N, C, H, W) in [0, 1] with (N, K) probability rows."""
@@ -298,8 +307,14 @@ class CIP(Defense):
 
     @classmethod
     def from_run(cls, results_dir: Path, split: str = "all", **kwargs) -> CIP:  # type: ignore[override]
-        """Rebuild CIP from a finished run: ``checkpoints/oe_victim_<split>.pt`` + ``thresholds.json``."""
-        model, shape = load_victim_checkpoint(Path(results_dir) / "checkpoints" / f"oe_victim_{split}.pt")
+        """Rebuild CIP from a finished run's seed directory (e.g. ``results/quick/seed-0``):
+        ``checkpoints/oe_victim_<split>.pt`` + ``thresholds.json``.
+
+        Raises ``ValueError`` if the thresholds entry was not computed from exactly these weights
+        (its ``weights_sha256`` differs from the checkpoint's, or it has none): thresholds of other
+        weights would route queries wrongly. The message names the fix (recompute them)."""
+        ckpt = Path(results_dir) / "checkpoints" / f"oe_victim_{split}.pt"
+        model, shape = load_victim_checkpoint(ckpt)
         path = Path(results_dir) / "thresholds.json"
         t = read_json(path)
         if split != "all":
@@ -311,6 +326,14 @@ class CIP(Defense):
         if missing or ("R1" not in t and kwargs.get("pbd", "online") == "online" and "r1" not in kwargs):
             raise ValueError(f"{path} lacks {missing or ['R1']}: recompute it with "
                              "pipeline.get_thresholds (notebook 03) or pass r1=... / pbd=None")
+        have = weights_sha256(model)
+        if t.get("weights_sha256") != have:
+            raise ValueError(
+                f"{path} ('{split}' entry) was computed for weights "
+                f"{(t.get('weights_sha256') or 'of unknown hash')[:16]}..., but {ckpt} holds weights "
+                f"{have[:12]}...: its E1/E2/R1 do not belong to this model. Recompute them from the "
+                "checkpoint: pipeline.get_thresholds(config.get_profile(<profile>, seed=<seed>), "
+                f"'{split}') (or re-run notebook 03), or use CIP.calibrate(model, id_train_x).")
         if "R1" in t:
             kwargs.setdefault("r1", t["R1"])
         return cls(model, shape, t["E1"], t["E2"], temperature=t["T"], **kwargs)

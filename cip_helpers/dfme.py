@@ -77,6 +77,35 @@ class Generator(nn.Module):
         return self.net(self.fc(z).view(len(z), self.c0, self.s0, self.s0))
 
 
+class ReplayBuffer:
+    """The attacker's memory of past (query, recovered logits) pairs, at most ``size`` of them
+    (oldest dropped first). Replaying them gives the student extra steps without new queries
+    (experience replay, as in MAZE, Kariyappa et al. 2021)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = int(size)
+        self.x: Tensor | None = None
+        self.t: Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.x is None else len(self.x)
+
+    def add(self, x: Tensor, target: Tensor) -> None:
+        """Remember queries ``x`` (B, C, H, W) and their recovered logits ``target`` (B, K)."""
+        if self.size <= 0:
+            return
+        if self.x is None:
+            self.x, self.t = x.detach().clone(), target.detach().clone()
+        else:
+            self.x = torch.cat([self.x, x.detach()])[-self.size:]
+            self.t = torch.cat([self.t, target.detach()])[-self.size:]
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``n`` remembered pairs drawn uniformly with replacement (the buffer must not be empty)."""
+        idx = torch.randint(len(self), (n,), generator=generator)
+        return self.x[idx], self.t[idx]
+
+
 def recovered_logits(probs: Tensor, floor: float = 1e-6) -> Tensor:
     """The victim's logits as far as the answer reveals them: log p minus its row mean."""
     logp = probs.clamp_min(floor).log()
@@ -111,9 +140,26 @@ def dfme_spec(cfg: Profile, defense_spec: dict) -> dict:
             "input_shape": list(d.shape), "n_classes": d.n_classes, "defense": defense_spec,
             "queries": cfg.dfme_queries, "batch": cfg.dfme_batch, "nz": cfg.dfme_nz,
             "gen_channels": list(cfg.dfme_gen_channels), "gain": cfg.dfme_gain, "grad_m": cfg.dfme_grad_m,
-            "grad_eps": cfg.dfme_grad_eps, "lr_s": cfg.dfme_lr_s, "lr_s_schedule": "constant", "lr_g": cfg.dfme_lr_g,
+            "grad_eps": cfg.dfme_grad_eps, "lr_s": cfg.dfme_lr_s, "lr_s_schedule": cfg.dfme_lr_schedule,
+            "lr_g": cfg.dfme_lr_g, "replay": cfg.dfme_replay, "replay_size": cfg.dfme_replay_size,
             "g_iter": cfg.dfme_g_iter, "s_iter": cfg.dfme_s_iter, "eval_every": cfg.dfme_eval_every,
             "seed": cfg.seed}
+
+
+LR_SCHEDULES = ("constant", "cosine", "drop")
+
+
+def student_schedule(opt: torch.optim.Optimizer, name: str, n_rounds: int):
+    """The student's learning-rate schedule over ``n_rounds`` rounds (stepped once per round):
+    ``constant``; ``cosine`` decay to 0; ``drop``: x0.1 for the last quarter of the rounds (the
+    student settles instead of ending on one noisy step). Returns a scheduler or ``None``."""
+    if name not in LR_SCHEDULES:
+        raise ValueError(f"dfme_lr_schedule must be one of {LR_SCHEDULES}, got {name!r}")
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(n_rounds, 1))
+    if name == "drop":
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[max(1, (3 * n_rounds) // 4)], gamma=0.1)
+    return None
 
 
 def new_generator(cfg: Profile) -> Generator:
@@ -132,6 +178,8 @@ def dfme_train(cfg: Profile, api: CountingAPI, student: nn.Module, gen: Generato
     opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.dfme_lr_g)
     per_iter = cfg.dfme_batch * (cfg.dfme_g_iter * (cfg.dfme_grad_m + 1) + cfg.dfme_s_iter)
     n_iters = api.remaining // per_iter
+    sched_s = student_schedule(opt_s, cfg.dfme_lr_schedule, n_iters)
+    replay = ReplayBuffer(cfg.dfme_replay_size)
     rng = torch.Generator().manual_seed(cfg.seed + 3)
     curve, next_eval = [], cfg.dfme_eval_every
 
@@ -154,11 +202,21 @@ def dfme_train(cfg: Profile, api: CountingAPI, student: nn.Module, gen: Generato
             with torch.no_grad():
                 x = torch.sigmoid(cfg.dfme_gain * gen(torch.randn(cfg.dfme_batch, cfg.dfme_nz, generator=rng)))
                 target = recovered_logits(api(x))
+            replay.add(x, target)
             student.train()
             loss = l1_disagreement(student(x), target).mean()
             opt_s.zero_grad(set_to_none=True)
             loss.backward()
             opt_s.step()
+        for _ in range(cfg.dfme_replay if len(replay) else 0):  # extra steps on past answers: no queries
+            xr, tr = replay.sample(cfg.dfme_batch, rng)
+            student.train()
+            loss_r = l1_disagreement(student(xr), tr).mean()
+            opt_s.zero_grad(set_to_none=True)
+            loss_r.backward()
+            opt_s.step()
+        if sched_s is not None:
+            sched_s.step()
         if api.n_queries >= next_eval or api.remaining < per_iter:
             curve.append({"queries": api.n_queries, "test_acc": accuracy(student, *test)})
             next_eval += cfg.dfme_eval_every

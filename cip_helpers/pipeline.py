@@ -15,9 +15,9 @@ from torch import Tensor, nn
 from . import data
 from .config import Profile
 from .models import build_model
-from .defenses import CIP, DAWN, DP, Defense, NoDefense
+from .defenses import CIP, DAWN, DP, Defense, NoDefense, r1_from_scores, softmax
 from .scores import energy_score, reliability_score, select_thresholds
-from .store import load_or_train, read_json, write_json
+from .store import load_or_train, read_json, tensor_sha256, weights_sha256, write_json
 from .training import finetune_oe, predict_logits, train_classifier
 
 VICTIM_SPLITS = ("all", "half")
@@ -108,35 +108,55 @@ def energies(model: nn.Module, x: Tensor, temperature: float = 1.0) -> Tensor:
 
 
 def compute_thresholds(cfg: Profile, split: str = "all", p1: float | None = None,
-                       p2: float | None = None, temperature: float | None = None) -> dict:
-    """E1/E2 from the OE-tuned ``split`` victim's energies on its own ID training data."""
+                       p2: float | None = None, temperature: float | None = None,
+                       model: nn.Module | None = None) -> dict:
+    """E1/E2 (Section III-B: the p1-th / p2-th percentiles of ID-training energies) and R1 (online
+    PBD: the ``cfg.pbd_r1_percentile``-th percentile of ID-training reliability scores) of the
+    OE-tuned ``split`` victim (or of ``model``, which must be that victim). The entry records the
+    sha256 of the weights (``weights_sha256``) and of the ID images (``data_sha256``) it was
+    computed from, so a loader can tell whether it belongs to the checkpoint at hand."""
     p1 = cfg.p1 if p1 is None else p1
     p2 = cfg.p2 if p2 is None else p2
     t = cfg.temperature if temperature is None else temperature
-    model, _ = get_oe_victim(cfg, split, verbose=False)
+    if model is None:
+        model, _ = get_oe_victim(cfg, split, verbose=False)
     x, _ = data.id_data(cfg).split(split)
     logits = predict_logits(model, x)
     e1, e2 = select_thresholds(energy_score(logits, t), p1, p2)
-    r1 = float(torch.quantile(reliability_score(logits.softmax(1)).double(), cfg.pbd_r1_percentile / 100))
+    r1 = r1_from_scores(reliability_score(softmax(logits)), cfg.pbd_r1_percentile)
     return {"E1": e1, "E2": e2, "p1": p1, "p2": p2, "T": t,
             "R1": r1, "r1_percentile": cfg.pbd_r1_percentile,
             "model": f"checkpoints/oe_victim_{split}.pt (OE-tuned '{split}' victim)",
-            "model_spec_hash": spec_hash(oe_spec(cfg, split)),
-            "data": f"ID training images of the '{split}' victim ({len(x)} from {cfg.dataset})"}
+            "weights_sha256": weights_sha256(model), "model_spec_hash": spec_hash(oe_spec(cfg, split)),
+            "data": f"ID training images of the '{split}' victim ({len(x)} from {cfg.dataset})",
+            "data_sha256": tensor_sha256(x)}
 
 
-def get_thresholds(cfg: Profile, split: str = "all") -> dict:
-    """Thresholds from ``results/<profile>/thresholds.json`` (top level: the ``all`` victim; key
-    ``half``: the half victim), recomputed and rewritten if missing or made for another model."""
+THRESHOLD_KEYS = ("weights_sha256", "data_sha256", "p1", "p2", "T", "r1_percentile")
+"""What a stored thresholds entry must match to be reused: the bits of the weights and of the ID
+data it was computed from, and the percentiles and temperature asked for."""
+
+
+def get_thresholds(cfg: Profile, split: str = "all", verbose: bool = True) -> dict:
+    """Thresholds of the OE-tuned ``split`` victim from ``results/<profile>/seed-<k>/thresholds.json``
+    (top level: the ``all`` victim; key ``half``: the half victim). The stored entry is reused only
+    if it was computed from exactly this checkpoint's weights and this ID data (sha256) with the
+    current p1, p2, T and R1 percentile; otherwise it is recomputed and rewritten (and, with
+    ``verbose``, the reason is printed). Returns the entry (see :func:`compute_thresholds`)."""
     _check_split(split)
     path = cfg.results_dir / "thresholds.json"
     stored = read_json(path) if path.exists() else {}
     entry = stored if split == "all" else stored.get("half", {})
-    wanted = {"model_spec_hash": spec_hash(oe_spec(cfg, split)), "p1": cfg.p1, "p2": cfg.p2,
-              "T": cfg.temperature, "r1_percentile": cfg.pbd_r1_percentile}
-    if all(entry.get(k) == v for k, v in wanted.items()):
+    model, info = get_oe_victim(cfg, split, verbose=False)
+    x, _ = data.id_data(cfg).split(split)
+    wanted = {"weights_sha256": info["weights_sha256"], "data_sha256": tensor_sha256(x),
+              "p1": cfg.p1, "p2": cfg.p2, "T": cfg.temperature, "r1_percentile": cfg.pbd_r1_percentile}
+    stale = [k for k in THRESHOLD_KEYS if entry.get(k) != wanted[k]]
+    if not stale:
         return {k: v for k, v in entry.items() if k != "half"}
-    fresh = compute_thresholds(cfg, split)
+    if entry and verbose:
+        print(f"thresholds.json ({split}) was computed for other {', '.join(stale)}: recomputing")
+    fresh = compute_thresholds(cfg, split, model=model)
     if split == "all":
         stored = {**fresh, **({"half": stored["half"]} if "half" in stored else {})}
     else:
@@ -168,8 +188,14 @@ def get_defense(cfg: Profile, name: str, split: str = "all", strong: str = "shuf
     if name == "dp":
         return DP(model, shape, beta=cfg.rs_beta, gamma=cfg.rs_gamma)
     if name == "dawn":
-        return DAWN(model, shape, rate=cfg.dawn_rate, key=cfg.dawn_key)
+        return DAWN(model, shape, rate=cfg.dawn_rate, key=dawn_key(cfg))
     raise ValueError(f"unknown defense {name!r}; choose one of {DEFENSES}")
+
+
+def dawn_key(cfg: Profile) -> str:
+    """DAWN's secret key for this run: the profile's key with the seed appended, so every seed
+    watermarks a different random subset of the same queries."""
+    return f"{cfg.dawn_key}/seed-{cfg.seed}"
 
 
 INNOCENT_RECIPES = (("cnn", 101), ("cnn_wide", 202), ("mlp", 303))
@@ -184,7 +210,7 @@ def get_innocent_models(cfg: Profile, verbose: bool = True) -> dict[str, nn.Modu
     models = {}
     for i in range(cfg.n_innocent):
         arch, seed = INNOCENT_RECIPES[i % len(INNOCENT_RECIPES)]
-        seed += 1000 * (i // len(INNOCENT_RECIPES))
+        seed += 1000 * (i // len(INNOCENT_RECIPES)) + 10_000 * cfg.seed
         name = f"innocent_{i + 1}_{arch}"
         spec = {"stage": "innocent", "arch": arch, "seed": seed, "dataset": cfg.dataset,
                 "n_train": cfg.n_train, "data": "attacker half, true labels",

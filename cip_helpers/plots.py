@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -357,3 +357,66 @@ def trigger_vs_ratio(table, title: str = "") -> plt.Figure:
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+# --- across seeds (notebook 11) ---------------------------------------------------------------
+
+DEFENSE_COLORS = {"none": "#7f7f7f", "dp": "#1f77b4", "dawn": "#2ca02c", "cip": "#d62728"}
+"""One colour per defense for the figures that compare defenses across seeds."""
+
+
+def seed_spread(long, value: str = "Test(M_S)", title: str = "", ylabel: str = "") -> plt.Figure:
+    """Every seed as a dot and the mean ± sd over seeds as a bar with error bar, per run (attack and
+    setting) and defense. ``long`` is :func:`cip_helpers.report.seed_table`'s output (one row per
+    seed and run, percent values); rows without ``value`` (e.g. no trigger set) are left out."""
+    import numpy as np
+
+    df = long.dropna(subset=[value])
+    runs = list(dict.fromkeys(df["attack"] + " " + df["setting"]))
+    defenses = [d for d in DEFENSE_COLORS if d in set(df["defense"])]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(runs) + 2), 3.6))
+    width = 0.8 / max(len(defenses), 1)
+    for j, d in enumerate(defenses):
+        for i, run in enumerate(runs):
+            vals = df[(df["attack"] + " " + df["setting"] == run) & (df["defense"] == d)][value].astype(float)
+            if vals.empty:
+                continue
+            x = i + (j - (len(defenses) - 1) / 2) * width
+            sd = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+            ax.bar(x, float(vals.mean()), width * 0.9, color=DEFENSE_COLORS[d], alpha=0.35,
+                   yerr=sd, capsize=2, label=d if i == 0 else None)
+            ax.scatter(np.full(len(vals), x), vals, s=10, color=DEFENSE_COLORS[d], zorder=3)
+    ax.set_xticks(range(len(runs)), runs, rotation=30, ha="right")
+    ax.set_ylabel(ylabel or value)
+    n = df["seed"].nunique() if "seed" in df else 1
+    ax.set_title(title or f"{value}: mean ± sd over {n} seed(s), dots = seeds")
+    ax.legend(fontsize=8, ncol=len(defenses))
+    fig.tight_layout()
+    return fig
+
+
+# --- sliders (notebooks 03 and 05) --------------------------------------------------------------
+
+BATCH_ENV = "CIP_BATCH"
+"""Set (to anything non-empty) by the batch runner for every kernel it starts: slider cells then
+render their default view without creating widgets (see :func:`slider_view`)."""
+
+
+def slider_view(function: Callable[..., None], **sliders: dict) -> None:
+    """Live sliders in JupyterLab; the default view, drawn once, in a batch run.
+
+    ``sliders`` maps each keyword of ``function`` to a ``FloatSlider`` spec (``value``, ``min``,
+    ``max``, ``step``, optional ``description``). Interactively this displays
+    ``ipywidgets.interactive(function, ...)``. With ``$CIP_BATCH`` set (the runner sets it) it
+    calls ``function`` once with every ``value`` and creates no widget: interact/Output widgets
+    can deadlock headless execution (papermill #723, nbclient #312; measured here: notebook 03
+    hung at this cell in 1 of 3 seeds of a quick run), and a batch run has nobody to move them."""
+    if os.environ.get(BATCH_ENV):
+        function(**{name: spec["value"] for name, spec in sliders.items()})
+        return
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    controls = {name: widgets.FloatSlider(**{"continuous_update": False, "readout_format": ".1f", **spec})
+                for name, spec in sliders.items()}
+    display(widgets.interactive(function, **controls))

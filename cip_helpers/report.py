@@ -11,7 +11,7 @@ from torch import nn
 
 from . import attacks
 from .config import Profile
-from .store import read_json, write_json, write_text
+from .store import read_json, weights_sha256, write_json, write_text
 from .verification import count_agreements, null_agreement_rate, verify
 
 PAPER_TABLE = Path(__file__).with_name("paper_table_iv.json")
@@ -22,10 +22,16 @@ ATTACK_ORDER = ("knockoff", "dfme", "ida", "dqa")
 DEFENSE_ORDER = ("none", "dp", "dawn", "cip")
 
 
-def load_all_records(cfg: Profile) -> list[dict]:
-    """Every main-run record under ``metrics/`` (learning-curve points excluded)."""
+def load_all_records(cfg: Profile, check: bool = True) -> list[dict]:
+    """Every main-run record under ``metrics/`` (learning-curve points excluded). With ``check``,
+    a record measured against other victim weights than the checkpoints on disk raises
+    ``ValueError`` (:func:`attacks.check_record`)."""
     records = [read_json(p) for p in sorted(cfg.metrics_dir.glob("*.json"))]
-    return [r for r in records if r.get("attack") in ATTACK_ORDER and not r.get("curve_point")]
+    records = [r for r in records if r.get("attack") in ATTACK_ORDER and not r.get("curve_point")]
+    if check:
+        for r in records:
+            attacks.check_record(cfg, r)
+    return records
 
 
 def paper_row(attack: str, defense: str, setting: str | None) -> dict | None:
@@ -129,7 +135,9 @@ def table_notes(df: pd.DataFrame, records: Sequence[dict] = ()) -> list[str]:
 def verification_verdicts(cfg: Profile, records: list[dict], innocents: dict[str, nn.Module],
                           n_classes: int) -> list[dict]:
     """Verdicts for every stolen surrogate with a trigger set (DAWN and CIP runs) and for every
-    innocent model against every such trigger set.
+    innocent model against every such trigger set. Each verdict names the trigger set and the
+    suspect by sha256 (``triggers_sha256``, ``suspect_sha256``); loading a trigger set or surrogate
+    whose bits differ from its record raises (:func:`attacks.load_trigger_set`).
 
     p0 is estimated from the innocent models' agreement with the same trigger set
     (:func:`null_agreement_rate`: the largest per-model upper 95 % Clopper-Pearson bound, at least
@@ -137,6 +145,7 @@ def verification_verdicts(cfg: Profile, records: list[dict], innocents: dict[str
     innocent model is judged with p0 from the OTHER innocent models (leave-one-out), so it is not
     used to excuse itself."""
     verdicts = []
+    hashes = {name: weights_sha256(m) for name, m in innocents.items()}
     for r in records:
         if not r.get("trigger_file"):
             continue
@@ -146,15 +155,16 @@ def verification_verdicts(cfg: Profile, records: list[dict], innocents: dict[str
         t = len(triggers)
         counts = {name: count_agreements(m, triggers.x, triggers.labels) for name, m in innocents.items()}
         base = {"attack": r["attack"], "defense": r["defense"], "setting": r.get("setting"),
-                "trigger_set": r["name"]}
+                "trigger_set": r["name"], "triggers_sha256": r.get("triggers_sha256")}
         p0 = null_agreement_rate([(m, t) for m in counts.values()], n_classes)
         m = count_agreements(attacks.load_surrogate(cfg, r["name"]), triggers.x, triggers.labels)
         verdicts.append({"suspect": f"surrogate of {r['name']}", "kind": "stolen", **base,
-                         **verify(m, t, p0, cfg.alpha)})
+                         "suspect_sha256": r.get("surrogate_sha256"), **verify(m, t, p0, cfg.alpha)})
         for name, m_i in counts.items():
             others = [(c, t) for other, c in counts.items() if other != name]
             p0_i = null_agreement_rate(others, n_classes)
-            verdicts.append({"suspect": name, "kind": "innocent", **base, **verify(m_i, t, p0_i, cfg.alpha)})
+            verdicts.append({"suspect": name, "kind": "innocent", **base,
+                             "suspect_sha256": hashes[name], **verify(m_i, t, p0_i, cfg.alpha)})
     return verdicts
 
 
@@ -170,3 +180,274 @@ def write_outputs(cfg: Profile, table: pd.DataFrame, records: list[dict], verdic
                for r in records]
     write_json(cfg.results_dir / "summary.json", summary)
     write_json(cfg.results_dir / "verification.json", verdicts)
+
+
+# ----------------------------------------------------------------------------- across seeds
+
+STAT_FIELDS = ("victim_acc", "defended_acc", "surrogate_acc", "trigger_acc", "n_triggers")
+"""The per-record numbers that :func:`write_seed_aggregate` summarises over seeds."""
+
+
+def stat(values: Sequence[float | None]) -> dict:
+    """``{"mean", "sd", "n", "values"}`` of the non-missing ``values`` (sd: sample standard
+    deviation, ddof 1; ``None`` when n < 2). ``values`` keeps every entry, ``None`` included, in
+    seed order, so a reader can see each seed's number."""
+    import statistics
+
+    have = [float(v) for v in values if v is not None]
+    return {"mean": statistics.fmean(have) if have else None,
+            "sd": statistics.stdev(have) if len(have) >= 2 else None,
+            "n": len(have), "values": list(values)}
+
+
+def available_seeds(profile_dir: Path) -> list[int]:
+    """Seeds with attack records under ``profile_dir/seed-<k>/metrics/``, ascending."""
+    seeds = []
+    for d in Path(profile_dir).glob("seed-*"):
+        if d.name[5:].isdigit() and any((d / "metrics").glob("*.json")):
+            seeds.append(int(d.name[5:]))
+    return sorted(seeds)
+
+
+def seed_records(profile_dir: Path, seed: int) -> list[dict]:
+    """The main-run records of one seed, read from JSON alone (no checkpoints needed). Raises
+    ``ValueError`` if they disagree on the weights of one victim (a mix of runs: re-run that seed)."""
+    metrics = Path(profile_dir) / f"seed-{seed}" / "metrics"
+    records = [read_json(p) for p in sorted(metrics.glob("*.json"))]
+    records = [r for r in records if r.get("attack") in ATTACK_ORDER and not r.get("curve_point")]
+    seen: dict[tuple[str, str], set[str]] = {}
+    for r in records:
+        stage = ("oe_victim" if r.get("defense") == "cip" else "victim", r.get("victim", "all"))
+        seen.setdefault(stage, set()).add(str(r.get("weights_sha256")))
+    mixed = {f"{a}_{b}": sorted(h)[:3] for (a, b), h in seen.items() if len(h) > 1}
+    if mixed:
+        raise ValueError(f"the records of {metrics} were measured against different weights of "
+                         f"{sorted(mixed)}: re-run that seed (python -m cip_helpers.run --profile "
+                         f"<profile> --set seed={seed})")
+    return records
+
+
+def seed_table(profile_dir: Path, seeds: Sequence[int]) -> pd.DataFrame:
+    """:func:`table_iv` of every seed, stacked, with a ``seed`` column (long format: one row per
+    seed and (attack, setting, defense))."""
+    frames = []
+    for s in seeds:
+        t = table_iv(seed_records(profile_dir, s))
+        if not t.empty:
+            frames.append(t.assign(seed=s))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+OURS = ("Test(M_V)", "Test(M_S) no defense", "Test(M'_V)", "Test(M_S)", "Trig(M_S)", "T")
+KEYS = ("attack", "setting", "defense")
+
+
+def aggregate_table(long: pd.DataFrame) -> pd.DataFrame:
+    """Mean and sd over seeds of :data:`OURS` per (attack, setting, defense), in the order of
+    :func:`table_iv`; cells are ``"mean ± sd"`` strings (percent, one decimal; T as a count),
+    ``n`` is the number of seeds, and the paper's columns are carried over."""
+    if long.empty:
+        return long
+    rows = []
+    for key, g in long.groupby(list(KEYS), sort=False):
+        row = dict(zip(KEYS, key))
+        row["n"] = int(g["seed"].nunique())
+        for col in OURS:
+            st = stat([None if pd.isna(v) else float(v) for v in g[col]])
+            row[col] = _pm(st)
+        for col in [c for c in long.columns if c.startswith("paper")]:
+            v = g[col].iloc[0]
+            row[col] = None if v is None or v is pd.NA or (isinstance(v, float) and pd.isna(v)) else v
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if "paper T" in df:
+        df["paper T"] = df["paper T"].astype("Int64")
+    return df
+
+
+def _pm(st: dict, digits: int = 1) -> str | None:
+    if st["mean"] is None:
+        return None
+    if st["sd"] is None:
+        return f"{st['mean']:.{digits}f}"
+    return f"{st['mean']:.{digits}f} ± {st['sd']:.{digits}f}"
+
+
+def seed_summary(profile_dir: Path, seeds: Sequence[int]) -> dict:
+    """The multi-seed summary (what ``summary.json`` holds): per (attack, setting, defense) row the
+    :func:`stat` of every field of :data:`STAT_FIELDS` (fractions; ``n_triggers`` a count), the
+    victims' test accuracies, the ID-test share CIP answers unpoisoned, and the verification
+    counts, each over ``seeds``."""
+    profile_dir = Path(profile_dir)
+    per_seed = {s: {r["name"]: r for r in seed_records(profile_dir, s)} for s in seeds}
+    names: list[str] = []
+    for recs in per_seed.values():
+        names += [n for n in recs if n not in names]
+    order = {n: i for i, n in enumerate(names)}
+    first = {n: next(recs[n] for recs in per_seed.values() if n in recs) for n in names}
+    names.sort(key=lambda n: (ATTACK_ORDER.index(first[n]["attack"]), _setting(first[n]),
+                              DEFENSE_ORDER.index(first[n]["defense"]), order[n]))
+    rows = []
+    for n in names:
+        r = first[n]
+        row = {k: r.get(k) for k in ("name", "attack", "setting", "defense", "label_type", "victim", "dqa_ratio")}
+        for f in STAT_FIELDS:
+            row[f] = stat([per_seed[s][n].get(f) if n in per_seed[s] else None for s in seeds])
+        row["paper"] = paper_row(r["attack"], r["defense"], r.get("setting"))
+        rows.append(row)
+
+    def per_seed_json(name: str, pick) -> dict:
+        values = []
+        for s in seeds:
+            path = profile_dir / f"seed-{s}" / name
+            values.append(pick(read_json(path)) if path.exists() else None)
+        return stat(values)
+
+    verification = {"stolen": {}, "innocent": {"flagged": 0, "of": 0}}
+    for s in seeds:
+        path = profile_dir / f"seed-{s}" / "verification.json"
+        for v in (read_json(path) if path.exists() else []):
+            if v.get("kind") == "innocent":
+                verification["innocent"]["flagged"] += int(v["flagged"])
+                verification["innocent"]["of"] += 1
+            else:
+                key = f"{v['attack']}/{v['defense']}"
+                d = verification["stolen"].setdefault(key, {"flagged": 0, "of": 0})
+                d["flagged"] += int(v["flagged"])
+                d["of"] += 1
+    return {"profile": profile_dir.name, "seeds": list(seeds), "n_seeds": len(seeds),
+            "about": "mean, sample sd (ddof 1) and n over seeds; values lists each seed's number in "
+                     "seed order (fractions; n_triggers a count). Per-seed records: seed-<k>/metrics/.",
+            "victims": {split: per_seed_json("victims.json", lambda d, split=split: d.get(split))
+                        for split in ("all", "half")},
+            "id_test_answered_unpoisoned": per_seed_json(
+                "routing.json", lambda d: d["fractions"]["ID test"]["ID"]),
+            "verification": verification, "rows": rows}
+
+
+def write_seed_aggregate(profile_dir: Path, seeds: Sequence[int]) -> list[Path]:
+    """Write ``<profile_dir>/summary.json`` (:func:`seed_summary`) and ``table.md`` (mean ± sd over
+    ``seeds``, with the paper's numbers). Returns the paths written."""
+    profile_dir = Path(profile_dir)
+    summary = seed_summary(profile_dir, seeds)
+    long = seed_table(profile_dir, seeds)
+    table = aggregate_table(long)
+    header = (f"Table IV analog, profile `{profile_dir.name}`: ours as mean ± sd over seeds "
+              f"{', '.join(map(str, seeds))} (n per row; percent, T a count), with the paper's numbers "
+              "for the task in 'paper task' (Zhang et al., IEEE TIFS 2023, Table IV). Per-seed "
+              "tables: `seed-<k>/table.md`.\n\n")
+    per_seed_records = [r for s in seeds for r in seed_records(profile_dir, s)]
+    single = long.drop_duplicates(list(KEYS)) if not long.empty else long
+    notes = "\n".join(f"{i}. {n}" for i, n in enumerate(table_notes(single, per_seed_records), 1))
+    return [write_json(profile_dir / "summary.json", summary),
+            write_text(profile_dir / "table.md", header + to_markdown(table) + "\nNotes:\n\n" + notes + "\n")]
+
+
+# ----------------------------------------------------------------------------- the README block
+
+README_BEGIN = "<!-- results:begin (written by python -m cip_helpers.report readme; do not edit) -->"
+README_END = "<!-- results:end -->"
+README_ROWS = (("knockoff", "soft", "KnockoffNets, soft labels"), ("knockoff", "hard", "KnockoffNets, hard labels"),
+               ("dfme", "logits", "DFME"), ("ida", "hard", "IDA (attacker holds the other half)"))
+
+
+def _pct(st: dict | None, digits: int = 1) -> str:
+    if not st or st.get("mean") is None:
+        return "n/a"
+    sd = "" if st.get("sd") is None else f" ± {100 * st['sd']:.{digits}f}"
+    return f"{100 * st['mean']:.{digits}f}{sd}"
+
+
+def readme_block(summary: dict, timings: dict | None = None) -> str:
+    """The README's results block (Markdown, between :data:`README_BEGIN` and :data:`README_END`),
+    written from a multi-seed ``summary.json`` (and the profile's ``timings.json``) only: no number
+    in it is typed by hand."""
+    rows = {(r["attack"], r.get("setting") or r.get("label_type"), r["defense"]): r for r in summary["rows"]}
+    seeds = ", ".join(map(str, summary["seeds"]))
+    out = [README_BEGIN, "",
+           f"Mean ± sd over {summary['n_seeds']} seeds ({seeds}) of the quick profile, surrogate test "
+           "accuracy in percent (ours: 4,000 MNIST digits, small CNNs; paper: its Table IV):", "",
+           "| attack | no defense | DP | DAWN | CIP | paper, no defense -> CIP |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    for attack, setting, label in README_ROWS:
+        cells = [_pct(rows.get((attack, setting, d), {}).get("surrogate_acc")) for d in DEFENSE_ORDER]
+        cip = rows.get((attack, setting, "cip"), {})
+        paper = cip.get("paper") or {}
+        ref = (f"{paper['surrogate_acc_no_defense']} -> {paper['surrogate_acc']} ({PAPER_TASK[attack]})"
+               if paper.get("surrogate_acc") is not None else "")
+        out.append(f"| {label} | " + " | ".join(cells[:3]) + f" | **{cells[3]}** | {ref} |")
+    victims = summary.get("victims", {})
+    cip_ko = rows.get(("knockoff", "soft", "cip"), {})
+    cip_ida = rows.get(("ida", "hard", "cip"), {})
+    out += ["",
+            f"* **Fidelity.** The `all` victim answers its own test digits at {_pct(victims.get('all'))} %; "
+            f"behind CIP, {_pct(cip_ko.get('defended_acc'))} % (the `half` victim of IDA/DQA: "
+            f"{_pct(victims.get('half'))} % -> {_pct(cip_ida.get('defended_acc'))} %). CIP answers "
+            f"{_pct(summary.get('id_test_answered_unpoisoned'))} % of the ID test digits unpoisoned."]
+    trig = []
+    for r in summary["rows"]:
+        if r["defense"] in ("dawn", "cip") and r["attack"] in ("ida", "dqa"):
+            name = "IDA" if r["attack"] == "ida" else f"DQA {r['setting']}"
+            trig.append(f"{r['defense'].upper()} {name} {_pct(r['trigger_acc'], 0)} % "
+                        f"(T = {r['n_triggers']['mean']:.1f})")
+    out.append("* **Trigger accuracy** (the stolen surrogate agrees with the altered label): "
+               + "; ".join(trig) + ".")
+    v = summary.get("verification", {})
+    stolen = "; ".join(f"{k} {d['flagged']} of {d['of']}" for k, d in sorted(v.get("stolen", {}).items()))
+    inn = v.get("innocent", {"flagged": 0, "of": 0})
+    out.append(f"* **Ownership verification** (alpha = 0.01), stolen surrogates flagged: {stolen}. "
+               f"Innocent models flagged: {inn['flagged']} of {inn['of']} (innocent, trigger set) pairs.")
+    runs = (timings or {}).get("runs", {})
+    if runs:
+        parts = [f"{len(r['seeds'])} seed{'s' if len(r['seeds']) > 1 else ''} "
+                 f"({','.join(map(str, r['seeds']))}) {r['wall_seconds'] / 60:.1f} min"
+                 for r in sorted(runs.values(), key=lambda r: len(r["seeds"]))]
+        out.append("* **Run time** from scratch on this course's 2-core machine "
+                   f"(`results/{summary['profile']}/timings.json`): " + "; ".join(parts) + ".")
+    out += ["", README_END]
+    return "\n".join(out)
+
+
+def update_readme(readme: Path, summary_path: Path) -> bool:
+    """Replace the block between the markers of ``readme`` by :func:`readme_block` of
+    ``summary_path``; returns whether the file changed. Raises ``ValueError`` without markers."""
+    text = Path(readme).read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"{readme} lacks the markers {README_BEGIN!r} ... {README_END!r}")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    timings = Path(summary_path).with_name("timings.json")
+    new = head + readme_block(read_json(summary_path), read_json(timings) if timings.exists() else None) + tail
+    if new != text:
+        write_text(Path(readme), new)
+    return new != text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cip_helpers.report readme [--profile-dir results/quick]``: rewrite the README's
+    results block from that directory's ``summary.json``;
+    ``python -m cip_helpers.report aggregate --profile-dir results/quick --seeds 0,1,2``: rewrite
+    the multi-seed ``summary.json`` and ``table.md`` from the per-seed records."""
+    import argparse
+
+    from .config import REPO_ROOT
+
+    parser = argparse.ArgumentParser(prog="python -m cip_helpers.report")
+    parser.add_argument("command", choices=("readme", "aggregate"))
+    parser.add_argument("--profile-dir", type=Path, default=REPO_ROOT / "results" / "quick")
+    parser.add_argument("--seeds", default="", help="comma-separated (aggregate; default: all found)")
+    args = parser.parse_args(argv)
+    if args.command == "aggregate":
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()] or available_seeds(args.profile_dir)
+        for p in write_seed_aggregate(args.profile_dir, seeds):
+            print("wrote", p)
+        return 0
+    changed = update_readme(REPO_ROOT / "README.md", args.profile_dir / "summary.json")
+    print("README.md results block " + ("rewritten" if changed else "already up to date"))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

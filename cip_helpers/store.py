@@ -3,9 +3,14 @@
 A checkpoint stores the ``spec`` (a JSON-able dict of every setting that shaped the weights).
 :func:`load_or_train` reuses a checkpoint only if its spec matches exactly, retrains (and says
 why) if the spec differs, and raises :class:`CheckpointError` if the file is corrupt.
+
+Content addressing: settings do not pin the bits (training is not bit-identical across machines
+and thread counts), so every artifact derived from trained weights records the weights'
+:func:`weights_sha256`; a loader compares it with the checkpoint it would be used with.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -58,6 +63,27 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 (hex, 64 characters) of a tensor's dtype, shape and values in row-major order:
+    identical tensors give identical hashes whatever their memory layout (channels-last too)."""
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def weights_sha256(model_or_state: nn.Module | dict) -> str:
+    """sha256 (hex) of a model's weights: every state-dict entry's name, dtype, shape and values,
+    in key order (64 hex characters). Equal hashes mean bit-identical weights; artifacts computed
+    from a model record it (content addressing), and one ulp of difference changes it."""
+    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(tensor_sha256(state[key]).encode())
+    return h.hexdigest()
+
+
 def _jsonable(spec: dict) -> dict:
     return json.loads(json.dumps(spec, sort_keys=True))
 
@@ -101,7 +127,7 @@ def load_or_train(path: Path, spec: dict, build: Callable[[], nn.Module],
             model.eval()
             if verbose:
                 print(f"loaded checkpoint {path.name} (spec matches; delete the file to retrain)")
-            return model, {"loaded": True, **extra}
+            return model, {"loaded": True, **extra, "weights_sha256": weights_sha256(state)}
         changed = sorted(k for k in set(spec) | set(saved_spec) if spec.get(k) != saved_spec.get(k))
         if verbose:
             print(f"checkpoint {path.name} was trained with other settings ({', '.join(changed)}): retraining")
@@ -110,4 +136,4 @@ def load_or_train(path: Path, spec: dict, build: Callable[[], nn.Module],
     extra = train(model) or {}
     model.eval()
     save_checkpoint(path, model, spec, extra)
-    return model, {"loaded": False, **extra}
+    return model, {"loaded": False, **extra, "weights_sha256": weights_sha256(model)}

@@ -175,10 +175,12 @@ def test_record_has_required_keys_and_round_trips(cfg):
     answers = torch.nn.functional.one_hot(y, 10).float()
     model, info = attacks.train_surrogate(cfg, x, answers, "hard", epochs=1, verbose=False)
     triggers = TriggerSet(x[:3], answers[:3], answers[:3].roll(1, 1))
-    record = {k: None for k in attacks.REQUIRED_KEYS if k != "trigger_file"}
-    record.update(name="ida_cip", attack="ida", defense="cip", surrogate_checkpoint=info["checkpoint"])
+    record = {k: None for k in attacks.REQUIRED_KEYS if k not in ("trigger_file", "triggers_sha256")}
+    record.update(name="ida_cip", attack="ida", defense="cip", surrogate_checkpoint=info["checkpoint"],
+                  surrogate_sha256=info["weights_sha256"])
     path = attacks.write_record(cfg, record, triggers)
     saved = json.loads(path.read_text())
+    assert saved["triggers_sha256"] == attacks.triggers_sha256(triggers)
     assert set(attacks.REQUIRED_KEYS) <= set(saved)
     assert {"attack", "defense", "dataset", "label_type", "queries", "victim_acc", "defended_acc",
             "surrogate_acc", "trigger_acc", "n_triggers", "dqa_ratio", "seed", "seconds"} <= set(saved)

@@ -33,8 +33,9 @@ def test_overrides_replace_fields_and_reject_unknown():
 
 def test_results_dir_follows_env(results_root):
     cfg = config.get_profile("smoke")
-    assert cfg.results_dir == results_root / "smoke"
-    assert config.get_profile("smoke", tag="mine").results_dir == results_root / "mine"
+    assert cfg.profile_dir == results_root / "smoke" and cfg.results_dir == results_root / "smoke" / "seed-0"
+    assert config.get_profile("smoke", tag="mine").results_dir == results_root / "mine" / "seed-0"
+    assert config.get_profile("smoke", seed=2).results_dir == results_root / "smoke" / "seed-2"
 
 
 # ------------------------------------------------------------------ data

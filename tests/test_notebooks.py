@@ -34,8 +34,42 @@ def test_all_notebooks_execute_on_smoke(smoke_run):
     assert status == 0
     executed = sorted(p.name for p in (results / "executed").glob("*.ipynb"))
     assert executed == [p.name for p in NOTEBOOKS]
-    timings = json.loads((results / "timings.json").read_text())
-    assert set(timings["notebooks"]) == {p.stem for p in NOTEBOOKS}
+    timings = json.loads((results.parent / "timings.json").read_text())
+    run0 = timings["runs"]["seeds=0"]
+    assert set(run0["notebook_seconds"]["seed-0"]) == {p.stem for p in NOTEBOOKS}
+    assert run0["wall_seconds"] > 0 and run0["jobs"] >= 1
+
+
+def _metrics_jsons(results) -> dict:
+    """Every JSON artifact of one seed, without wall-time fields (the only thing allowed to vary)."""
+    def strip(obj):
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items() if "seconds" not in k}
+        if isinstance(obj, list):
+            return [strip(v) for v in obj]
+        return obj
+
+    return {str(p.relative_to(results)): strip(json.loads(p.read_text()))
+            for p in sorted(results.rglob("*.json")) if "executed" not in p.parts}
+
+
+def test_two_smoke_runs_on_one_machine_give_identical_metrics(smoke_run, tmp_path_factory):
+    """Issue 12: same machine, same seed -> the same numbers, from scratch (no shared checkpoint)."""
+    import os
+
+    _, first = smoke_run
+    root = tmp_path_factory.mktemp("smoke_again")
+    old = os.environ["CIP_RESULTS_ROOT"]
+    os.environ["CIP_RESULTS_ROOT"] = str(root)
+    try:
+        assert run.main(["--profile", "smoke"]) == 0
+        second = get_profile("smoke").results_dir
+    finally:
+        os.environ["CIP_RESULTS_ROOT"] = old
+    a, b = _metrics_jsons(first), _metrics_jsons(second)
+    assert len(a) >= 20 and sorted(a) == sorted(b)
+    different = [name for name in a if a[name] != b[name]]
+    assert not different, f"smoke runs differ in {different}"
 
 
 def test_smoke_run_writes_the_artifacts_later_notebooks_need(smoke_run):
@@ -72,5 +106,5 @@ def test_runner_names_the_failing_notebook_and_cell(tmp_path, results_root, caps
     status = run.main(["--profile", "smoke"], notebook_dir=tmp_path)
     err = capsys.readouterr().err
     assert status == 1
-    assert "02_bad.ipynb failed" in err and "ValueError: broken on purpose" in err
-    assert not (results_root / "smoke" / "executed" / "03_never.ipynb").exists()
+    assert "02_bad.ipynb (seed 0) failed" in err and "ValueError: broken on purpose" in err
+    assert not (results_root / "smoke" / "seed-0" / "executed" / "03_never.ipynb").exists()

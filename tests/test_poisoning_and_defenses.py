@@ -7,6 +7,7 @@ with a model whose logits are set by hand. Nothing is trained; the whole file ru
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -19,7 +20,7 @@ from cip_helpers.defenses import (CIP, DAWN, DP, NoDefense, TriggerSet, branch_e
                                   change_rate_by_pmax, compare_defenses, r1_from_scores, softmax)
 from cip_helpers.models import build_model
 from cip_helpers.scores import HIGH_ES, ID, LOW_ES, energy_score, reliability_score
-from cip_helpers.store import save_checkpoint
+from cip_helpers.store import save_checkpoint, weights_sha256
 from cip_helpers.training import predict_logits
 
 SHAPE = (1, 28, 28)
@@ -606,9 +607,14 @@ def test_trigger_set_save_load_roundtrip(tmp_path):
 
 
 def write_run(root, model: nn.Module, thresholds: dict, name: str = "oe_victim_all.pt") -> None:
+    """A minimal finished run: one OE checkpoint and thresholds.json; entries that lack a weights
+    hash get the model's (as pipeline.get_thresholds writes them)."""
     spec = {"stage": "oe", "victim": {"stage": "victim", "arch": "cnn", "input_shape": list(SHAPE),
                                       "n_classes": 10}}
     save_checkpoint(root / "checkpoints" / name, model, spec)
+    thresholds = json.loads(json.dumps(thresholds))
+    for entry in (thresholds, thresholds.get("half", {})):
+        entry.setdefault("weights_sha256", weights_sha256(model))
     (root / "thresholds.json").write_text(json.dumps(thresholds))
 
 
@@ -639,6 +645,27 @@ def test_cip_from_run_explains_missing_artifacts(tmp_path, cnn):
     write_run(tmp_path, cnn, {"E1": 0.0, "E2": 1.0, "T": 1.0}, name="oe_victim_half.pt")
     with pytest.raises(ValueError, match="'half'"):
         CIP.from_run(tmp_path, split="half")
+
+
+def test_cip_from_run_refuses_thresholds_of_other_weights(tmp_path, cnn, queries):
+    """Issue 12: a checkpoint retrained with identical settings but different weights must not be
+    paired with thresholds computed for the old weights."""
+    direct = cip_for(cnn, queries, "reverse_rank", pbd="online")
+    write_run(tmp_path, cnn, {"E1": direct.e1, "E2": direct.e2, "T": 1.0, "R1": direct.r1})
+    assert CIP.from_run(tmp_path).e1 == direct.e1
+    other = copy.deepcopy(cnn)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)  # same architecture and settings, other bits
+    spec = {"stage": "oe", "victim": {"stage": "victim", "arch": "cnn", "input_shape": list(SHAPE),
+                                      "n_classes": 10}}
+    save_checkpoint(tmp_path / "checkpoints" / "oe_victim_all.pt", other, spec)
+    with pytest.raises(ValueError, match=r"computed for weights .* pipeline\.get_thresholds"):
+        CIP.from_run(tmp_path)
+    stale = json.loads((tmp_path / "thresholds.json").read_text())
+    del stale["weights_sha256"]  # an entry without a hash (older format) is refused too
+    (tmp_path / "thresholds.json").write_text(json.dumps(stale))
+    with pytest.raises(ValueError, match="unknown hash"):
+        CIP.from_run(tmp_path)
 
 
 # --- notebook helpers --------------------------------------------------------------------------
