@@ -315,7 +315,12 @@ def seed_summary(profile_dir: Path, seeds: Sequence[int]) -> dict:
                 d = verification["stolen"].setdefault(key, {"flagged": 0, "of": 0})
                 d["flagged"] += int(v["flagged"])
                 d["of"] += 1
-    return {"profile": profile_dir.name, "seeds": list(seeds), "n_seeds": len(seeds),
+    extra = {}  # snapshots, so that later single-seed runs (which rewrite timings.json) leave it be
+    if (profile_dir / "reproducibility.json").exists():
+        extra["reproducibility"] = read_json(profile_dir / "reproducibility.json")
+    if (profile_dir / "timings.json").exists():
+        extra["timings"] = read_json(profile_dir / "timings.json")
+    return {**extra, "profile": profile_dir.name, "seeds": list(seeds), "n_seeds": len(seeds),
             "about": "mean, sample sd (ddof 1) and n over seeds; values lists each seed's number in "
                      "seed order (fractions; n_triggers a count). Per-seed records: seed-<k>/metrics/.",
             "victims": {split: per_seed_json("victims.json", lambda d, split=split: d.get(split))
@@ -343,6 +348,42 @@ def write_seed_aggregate(profile_dir: Path, seeds: Sequence[int]) -> list[Path]:
             write_text(profile_dir / "table.md", header + to_markdown(table) + "\nNotes:\n\n" + notes + "\n")]
 
 
+# ----------------------------------------------------------------------------- reproducibility
+
+
+def _strip_seconds(obj):
+    if isinstance(obj, dict):
+        return {k: _strip_seconds(v) for k, v in obj.items() if "seconds" not in k}
+    if isinstance(obj, list):
+        return [_strip_seconds(v) for v in obj]
+    return obj
+
+
+def compare_runs(a: Path, b: Path) -> dict:
+    """Compare two runs of one seed (two ``seed-<k>`` directories): how many JSON artifacts are
+    identical apart from wall times, and per main-run record the surrogate accuracy of both and
+    their difference (fractions). Used to measure what reproducibility means here."""
+    a, b = Path(a), Path(b)
+    files = sorted(str(p.relative_to(a)) for p in a.rglob("*.json") if "executed" not in p.parts)
+    same = [f for f in files if (b / f).exists()
+            and _strip_seconds(read_json(a / f)) == _strip_seconds(read_json(b / f))]
+    rows = []
+    for f in files:
+        if not f.startswith("metrics/") or not (b / f).exists():
+            continue
+        ra, rb = read_json(a / f), read_json(b / f)
+        if ra.get("curve_point") or ra.get("attack") not in ATTACK_ORDER:
+            continue
+        rows.append({"name": ra["name"], "a": ra["surrogate_acc"], "b": rb["surrogate_acc"],
+                     "diff": rb["surrogate_acc"] - ra["surrogate_acc"]})
+    diffs = [abs(r["diff"]) for r in rows]
+    return {"a": str(a), "b": str(b), "json_files": len(files), "identical": len(same),
+            "differing": sorted(set(files) - set(same)),
+            "surrogate_acc_abs_diff": {"mean": sum(diffs) / len(diffs) if diffs else None,
+                                       "max": max(diffs) if diffs else None, "n": len(diffs)},
+            "records": rows}
+
+
 # ----------------------------------------------------------------------------- the README block
 
 README_BEGIN = "<!-- results:begin (written by python -m cip_helpers.report readme; do not edit) -->"
@@ -358,10 +399,10 @@ def _pct(st: dict | None, digits: int = 1) -> str:
     return f"{100 * st['mean']:.{digits}f}{sd}"
 
 
-def readme_block(summary: dict, timings: dict | None = None) -> str:
+def readme_block(summary: dict) -> str:
     """The README's results block (Markdown, between :data:`README_BEGIN` and :data:`README_END`),
-    written from a multi-seed ``summary.json`` (and the profile's ``timings.json``) only: no number
-    in it is typed by hand."""
+    written from a multi-seed ``summary.json`` only (with its snapshots of ``timings.json`` and
+    ``reproducibility.json``): no number in it is typed by hand."""
     rows = {(r["attack"], r.get("setting") or r.get("label_type"), r["defense"]): r for r in summary["rows"]}
     seeds = ", ".join(map(str, summary["seeds"]))
     out = [README_BEGIN, "",
@@ -397,13 +438,28 @@ def readme_block(summary: dict, timings: dict | None = None) -> str:
     inn = v.get("innocent", {"flagged": 0, "of": 0})
     out.append(f"* **Ownership verification** (alpha = 0.01), stolen surrogates flagged: {stolen}. "
                f"Innocent models flagged: {inn['flagged']} of {inn['of']} (innocent, trigger set) pairs.")
-    runs = (timings or {}).get("runs", {})
+    rep = summary.get("reproducibility")
+    if rep:
+        sds = [r["surrogate_acc"]["sd"] for r in summary["rows"] if r["surrogate_acc"].get("sd") is not None]
+        same, other = rep["same_machine"], rep["other_threads"]
+        out.append(
+            f"* **Reproducibility.** Same machine, same seed: two from-scratch runs of seed 0 agree on "
+            f"{same['identical']} of {same['json_files']} JSON artifacts, wall times aside"
+            + (f" ({', '.join(same['differing'])} differ: {rep['same_machine_why']})" if same["differing"] else "")
+            + ". Other thread "
+            f"counts (our stand-in for another machine; `--jobs 1` runs every notebook on one thread): "
+            f"surrogate accuracy moves by {100 * other['surrogate_acc_abs_diff']['mean']:.1f} points on "
+            f"average (max {100 * other['surrogate_acc_abs_diff']['max']:.1f}) over "
+            f"{other['surrogate_acc_abs_diff']['n']} runs, against a seed-to-seed sd of "
+            f"{100 * sum(sds) / len(sds):.1f} points averaged over the table's rows (up to "
+            f"{100 * max(sds):.1f}).")
+    runs = summary.get("timings", {}).get("runs", {})
     if runs:
         parts = [f"{len(r['seeds'])} seed{'s' if len(r['seeds']) > 1 else ''} "
                  f"({','.join(map(str, r['seeds']))}) {r['wall_seconds'] / 60:.1f} min"
                  for r in sorted(runs.values(), key=lambda r: len(r["seeds"]))]
-        out.append("* **Run time** from scratch on this course's 2-core machine "
-                   f"(`results/{summary['profile']}/timings.json`): " + "; ".join(parts) + ".")
+        out.append("* **Run time** from scratch on this course's 2-core machine (`results/"
+                   f"{summary['profile']}/timings.json` when this was written): " + "; ".join(parts) + ".")
     out += ["", README_END]
     return "\n".join(out)
 
@@ -416,8 +472,7 @@ def update_readme(readme: Path, summary_path: Path) -> bool:
         raise ValueError(f"{readme} lacks the markers {README_BEGIN!r} ... {README_END!r}")
     head, rest = text.split(README_BEGIN, 1)
     _, tail = rest.split(README_END, 1)
-    timings = Path(summary_path).with_name("timings.json")
-    new = head + readme_block(read_json(summary_path), read_json(timings) if timings.exists() else None) + tail
+    new = head + readme_block(read_json(summary_path)) + tail
     if new != text:
         write_text(Path(readme), new)
     return new != text
@@ -426,6 +481,8 @@ def update_readme(readme: Path, summary_path: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """``python -m cip_helpers.report readme [--profile-dir results/quick]``: rewrite the README's
     results block from that directory's ``summary.json``;
+    ``python -m cip_helpers.report reproducibility --same A B --other A C``: compare runs of one
+    seed (:func:`compare_runs`) into ``reproducibility.json`` (read by the next aggregate);
     ``python -m cip_helpers.report aggregate --profile-dir results/quick --seeds 0,1,2``: rewrite
     the multi-seed ``summary.json`` and ``table.md`` from the per-seed records."""
     import argparse
@@ -433,10 +490,22 @@ def main(argv: list[str] | None = None) -> int:
     from .config import REPO_ROOT
 
     parser = argparse.ArgumentParser(prog="python -m cip_helpers.report")
-    parser.add_argument("command", choices=("readme", "aggregate"))
+    parser.add_argument("command", choices=("readme", "aggregate", "reproducibility"))
+    parser.add_argument("--same", nargs=2, type=Path, metavar=("A", "B"),
+                        help="reproducibility: two runs of one seed on the same machine and threads")
+    parser.add_argument("--other", nargs=2, type=Path, metavar=("A", "C"),
+                        help="reproducibility: the same seed at other thread counts")
+    parser.add_argument("--why", default="", help="reproducibility: why the differing files differ")
     parser.add_argument("--profile-dir", type=Path, default=REPO_ROOT / "results" / "quick")
     parser.add_argument("--seeds", default="", help="comma-separated (aggregate; default: all found)")
     args = parser.parse_args(argv)
+    if args.command == "reproducibility":
+        if not (args.same and args.other):
+            parser.error("reproducibility needs --same A B and --other A C")
+        out = {"same_machine": compare_runs(*args.same), "same_machine_why": args.why,
+               "other_threads": compare_runs(*args.other)}
+        print("wrote", write_json(args.profile_dir / "reproducibility.json", out))
+        return 0
     if args.command == "aggregate":
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()] or available_seeds(args.profile_dir)
         for p in write_seed_aggregate(args.profile_dir, seeds):

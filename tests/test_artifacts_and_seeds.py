@@ -172,8 +172,7 @@ def test_readme_numbers_are_the_committed_summary():
     readme = (REPO_ROOT / "README.md").read_text()
     block = readme.split(report.README_BEGIN, 1)[1].split(report.README_END, 1)[0]
     summary = json.loads((REPO_ROOT / "results" / "quick" / "summary.json").read_text())
-    timings = json.loads((REPO_ROOT / "results" / "quick" / "timings.json").read_text())
-    expected = report.readme_block(summary, timings)
+    expected = report.readme_block(summary)
     assert report.README_BEGIN + block + report.README_END == expected, \
         "README results block is stale: python -m cip_helpers.report readme"
     assert re.search(r"\d+\.\d ± \d+\.\d", block)
@@ -191,3 +190,18 @@ def test_pool_cache_returns_the_same_bits_and_rebuilds_a_broken_file(results_roo
     data._cached_pool.cache_clear()
     assert torch.equal(data.query_pool(cfg, "knockoff"), fresh)  # rebuilt, not trusted
     assert torch.load(path, weights_only=True)["sha256"] == attacks.tensor_sha256(fresh)
+
+
+def test_compare_runs_counts_identical_artifacts_and_accuracy_moves(tmp_path):
+    _fake_seed(tmp_path / "a", 0, 0.90, 1.0)
+    _fake_seed(tmp_path / "b", 0, 0.90, 1.0)
+    rec = json.loads((tmp_path / "b" / "seed-0" / "metrics" / "ida_cip.json").read_text())
+    write_json(tmp_path / "b" / "seed-0" / "metrics" / "ida_cip.json",
+               {**rec, "seconds": 99.0})  # wall time only: still identical
+    same = report.compare_runs(tmp_path / "a" / "seed-0", tmp_path / "b" / "seed-0")
+    assert same["identical"] == same["json_files"] == 3 and same["differing"] == []
+    write_json(tmp_path / "b" / "seed-0" / "metrics" / "ida_cip.json", {**rec, "surrogate_acc": 0.85})
+    other = report.compare_runs(tmp_path / "a" / "seed-0", tmp_path / "b" / "seed-0")
+    assert other["differing"] == ["metrics/ida_cip.json"]
+    assert other["surrogate_acc_abs_diff"]["max"] == pytest.approx(0.05)
+    assert other["surrogate_acc_abs_diff"]["n"] == 2
