@@ -351,11 +351,13 @@ def write_seed_aggregate(profile_dir: Path, seeds: Sequence[int]) -> list[Path]:
 # ----------------------------------------------------------------------------- reproducibility
 
 
-def _strip_seconds(obj):
+def strip_wall_times(obj):
+    """A JSON value without its wall-time fields (keys containing ``seconds``), recursively: what
+    two runs of one seed on one machine must agree on."""
     if isinstance(obj, dict):
-        return {k: _strip_seconds(v) for k, v in obj.items() if "seconds" not in k}
+        return {k: strip_wall_times(v) for k, v in obj.items() if "seconds" not in k}
     if isinstance(obj, list):
-        return [_strip_seconds(v) for v in obj]
+        return [strip_wall_times(v) for v in obj]
     return obj
 
 
@@ -366,7 +368,7 @@ def compare_runs(a: Path, b: Path) -> dict:
     a, b = Path(a), Path(b)
     files = sorted(str(p.relative_to(a)) for p in a.rglob("*.json") if "executed" not in p.parts)
     same = [f for f in files if (b / f).exists()
-            and _strip_seconds(read_json(a / f)) == _strip_seconds(read_json(b / f))]
+            and strip_wall_times(read_json(a / f)) == strip_wall_times(read_json(b / f))]
     rows = []
     for f in files:
         if not f.startswith("metrics/") or not (b / f).exists():

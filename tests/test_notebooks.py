@@ -42,14 +42,9 @@ def test_all_notebooks_execute_on_smoke(smoke_run):
 
 def _metrics_jsons(results) -> dict:
     """Every JSON artifact of one seed, without wall-time fields (the only thing allowed to vary)."""
-    def strip(obj):
-        if isinstance(obj, dict):
-            return {k: strip(v) for k, v in obj.items() if "seconds" not in k}
-        if isinstance(obj, list):
-            return [strip(v) for v in obj]
-        return obj
+    from cip_helpers.report import strip_wall_times
 
-    return {str(p.relative_to(results)): strip(json.loads(p.read_text()))
+    return {str(p.relative_to(results)): strip_wall_times(json.loads(p.read_text()))
             for p in sorted(results.rglob("*.json")) if "executed" not in p.parts}
 
 
