@@ -135,8 +135,18 @@ def run_jobs(job_list: list[Job], profile: str, overrides: dict, cfg_for: dict[i
     pending = sorted(job_list, key=lambda j: (PRIORITY.index(j.book.name[:2])
                                               if j.book.name[:2] in PRIORITY else len(PRIORITY), j.seed))
     running: list[Job] = []
+    try:
+        return _run_loop(pending, running, profile, overrides, cfg_for, jobs, cell_timeout)
+    finally:  # Ctrl-C or an error in the runner: no worker or kernel is left behind
+        for job in running:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(job.proc.pid, signal.SIGTERM)
+
+
+def _run_loop(pending: list[Job], running: list[Job], profile: str, overrides: dict,
+              cfg_for: dict[int, Profile], jobs: int, cell_timeout: int) -> tuple[bool, str]:
     done: set[tuple[int, str]] = set()
-    total = len(job_list)
+    total = len(pending)
     while pending or running:
         free = jobs - sum(j.threads for j in running)
         for job in list(pending):
@@ -172,6 +182,7 @@ def run_jobs(job_list: list[Job], profile: str, overrides: dict, cfg_for: dict[i
                         os.killpg(other.proc.pid, signal.SIGTERM)
                 for other in running:
                     other.proc.wait()
+                running.clear()
                 lines = [ln for ln in err.strip().splitlines() if ln.startswith("CIP-RUN-FAILED ")]
                 if lines:
                     why = lines[-1][len("CIP-RUN-FAILED "):]
