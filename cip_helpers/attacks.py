@@ -284,7 +284,7 @@ def steal(cfg: Profile, attack: str, defense: str, queries: Tensor, label_type: 
         "triggers_trained": _n_triggers_trained(triggers, queries[keep]) if triggers is not None else None,
         "dqa_ratio": None, "seed": cfg.seed, "routes": api.route_counts() if isinstance(api, CIP) else None,
         "defense_kwargs": defense_kwargs, "surrogate_checkpoint": info["checkpoint"],
-        "surrogate_loaded": info["loaded"], **provenance(api, queries, triggers, model),
+        "surrogate_loaded": info["loaded"], **provenance(api.weights_sha256, queries, triggers, model),
         **(extra or {}),
     }
     record["seconds"] = round(time.perf_counter() - start, 2)
@@ -292,13 +292,15 @@ def steal(cfg: Profile, attack: str, defense: str, queries: Tensor, label_type: 
     return record
 
 
-def provenance(api: Defense, queries: Tensor, triggers: TriggerSet | None,
+def provenance(weights: str, queries: Tensor | None, triggers: TriggerSet | None,
                surrogate: nn.Module) -> dict:
     """The content addresses of one run (sha256, hex): the weights that answered
-    (``weights_sha256``), the transfer set (``queries_sha256``), the defender's trigger set
-    (``triggers_sha256``, ``None`` without one) and the surrogate's weights (``surrogate_sha256``).
-    Readers of the record compare them with the files at hand (:func:`check_record`)."""
-    return {"weights_sha256": api.weights_sha256, "queries_sha256": tensor_sha256(queries),
+    (``weights_sha256``, given), the transfer set (``queries_sha256``; ``None`` for DFME, whose
+    queries are generated), the defender's trigger set (``triggers_sha256``, ``None`` without one)
+    and the surrogate's weights (``surrogate_sha256``). Readers of the record compare them with the
+    files at hand (:func:`check_record`, :func:`load_trigger_set`, :func:`load_surrogate`)."""
+    return {"weights_sha256": weights,
+            "queries_sha256": tensor_sha256(queries) if queries is not None else None,
             "triggers_sha256": triggers_sha256(triggers) if triggers is not None else None,
             "surrogate_sha256": weights_sha256(surrogate)}
 
@@ -479,9 +481,7 @@ def run_dfme(cfg: Profile, defense: str, verbose: bool = True) -> tuple[dict, df
         "n_triggers": len(triggers) if triggers is not None else None, "dqa_ratio": None,
         "seed": cfg.seed, "defense_kwargs": kwargs, "curve": info["curve"],
         "attack_seconds": info["seconds"], "surrogate_checkpoint": str(info["path"].relative_to(cfg.results_dir)),
-        "weights_sha256": spec["weights_sha256"], "queries_sha256": None,
-        "triggers_sha256": triggers_sha256(triggers) if triggers is not None else None,
-        "surrogate_sha256": weights_sha256(student),
+        **provenance(spec["weights_sha256"], None, triggers, student),
         "generator_checkpoint": str(info["path"].with_suffix(".generator.pt").relative_to(cfg.results_dir)),
         "surrogate_loaded": info["loaded"],
     }

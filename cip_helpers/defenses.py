@@ -325,7 +325,7 @@ class CIP(Defense):
         missing = [k for k in ("E1", "E2", "T") if k not in t]
         if missing or ("R1" not in t and kwargs.get("pbd", "online") == "online" and "r1" not in kwargs):
             raise ValueError(f"{path} lacks {missing or ['R1']}: recompute it with "
-                             "pipeline.get_thresholds (notebook 03) or pass r1=... / pbd=None")
+                             "pipeline.get_thresholds (notebook 02) or pass r1=... / pbd=None")
         have = weights_sha256(model)
         if t.get("weights_sha256") != have:
             raise ValueError(
@@ -333,7 +333,7 @@ class CIP(Defense):
                 f"{(t.get('weights_sha256') or 'of unknown hash')[:16]}..., but {ckpt} holds weights "
                 f"{have[:12]}...: its E1/E2/R1 do not belong to this model. Recompute them from the "
                 "checkpoint: pipeline.get_thresholds(config.get_profile(<profile>, seed=<seed>), "
-                f"'{split}') (or re-run notebook 03), or use CIP.calibrate(model, id_train_x).")
+                f"'{split}') (or re-run notebook 02), or use CIP.calibrate(model, id_train_x).")
         if "R1" in t:
             kwargs.setdefault("r1", t["R1"])
         return cls(model, shape, t["E1"], t["E2"], temperature=t["T"], **kwargs)
