@@ -388,7 +388,7 @@ def knockoff_curve(cfg: Profile, defense: str, label_type: str | None = None,
 
 def _ida_defense_kwargs(cfg: Profile, defense: str, queries: Tensor, n_id: int) -> dict:
     if defense == "cip":
-        return {"strong": "reverse_rank", "pbd": "offline", "pbd_T": offline_pbd_T(cfg, queries)}
+        return {"strong": "reverse_rank", "pbd": "offline_top_T", "pbd_T": offline_pbd_T(cfg, queries)}
     if defense == "dawn":
         return {"dawn_rate": dawn_rate_for(cfg, n_id)}
     return {}
@@ -412,7 +412,6 @@ def dqa_queries(cfg: Profile, r: float) -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(cfg.seed + DQA_NOISE_SEED)
     noise = torch.rand(n_noise, *x_id.shape[1:], generator=g)
     queries = torch.cat([x_id, noise])
-    is_id = torch.cat([torch.ones(len(x_id), dtype=torch.bool), torch.zeros(n_noise, dtype=torch.bool)])
     order = torch.randperm(len(queries), generator=g)
     # keep the ID images in their original order inside the mix: the ID part the attacker trains on
     # is then bit-identical to IDA's transfer set, so identical answers reuse IDA's surrogate.

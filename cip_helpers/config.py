@@ -6,8 +6,14 @@ A notebook takes only ``profile`` (and optional ``overrides``) and calls :func:`
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import math
+import numbers
 import os
+import sys
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +24,13 @@ REPO_ROOT = PACKAGE_DIR.parent
 
 @dataclass(frozen=True)
 class Profile:
-    """All knobs of one run. Fields are grouped by the notebook that uses them first."""
+    """All knobs of one run. Fields are grouped by the notebook that uses them first.
+
+    Every construction (also ``dataclasses.replace``) coerces each value to its declared type
+    (:func:`coerce_field`: lists and literal strings to tuples, integral floats/strings to int,
+    numbers/numeric strings to float) and then checks the value ranges (:func:`check_ranges`).
+    Raises ``ValueError`` naming the field, the declared type or valid range and the value given.
+    """
 
     name: str
     seed: int = 0  # changes every random choice: init, data order, pools, attacker, DAWN key
@@ -96,6 +108,16 @@ class Profile:
     cell_timeout: int = 1800  # seconds one notebook cell may run in the batch runner (0 = no limit)
     tag: str = ""  # results go to results/<tag or name>/
 
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            coerced = coerce_field(f.name, value)
+            if coerced is not value:
+                object.__setattr__(self, f.name, coerced)  # frozen: the documented way in __post_init__
+        problems = check_ranges(self)
+        if problems:
+            raise ValueError(f"invalid profile {self.name!r}: " + "; ".join(problems))
+
     @property
     def profile_dir(self) -> Path:
         """``results/<tag or profile>/`` (or under ``$CIP_RESULTS_ROOT``): every seed of this profile,
@@ -121,6 +143,196 @@ class Profile:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Allowed values of the enumerated fields. config stays free of torch imports, so these are
+# copies; tests/test_config_and_runner.py checks them against the modules that consume them.
+DATASETS = ("mnist_embedded", "mnist", "fashionmnist", "cifar10", "cifar100", "food101")
+"""``dataset``: the embedded MNIST stand-in or one of ``data_full.DATASETS``."""
+ARCHS = ("cnn", "cnn_wide", "mlp", "resnet18", "wrn28_10")
+"""``victim_arch`` / ``surrogate_arch``: ``models.ARCHS``."""
+LABEL_TYPES = ("hard", "soft")
+"""``knockoff_curve_label_type`` / ``ida_label_type``: ``attacks.LABEL_TYPES``."""
+LR_SCHEDULES = ("constant", "cosine", "drop")
+"""``dfme_lr_schedule``: ``dfme.LR_SCHEDULES``."""
+
+
+@functools.cache
+def field_types() -> dict[str, Any]:
+    """The declared type of every :class:`Profile` field, e.g. ``{"seed": int, "dqa_ratios":
+    tuple[float, ...], ...}`` (``typing.get_type_hints``: the annotations are strings here)."""
+    hints = typing.get_type_hints(Profile)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Profile)}
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint)
+
+
+def _to_int(value: Any) -> int:
+    """int (numpy's too), integral float or integral numeric string -> int; anything else (bool
+    too) -> ValueError."""
+    if isinstance(value, (bool, _numpy_bool_types())):
+        raise ValueError("a bool is not an integer")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:
+            value = float(text)  # "1e3", "2000.0"; raises ValueError for non-numbers
+    if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
+        return int(value)
+    raise ValueError("not an integral number")
+
+
+def _to_float(value: Any) -> float:
+    """int, float (numpy's too) or numeric string -> finite float; anything else (bool, nan, inf)
+    -> ValueError."""
+    if isinstance(value, (bool, _numpy_bool_types())):
+        raise ValueError("a bool is not a number")
+    if isinstance(value, numbers.Real):
+        out = float(value)
+    elif isinstance(value, str):
+        out = float(value.strip())
+    else:
+        raise ValueError("not a number")
+    if not math.isfinite(out):
+        raise ValueError("not a finite number")
+    return out
+
+
+def _numpy_bool_types() -> tuple[type, ...]:
+    """``(numpy.bool_,)`` when numpy is already imported (it is not a ``bool`` subclass), else ``()``."""
+    np = sys.modules.get("numpy")
+    return (np.bool_,) if np is not None else ()
+
+
+_SCALARS = {int: _to_int, float: _to_float}
+
+
+def coerce_field(name: str, value: Any, *, from_text: bool = False) -> Any:
+    """``value`` converted to the declared type of :class:`Profile` field ``name``.
+
+    * ``int``: an int, or an integral float / numeric string (``"3"``, ``"1e3"``); never a bool.
+    * ``float``: an int, float or numeric string, finite; never a bool.
+    * ``tuple[T, ...]`` / ``tuple[T, T]``: a list or tuple, or a string that ``ast.literal_eval``s
+      to one (papermill turns a tuple into its repr string); every element converted to ``T``;
+      a fixed-length tuple must have exactly that length.
+    * ``str``: a str. With ``from_text=True`` (the runner's ``--set FIELD=VALUE``) ``value`` is the
+      raw command-line text: a str field takes it as it is (``--set tag=2024`` -> ``"2024"``), the
+      other fields parse it as above.
+
+    Raises ``ValueError`` for an unknown field, or naming the field, its declared type and the
+    value received when ``value`` does not convert.
+    """
+    types = field_types()
+    if name not in types:
+        raise ValueError(f"unknown profile field {name!r}; valid fields: {sorted(types)}")
+    hint = types[name]
+
+    def fail(why: str = "") -> ValueError:
+        return ValueError(f"profile field {name!r} expects {_type_name(hint)}, got {value!r} "
+                          f"({type(value).__name__})" + (f": {why}" if why else ""))
+
+    if from_text and not isinstance(value, str):
+        raise fail("command-line values are text")
+    if hint is str:
+        if not isinstance(value, str):
+            raise fail()
+        return value
+    if hint in _SCALARS:
+        try:
+            return _SCALARS[hint](value)
+        except ValueError as err:
+            raise fail(str(err)) from None
+    if typing.get_origin(hint) is tuple:
+        items = value
+        if isinstance(items, str):
+            try:
+                items = ast.literal_eval(items.strip())
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                raise fail("not a list or tuple literal") from None
+        if not isinstance(items, (list, tuple)):
+            raise fail("not a list or tuple")
+        args = typing.get_args(hint)
+        variadic = len(args) == 2 and args[1] is Ellipsis
+        element_types = [args[0]] * len(items) if variadic else list(args)
+        if len(element_types) != len(items):
+            raise fail(f"expected {len(args)} elements, got {len(items)}")
+        out = []
+        for i, (t, v) in enumerate(zip(element_types, items)):
+            try:
+                out.append(_SCALARS[t](v))
+            except ValueError as err:
+                raise fail(f"element {i} ({v!r}) is not {_type_name(t)}: {err}") from None
+        return tuple(out)
+    raise TypeError(f"profile field {name!r} has type {_type_name(hint)}, which coerce_field does not know")
+
+
+def check_ranges(p: Profile) -> list[str]:
+    """Every value of ``p`` that would break or silently mislead a run, as one message per problem
+    naming the field, the value and the valid range (``[]`` when all are valid). Called by
+    :class:`Profile` on construction, which raises ``ValueError`` with these messages."""
+    problems: list[str] = []
+
+    def need(ok: bool, fields: str, rule: str) -> None:
+        if not ok:
+            values = ", ".join(f"{f.strip()}={getattr(p, f.strip())!r}" for f in fields.split(","))
+            problems.append(f"{values}: must be {rule}")
+
+    def one_of(field: str, allowed: tuple[str, ...]) -> None:
+        need(getattr(p, field) in allowed, field, f"one of {list(allowed)}")
+
+    one_of("dataset", DATASETS)
+    one_of("victim_arch", ARCHS)
+    one_of("surrogate_arch", ARCHS)
+    one_of("knockoff_curve_label_type", LABEL_TYPES)
+    one_of("ida_label_type", LABEL_TYPES)
+    one_of("dfme_lr_schedule", LR_SCHEDULES)
+    for f in ("seed", "n_train", "n_test", "augment_shift", "dfme_replay", "cell_timeout"):
+        need(getattr(p, f) >= 0, f, ">= 0" + {"n_train": " (0 = the whole training set)",
+                                              "n_test": " (0 = the whole test set)",
+                                              "cell_timeout": " (0 = no limit)"}.get(f, ""))
+    embedded = p.dataset == "mnist_embedded"
+    for f in ("n_outlier", "n_knockoff", "n_textures"):
+        if embedded:
+            need(getattr(p, f) >= 1, f, ">= 1 on mnist_embedded (0 = 'the whole pool' only for stored datasets)")
+        else:
+            need(getattr(p, f) >= 0, f, ">= 0 (0 = the whole stored pool)")
+    for f in ("n_noise", "victim_epochs", "batch_size", "oe_epochs", "surrogate_epochs", "surrogate_width",
+              "surrogate_batch", "knockoff_queries", "dfme_queries", "dfme_batch", "dfme_nz", "dfme_grad_m",
+              "dfme_g_iter", "dfme_s_iter", "dfme_replay_size", "dfme_eval_every", "ida_epochs", "n_innocent"):
+        need(getattr(p, f) >= 1, f, ">= 1")
+    for f in ("lr", "oe_lr", "surrogate_lr", "dfme_lr_s", "dfme_lr_g", "temperature", "rs_beta", "rs_gamma",
+              "dfme_gain", "dfme_grad_eps"):
+        need(getattr(p, f) > 0, f, "> 0")
+    for f in ("weight_decay", "oe_lambda", "knockoff_gamma"):
+        need(getattr(p, f) >= 0, f, ">= 0" + (" (0 = raw pool images)" if f == "knockoff_gamma" else ""))
+    need(p.oe_m_in < p.oe_m_out, "oe_m_in, oe_m_out", "oe_m_in < oe_m_out (ID energies pushed below m_in, "
+                                                      "outlier energies above m_out)")
+    need(0 <= p.p1 < p.p2 <= 100, "p1, p2", "0 <= p1 < p2 <= 100 (percentiles of ID-train energies)")
+    need(0 <= p.pbd_r1_percentile <= 100, "pbd_r1_percentile", "in [0, 100] (a percentile)")
+    need(p.pbd_offline_T >= 0 and (p.pbd_offline_T < 1 or float(p.pbd_offline_T).is_integer()),
+         "pbd_offline_T", "a fraction in [0, 1) or a whole count >= 1")
+    need(0 <= p.dawn_rate <= 1, "dawn_rate", "in [0, 1]")
+    need(0 < p.alpha < 1, "alpha", "in (0, 1) (a significance level)")
+    need(len(p.knockoff_curve) >= 1 and all(n >= 1 for n in p.knockoff_curve), "knockoff_curve",
+         "a non-empty tuple of query counts >= 1")
+    need(len(p.dqa_ratios) >= 1 and all(r > 0 for r in p.dqa_ratios), "dqa_ratios",
+         "a non-empty tuple of ratios > 0 (n_noise = n_id / r)")
+    need(all(c >= 1 for c in p.dfme_gen_channels), "dfme_gen_channels", "two channel counts >= 1")
+    if p.dfme_batch >= 1 and p.dfme_g_iter >= 1 and p.dfme_grad_m >= 1 and p.dfme_s_iter >= 1:
+        per_round = p.dfme_batch * (p.dfme_g_iter * (p.dfme_grad_m + 1) + p.dfme_s_iter)
+        need(p.dfme_queries >= per_round, "dfme_queries",
+             f">= the queries of one DFME round, dfme_batch x (dfme_g_iter x (dfme_grad_m + 1) + "
+             f"dfme_s_iter) = {per_round} (otherwise the student is never trained)")
+    need(p.tag not in (".", "..") and "/" not in p.tag and "\\" not in p.tag, "tag",
+         "a single directory name (no '/' or '\\', not '.' or '..')")
+    need(bool(p.name) and p.name not in (".", "..") and "/" not in p.name and "\\" not in p.name, "name",
+         "a non-empty single directory name")
+    return problems
 
 
 def results_root() -> Path:
@@ -206,16 +418,24 @@ PROFILES: dict[str, Profile] = {
 def get_profile(name: str = "quick", **overrides: Any) -> Profile:
     """Return the named profile, with ``overrides`` replacing single fields.
 
+    Each override is converted to the field's declared type (:func:`coerce_field`): papermill
+    passes a list, or for a tuple the string ``"(1.0, 0.5)"``, where a tuple is declared; an
+    integral ``2.0`` or ``"2"`` becomes ``2``. A str field takes only a str. Then the ranges of
+    all fields are checked (:func:`check_ranges`).
+
+    Raises ``ValueError`` for an unknown profile or field, for a value that does not convert
+    (naming the field, its declared type and the value) and for a value out of its valid range.
+
     >>> get_profile("smoke", victim_epochs=2).victim_epochs
     2
+    >>> get_profile("smoke", dqa_ratios="(1.0, 0.5)").dqa_ratios
+    (1.0, 0.5)
     """
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
-    known = {f.name for f in dataclasses.fields(Profile)}
-    unknown = sorted(set(overrides) - known)
+    known = field_types()
+    unknown = sorted(set(overrides) - set(known))
     if unknown:
         raise ValueError(f"unknown profile field(s) {unknown}; valid fields: {sorted(known)}")
-    for key, value in overrides.items():  # papermill passes lists where tuples are declared
-        if isinstance(value, list):
-            overrides[key] = tuple(value)
-    return dataclasses.replace(PROFILES[name], **overrides)
+    coerced = {key: coerce_field(key, value) for key, value in overrides.items()}
+    return dataclasses.replace(PROFILES[name], **coerced)  # Profile.__post_init__ checks ranges

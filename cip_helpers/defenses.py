@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator, Mapping
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,16 +24,28 @@ from torch import Tensor, nn
 
 from . import poisoning
 from .models import build_model
-from .scores import HIGH_ES, ID, LOW_ES, ROUTE_NAMES, energy_score, reliability_score, route
+from .scores import (HIGH_ES, ID, LOW_ES, ROUTE_NAMES, check_temperature, check_thresholds, energy_score,
+                     reliability_score, route)
 from .store import load_checkpoint, read_json, weights_sha256
-from .training import PREDICT_BATCH, check_images, predict_logits
+from .training import PREDICT_BATCH, as_images, predict_logits
+
+PBD_MODES = ("online", "offline_top_T", None)
+"""CIP's PBD modes: ``"online"`` (the API default; batch-invariant), ``"offline_top_T"`` (the
+paper's evaluation device: one call = the attacker's whole transfer set) and ``None`` (no PBD)."""
+
+
+SINGLE_THREAD_MIN = 1_024
+"""Calls whose logits have at least this many entries (about 100 queries of 10 classes) run the
+post-processing on one thread (:func:`single_thread`); smaller ones skip the switch, a fixed
+per-call cost (benchmarks/api_latency.py, one run each: calls of 256 at 1.06x of plain with the
+switch, 1.33x without; one-query calls 2.2-2.5x either way, within the run-to-run spread)."""
 
 
 @contextlib.contextmanager
 def single_thread() -> Iterator[None]:
     """Run the enclosed torch ops on one intra-op thread. The per-query post-processing works on
     (N, K) tensors that are far too small to gain from threads; on a busy CPU, waiting for a
-    second thread made each such op ~30x slower (benchmarks/cip_overhead.py)."""
+    second thread made each such op ~30x slower (benchmarks/api_latency.py)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -90,8 +103,20 @@ class TriggerSet:
 
 
 class Defense:
-    """Base class: input checks, one batched forward pass, and output checks. After each call,
-    ``last_clean`` holds the wrapped model's own (undefended) softmax answers to that call.
+    """Base class of every defended API: input checks, one batched forward pass, output checks,
+    running totals.
+
+    ``defense(x)``: ``x`` is a batch of raw images (N, C, H, W) in [0, 1], a ``torch.Tensor`` or a
+    ``numpy.ndarray`` (float32; float64/float16 are cast to float32, see
+    :func:`training.as_images`); the answer is (N, K) float32 probability rows, as a tensor, or
+    as a numpy array when ``x`` was one. Bad input raises ``ValueError``/``TypeError`` with the
+    fix (wrong rank, layout or channel count, integer dtype, NaN, values outside [0, 1]).
+
+    After each call ``last_clean`` holds the wrapped model's own (undefended) softmax answers to
+    that call; ``totals`` counts over all calls since construction or :meth:`reset_totals`
+    (``calls``, ``queries``, and per defense what it did: CIP's routes and flips, DAWN's
+    watermarks). If the victim returns non-finite logits, the plain/DP/DAWN APIs refuse to answer
+    (``RuntimeError``); CIP answers those rows with its strongest poisoning.
 
     ``forward_batch``: the victim sees the queries of a call in chunks of this many (default
     :data:`training.PREDICT_BATCH`); lower it for big models whose activations do not fit.
@@ -101,12 +126,21 @@ class Defense:
     forward_batch = PREDICT_BATCH
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, int, int]) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{self.name}: model must be a torch.nn.Module mapping raw images to "
+                            f"logits, got {type(model).__name__}")
+        shape = tuple(input_shape)
+        if len(shape) != 3 or not all(isinstance(v, (int, np.integer)) and v > 0 for v in shape):
+            raise ValueError(f"{self.name}: input_shape must be (C, H, W) of positive ints, got {input_shape!r}")
         self.model = model.eval()
-        self.input_shape = tuple(input_shape)
+        self.input_shape = tuple(int(v) for v in shape)
         with torch.no_grad():
             self.n_classes = int(model(torch.zeros(1, *self.input_shape)).shape[1])
         self.last_clean = torch.zeros(0, self.n_classes)  # the wrapped model's softmax, last call
+        self._nonfinite: Tensor | None = None  # rows of the current call with non-finite logits
         self._weights_sha256: str | None = None
+        self.totals: dict[str, int] = {}
+        self.reset_totals()
 
     @property
     def weights_sha256(self) -> str:
@@ -116,31 +150,58 @@ class Defense:
             self._weights_sha256 = weights_sha256(self.model)
         return self._weights_sha256
 
-    def __call__(self, x: Tensor) -> Tensor:
-        """Answer a batch of raw images (N, C, H, W) in [0, 1] with (N, K) probability rows."""
-        self._check_queries(x)
-        if len(x) == 0:  # still goes through answer() so per-call records (routes, marks) reset
-            logits = torch.empty(0, self.n_classes)
-        else:
-            logits = predict_logits(self.model, x, batch_size=self.forward_batch)
-        with torch.no_grad(), single_thread():
+    def reset_totals(self) -> None:
+        """Zero the running totals (the trigger set, a log of evidence, is kept)."""
+        self.totals = {"calls": 0, "queries": 0, **{k: 0 for k in self._total_keys()}}
+
+    def _total_keys(self) -> tuple[str, ...]:
+        return ()
+
+    def __call__(self, x: Tensor | np.ndarray) -> Tensor | np.ndarray:
+        """Answer a batch of raw images (N, C, H, W) in [0, 1] with (N, K) probability rows
+        (numpy in, numpy out)."""
+        as_numpy = isinstance(x, np.ndarray)
+        x = as_images(x, self.input_shape)
+        logits = self._forward(x)
+        # switching the thread count costs more than a small call gains: big calls only
+        threads = single_thread() if logits.numel() >= SINGLE_THREAD_MIN else contextlib.nullcontext()
+        with torch.no_grad(), threads:
+            # one reduction instead of a per-row scan: a non-finite logit makes the sum non-finite
+            self._nonfinite = None if math.isfinite(float(logits.sum())) else ~torch.isfinite(logits).all(1)
+            if self._nonfinite is not None and not self._nonfinite.any():
+                self._nonfinite = None  # only the sum overflowed: every logit is finite
+            if self._nonfinite is not None and not self.answers_nonfinite:
+                bad = torch.nonzero(self._nonfinite).flatten()
+                raise RuntimeError(f"{self.name}: the victim returned non-finite logits for {len(bad)} "
+                                   f"of {len(x)} queries (rows {bad[:10].tolist()}); refusing to answer. "
+                                   "Check the model's weights (a corrupt or diverged checkpoint?)")
             self.last_clean = softmax(logits)
             probs = self.answer(x, logits)
-            valid = bool(torch.isfinite(probs).all() and (probs >= 0).all()
-                         and ((probs.sum(1) - 1).abs() <= 1e-6).all())
-        if not valid:
-            raise RuntimeError(f"{self.name} produced invalid probability rows (bug in the defense)")
-        return probs
+            if probs is self.last_clean:  # the caller owns its answer: never an alias of last_clean
+                probs = probs.clone()
+            # NaN fails both comparisons; inf makes a row sum non-finite
+            if len(probs) and not (float(probs.min()) >= 0 and float((probs.sum(1) - 1).abs().max()) <= 1e-6):
+                raise RuntimeError(f"{self.name} produced invalid probability rows (bug in the defense)")
+            self.totals["calls"] += 1
+            self.totals["queries"] += len(x)
+            self._count(len(x))
+        return probs.numpy() if as_numpy else probs
 
-    def _check_queries(self, x: Tensor) -> None:
-        """``check_images`` with a clearer message for a wrong channel count."""
-        if (isinstance(x, Tensor) and x.ndim == 4 and x.shape[1] != self.input_shape[0]
-                and tuple(x.shape[2:]) == tuple(self.input_shape[1:])):
-            hint = ("convert RGB to grayscale, e.g. x.mean(1, keepdim=True)" if self.input_shape[0] == 1
-                    else f"repeat the channel, e.g. x.expand(-1, {self.input_shape[0]}, -1, -1)")
-            raise ValueError(f"{self.name}: the victim expects {self.input_shape[0]} channel(s), got "
-                             f"{x.shape[1]} (images of shape {tuple(x.shape[1:])}); {hint}")
-        check_images(x, self.input_shape)
+    def _forward(self, x: Tensor) -> Tensor:
+        """The victim's logits for ``x`` (eval mode; chunks of :attr:`forward_batch`)."""
+        if len(x) == 0:
+            return torch.empty(0, self.n_classes)
+        if len(x) > self.forward_batch:
+            return predict_logits(self.model, x, batch_size=self.forward_batch)
+        if self.model.training:
+            self.model.eval()
+        with torch.no_grad():
+            return self.model(x)
+
+    answers_nonfinite = False  # True: answer() itself handles rows with non-finite logits (CIP)
+
+    def _count(self, n: int) -> None:
+        """Add the last call's defense-specific counts to :attr:`totals`."""
 
     def answer(self, x: Tensor, logits: Tensor) -> Tensor:  # pragma: no cover - abstract
         """The defended probability rows for queries ``x`` whose victim logits are ``logits``."""
@@ -160,21 +221,23 @@ class NoDefense(Defense):
     name = "none"
 
     def answer(self, x: Tensor, logits: Tensor) -> Tensor:
-        return softmax(logits)
+        return self.last_clean
 
 
 class DP(Defense):
-    """Deceptive perturbation (Lee et al. 2019): reverse sigmoid on every answer."""
+    """Deceptive perturbation (Lee et al. 2019): reverse sigmoid on every answer
+    (:func:`poisoning.reverse_sigmoid`; ``beta`` > 0, ``gamma`` > 0, else ``ValueError``)."""
 
     name = "dp"
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, int, int], beta: float = 0.9,
                  gamma: float = 0.6) -> None:
+        poisoning.check_reverse_sigmoid(beta, gamma)
         super().__init__(model, input_shape)
-        self.beta, self.gamma = beta, gamma
+        self.beta, self.gamma = float(beta), float(gamma)
 
     def answer(self, x: Tensor, logits: Tensor) -> Tensor:
-        return poisoning.reverse_sigmoid(softmax(logits), self.beta, self.gamma)
+        return poisoning.reverse_sigmoid(self.last_clean, self.beta, self.gamma)
 
 
 class DAWN(Defense):
@@ -186,10 +249,14 @@ class DAWN(Defense):
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, int, int], rate: float = 0.005,
                  key: str = "dawn-key") -> None:
+        if isinstance(rate, bool) or not isinstance(rate, (int, float, np.floating)) or not 0 <= rate <= 1:
+            raise ValueError(f"DAWN rate must be a number in [0, 1] (the fraction of queries "
+                             f"watermarked; Szyller et al. use 0.005), got {rate!r}")
+        if not isinstance(key, (str, bytes)) or len(key) == 0:
+            raise ValueError(f"DAWN key must be a non-empty str (or bytes): the secret that selects "
+                             f"the watermarked queries, got {key!r}")
         super().__init__(model, input_shape)
-        if not 0 <= rate <= 1:
-            raise ValueError(f"DAWN rate must be in [0, 1], got {rate}")
-        self.rate, self.key = rate, key.encode()
+        self.rate, self.key = float(rate), key.encode() if isinstance(key, str) else bytes(key)
         self.trigger_set = TriggerSet()
         self.last_watermarked = torch.zeros(0, dtype=torch.bool)
 
@@ -205,7 +272,7 @@ class DAWN(Defense):
         return torch.from_numpy(self._hashes(x) / 2.0**64 < self.rate).reshape(len(x))
 
     def answer(self, x: Tensor, logits: Tensor) -> Tensor:
-        p = softmax(logits)
+        p = self.last_clean
         h = self._hashes(x)
         marked = torch.from_numpy(h / 2.0**64 < self.rate).reshape(len(x))
         top_k = poisoning.dawn_top_k(self.n_classes)
@@ -217,68 +284,121 @@ class DAWN(Defense):
         self.last_watermarked = marked
         return out
 
+    def _total_keys(self) -> tuple[str, ...]:
+        return ("watermarked",)
+
+    def _count(self, n: int) -> None:
+        self.totals["watermarked"] += int(self.last_watermarked.sum())
+
 
 class CIP(Defense):
-    """Categorical inference poisoning: energy routing (ID / low-ES / high-ES), weak and strong PPD,
-    and PBD of the least reliable ID queries.
+    """Categorical inference poisoning (CIP Sec. III): energy routing (ID / low-ES / high-ES),
+    weak and strong PPD, and PBD of the least reliable ID queries.
 
-    PBD modes: ``"online"`` flips ID queries with R < ``r1``; ``"offline"`` treats each call as the
-    whole transfer set and flips its T lowest-R ID-routed queries, T = ``pbd_T`` if >= 1, else
-    round(``pbd_T`` x the number of ID-routed queries in the call) (capped at the number of ID-routed
-    queries); ``None`` disables PBD. After each call, ``last_routes`` holds the branch
-    per query (0 ID, 1 low-ES, 2 high-ES) and ``last_flipped`` which ones PBD flipped."""
+    PBD modes (``pbd``):
+
+    * ``"online"`` (the default, and the only mode for a served API): an ID-routed query is
+      flipped iff its reliability R < ``r1``. Each query is judged on its own, so the same stream
+      of queries gets the same flips however it is split into calls (one at a time, in batches of
+      10 or 256, or all at once). Calibrate ``r1`` to the flip rate you intend
+      (:meth:`calibrate`: a low percentile of the ID training queries' R).
+    * ``"offline_top_T"``: the paper's offline selection (Sec. III-C; the authors' release ranks
+      the whole transfer set), an EVALUATION DEVICE for an attack harness that holds the
+      attacker's whole transfer set: the ONE call it answers is that set, and its T lowest-R
+      ID-routed queries are flipped, T = ``pbd_T`` if >= 1, else round(``pbd_T`` x the number of
+      ID-routed queries) (capped at that number). Used as an API it would make the trigger set
+      depend on the attacker's call sizes, so a second call raises ``RuntimeError`` (build a new
+      instance per transfer set, or :meth:`reset_totals`, which re-arms it).
+    * ``None``: no PBD.
+
+    Fails closed: rows whose logits are not all finite go to high-ES (strongest poisoning, applied
+    to a uniform row), never to ID or PBD. Every parameter is checked at construction
+    (``ValueError`` naming the valid range): E1 <= E2 finite, T > 0, beta > 0, gamma > 0,
+    ``strong`` in :data:`poisoning.STRONG_PPD`, ``pbd`` in :data:`PBD_MODES`, finite ``r1`` for
+    online PBD, ``pbd_T`` >= 0.
+
+    After each call, ``last_routes`` holds the branch per query (0 ID, 1 low-ES, 2 high-ES) and
+    ``last_flipped`` which ones PBD flipped; ``totals`` accumulates both over calls."""
 
     name = "cip"
+    answers_nonfinite = True
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, int, int], e1: float, e2: float,
                  temperature: float = 1.0, strong: str = "shuffle_noise", snr_db: float = 10.0,
                  beta: float = 0.9, gamma: float = 0.6, pbd: str | None = "online",
                  r1: float | None = None, pbd_T: float = 0.0, seed: int = 0) -> None:
-        super().__init__(model, input_shape)
         if strong not in poisoning.STRONG_PPD:
             raise ValueError(f"unknown strong PPD {strong!r}; choose one of {sorted(poisoning.STRONG_PPD)}")
-        if pbd not in ("online", "offline", None):
-            raise ValueError(f"pbd must be 'online', 'offline' or None, got {pbd!r}")
-        if pbd == "online" and r1 is None:
-            raise ValueError("online PBD needs r1 (a low percentile of ID-training reliability scores)")
-        if not e1 <= e2:
-            raise ValueError(f"thresholds must satisfy E1 <= E2, got E1={e1}, E2={e2}")
-        if pbd_T < 0:
-            raise ValueError(f"pbd_T must be a fraction in [0, 1) or a count >= 1, got {pbd_T}")
-        self.e1, self.e2, self.temperature = float(e1), float(e2), float(temperature)
-        self.strong, self.snr_db, self.beta, self.gamma = strong, snr_db, beta, gamma
-        self.pbd, self.r1, self.pbd_T = pbd, r1, pbd_T
-        self.generator = torch.Generator().manual_seed(seed)
+        if pbd not in PBD_MODES:
+            hint = (" ('offline' is now 'offline_top_T', an evaluation device; the API default is "
+                    "'online')" if pbd == "offline" else "")
+            raise ValueError(f"pbd must be one of {PBD_MODES}, got {pbd!r}{hint}")
+        if pbd == "online" and (r1 is None or not math.isfinite(float(r1))):
+            raise ValueError(f"online PBD needs a finite r1 (a low percentile of ID-training "
+                             f"reliability scores, e.g. CIP.calibrate), got r1={r1!r}")
+        e1, e2 = check_thresholds(e1, e2)
+        temperature = check_temperature(temperature)
+        poisoning.check_reverse_sigmoid(beta, gamma)
+        if not math.isfinite(float(snr_db)):
+            raise ValueError(f"snr_db must be a finite number of decibels, got {snr_db!r}")
+        if isinstance(pbd_T, bool) or not math.isfinite(float(pbd_T)) or pbd_T < 0:
+            raise ValueError(f"pbd_T must be a fraction in [0, 1) or a count >= 1, got {pbd_T!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        super().__init__(model, input_shape)
+        self.e1, self.e2, self.temperature = e1, e2, temperature
+        self.strong, self.snr_db, self.beta, self.gamma = strong, float(snr_db), float(beta), float(gamma)
+        self.pbd, self.r1, self.pbd_T = pbd, None if r1 is None else float(r1), float(pbd_T)
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
         self.trigger_set = TriggerSet()
         self.last_routes = torch.zeros(0, dtype=torch.long)
         self.last_flipped = torch.zeros(0, dtype=torch.bool)
+        self._last_counts = (0, 0, 0, 0)
 
     def answer(self, x: Tensor, logits: Tensor) -> Tensor:
-        p = softmax(logits)
-        routes = route(energy_score(logits, self.temperature), self.e1, self.e2)
+        if self.pbd == "offline_top_T" and self.totals["calls"] > 0:
+            raise RuntimeError(
+                "CIP with pbd='offline_top_T' answers ONE call: the attacker's whole transfer set (the "
+                "paper's offline selection, an evaluation device). A second call would make the "
+                "trigger set depend on how the queries are batched. Build a new CIP per transfer "
+                "set, call reset_totals() to start a new one, or serve with pbd='online'.")
+        p = self.last_clean
+        energy = energy_score(logits, self.temperature)
+        if self._nonfinite is not None:  # fail closed: no finite answer to poison -> strongest branch
+            p = p.clone()
+            p[self._nonfinite] = 1.0 / self.n_classes
+            energy = energy.masked_fill(self._nonfinite, math.inf)
+        routes = route(energy, self.e1, self.e2)
+        n_id, n_low, n_high = torch.bincount(routes, minlength=3).tolist()
         # every branch below works on the rows of its mask only: one pass over each query
-        out = p.clone()
-        low, high = routes == LOW_ES, routes == HIGH_ES
-        if low.any():
+        out = p
+        if n_low or n_high:
+            out = p.clone()
+        if n_low:
+            low = routes == LOW_ES
             out[low] = poisoning.reverse_sigmoid(p[low], self.beta, self.gamma)
-        if high.any():
+        if n_high:
+            high = routes == HIGH_ES
             strong = poisoning.STRONG_PPD[self.strong]
             kwargs = {"snr_db": self.snr_db, "generator": self.generator} if self.strong == "shuffle_noise" else {}
             out[high] = strong(p[high], **kwargs)
-        flipped = self._pbd_mask(p, routes == ID)
-        if flipped.any():
+        flipped = self._pbd_mask(p, routes == ID, n_id)
+        n_flipped = int(flipped.sum()) if n_id else 0
+        if n_flipped:
+            out = out.clone() if out is p else out
             out[flipped] = poisoning.flip(p[flipped])
             self.trigger_set.append(x[flipped], p[flipped], out[flipped])
         self.last_routes, self.last_flipped = routes, flipped
+        self._last_counts = (n_id, n_low, n_high, n_flipped)
         return out
 
-    def _pbd_mask(self, p: Tensor, is_id: Tensor) -> Tensor:
-        if self.pbd is None or not is_id.any():
+    def _pbd_mask(self, p: Tensor, is_id: Tensor, n_id: int) -> Tensor:
+        if self.pbd is None or n_id == 0:
             return torch.zeros(len(p), dtype=torch.bool)
         r = reliability_score(p)
         if self.pbd == "online":
             return is_id & (r < self.r1)
-        n_id = int(is_id.sum())
         # a fractional T counts ID-routed queries, so deceptive OOD queries (DQA) neither add nor
         # remove triggers: the paper's T is the same for IDA and DQA (Table IV: 87 on CIFAR-10)
         t = int(round(self.pbd_T * n_id)) if self.pbd_T < 1 else int(self.pbd_T)
@@ -289,17 +409,44 @@ class CIP(Defense):
             mask[candidates[r[candidates].argsort()[:t]]] = True
         return mask
 
+    def fresh(self, **changes) -> CIP:
+        """A new CIP around the same model with the same settings (``changes`` replace single
+        constructor arguments, e.g. ``pbd="offline_top_T"``): empty trigger set, zero totals, the
+        random generator restarted from ``seed``."""
+        settings = dict(temperature=self.temperature, strong=self.strong, snr_db=self.snr_db,
+                        beta=self.beta, gamma=self.gamma, pbd=self.pbd, r1=self.r1, pbd_T=self.pbd_T,
+                        seed=self.seed)
+        new = CIP(self.model, self.input_shape, self.e1, self.e2, **{**settings, **changes})
+        new._weights_sha256 = self._weights_sha256
+        return new
+
+    def _total_keys(self) -> tuple[str, ...]:
+        return (*ROUTE_NAMES, "PBD flipped")
+
+    def _count(self, n: int) -> None:
+        for name, count in zip((*ROUTE_NAMES, "PBD flipped"), self._last_counts):
+            self.totals[name] += count
+
     def route_counts(self) -> dict[str, int]:
-        """How many queries of the last call took each branch, and how many PBD flipped."""
+        """How many queries of the LAST call took each branch, and how many PBD flipped
+        (:attr:`totals` has the same counts summed over every call)."""
         counts = torch.bincount(self.last_routes, minlength=3).tolist()
         return {**dict(zip(ROUTE_NAMES, counts)), "PBD flipped": int(self.last_flipped.sum())}
 
     @classmethod
     def calibrate(cls, model: nn.Module, id_train_x: Tensor, p1: float = 95.0, p2: float = 99.9,
                   r1_percentile: float = 0.5, temperature: float = 1.0, **kwargs) -> CIP:
-        """Wrap your own (OE-tuned) model: E1/E2 and R1 are computed from its ID training images."""
+        """Wrap your own (OE-tuned) model: E1/E2 (the ``p1``-th / ``p2``-th percentiles of its ID
+        training energies, CIP Sec. III-B) and R1 (the ``r1_percentile``-th percentile of their
+        reliability scores, for online PBD) are computed from ``id_train_x`` (N, C, H, W) in
+        [0, 1] (tensor or numpy; N >= 1). ``kwargs`` go to :class:`CIP` (PBD stays ``"online"``,
+        batch-invariant, unless you pass another mode). Raises ``ValueError`` for bad images or
+        percentiles (0 <= p1 < p2 <= 100, 0 <= r1_percentile <= 100)."""
         from .scores import select_thresholds
 
+        id_train_x = as_images(id_train_x)
+        if len(id_train_x) == 0:
+            raise ValueError("CIP.calibrate needs at least one ID training image (got an empty batch)")
         logits = predict_logits(model, id_train_x)
         e1, e2 = select_thresholds(energy_score(logits, temperature), p1, p2)
         r1 = r1_from_scores(reliability_score(softmax(logits)), r1_percentile)
@@ -337,6 +484,33 @@ class CIP(Defense):
         if "R1" in t:
             kwargs.setdefault("r1", t["R1"])
         return cls(model, shape, t["E1"], t["E2"], temperature=t["T"], **kwargs)
+
+
+def triggers_by_call_size(cip: CIP, x: Tensor, sizes: Sequence[int | None] = (1, 10, 100, None)
+                          ) -> dict[str, int]:
+    """Trigger-set size when the queries ``x`` (N, C, H, W) are sent in consecutive calls of each
+    size in ``sizes`` (``None`` = one call with all of them), in order, to fresh copies of ``cip``
+    (:meth:`CIP.fresh`; ``cip`` itself is not called). Returns ``{"calls of 1": n, ...,
+    "one call": n}``.
+
+    With online PBD one copy answers the whole stream of calls. With ``"offline_top_T"`` every
+    call goes to its own fresh copy: what per-call top-T selection would do if it were served as
+    an API, the batch dependence that makes it an evaluation device only (issue 14, case 1).
+    Raises ``ValueError`` for a size < 1."""
+    out: dict[str, int] = {}
+    for size in sizes:
+        if size is not None and (isinstance(size, bool) or int(size) < 1):
+            raise ValueError(f"call sizes must be >= 1 (or None for one call), got {size!r}")
+        step = max(len(x), 1) if size is None else int(size)
+        api, count = cip.fresh(), 0
+        for i in range(0, len(x), step):
+            if api.pbd == "offline_top_T" and api.totals["calls"]:
+                count += len(api.trigger_set)
+                api = cip.fresh()
+            api(x[i:i + step])
+        count += len(api.trigger_set)
+        out["one call" if size is None else f"calls of {size}"] = count
+    return out
 
 
 def load_victim_checkpoint(path: Path) -> tuple[nn.Module, tuple[int, int, int]]:
@@ -410,22 +584,30 @@ def compare_defenses(defenses: Mapping[str, Defense], test: tuple[Tensor, Tensor
                      queries: Mapping[str, Tensor]) -> list[dict]:
     """One row per defense: ``fidelity`` (top-1 accuracy of its answers on the test images),
     ``victim_accuracy`` (its wrapped model's accuracy), and per query set (``test`` plus every
-    entry of ``queries``) the top-1 change rate vs the wrapped model's clean answers, the mean L1
-    distance, and for CIP the fraction routed to each branch. JSON-able (pass to ``write_json``)."""
+    entry of ``queries``) its size ``<set>_n``, the top-1 change rate vs the wrapped model's clean
+    answers, the mean L1 distance, and for CIP the fraction routed to each branch. A metric of an
+    empty set is undefined and reported as ``None`` (JSON null), never NaN. JSON-able (pass to
+    ``write_json``)."""
     test_x, test_y = test
+
+    def defined(v: float) -> float | None:
+        return None if math.isnan(v) else v
+
     rows = []
     for name, defense in defenses.items():
         row: dict = {"defense": name}
         for set_name, x in {"test": test_x, **queries}.items():
             answer = defense(x)
             clean = defense.last_clean
+            n = len(x)
             if set_name == "test":
-                row["fidelity"] = float((answer.argmax(1) == test_y).double().mean())
-                row["victim_accuracy"] = float((clean.argmax(1) == test_y).double().mean())
-            row[f"{set_name}_top1_change"] = poisoning.top1_change_rate(clean, answer)
-            row[f"{set_name}_mean_l1"] = poisoning.mean_l1(clean, answer)
+                row["fidelity"] = float((answer.argmax(1) == test_y).double().mean()) if n else None
+                row["victim_accuracy"] = float((clean.argmax(1) == test_y).double().mean()) if n else None
+            row[f"{set_name}_n"] = n
+            row[f"{set_name}_top1_change"] = defined(poisoning.top1_change_rate(clean, answer))
+            row[f"{set_name}_mean_l1"] = defined(poisoning.mean_l1(clean, answer))
             if isinstance(defense, CIP):
                 counts = defense.route_counts()
-                row[f"{set_name}_routes"] = {k: v / max(len(x), 1) for k, v in counts.items()}
+                row[f"{set_name}_routes"] = {k: v / n for k, v in counts.items()} if n else None
         rows.append(row)
     return rows

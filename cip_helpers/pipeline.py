@@ -174,7 +174,7 @@ def get_defense(cfg: Profile, name: str, split: str = "all", strong: str = "shuf
 
     ``none``, ``dp`` and ``dawn`` wrap the plain victim M_V; ``cip`` wraps the OE-tuned victim
     M'_V with the thresholds of :func:`get_thresholds` (as in the paper's code release).
-    ``strong`` picks CIP's strong PPD; ``pbd`` is ``"online"``, ``"offline"`` or ``None``."""
+    ``strong`` picks CIP's strong PPD; ``pbd`` is ``"online"`` (the API default), ``"offline_top_T"`` (evaluation device: one call = the whole transfer set) or ``None``."""
     shape = data.id_data(cfg).shape
     if name == "cip":
         model, _ = get_oe_victim(cfg, split, verbose=False)

@@ -402,6 +402,30 @@ BATCH_ENV = "CIP_BATCH"
 render their default view without creating widgets (see :func:`slider_view`)."""
 
 
+def trigger_counts_by_call_size(counts: Mapping[str, Mapping[str, int]], title: str = "") -> plt.Figure:
+    """Grouped bars: trigger-set size per call-size setting (x axis, the keys of each inner
+    mapping, e.g. from :func:`defenses.triggers_by_call_size`) for each PBD mode (the outer
+    keys); the online mode in CIP's colour, others in grey shades."""
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    modes = list(counts)
+    labels = list(next(iter(counts.values()))) if counts else []
+    width = 0.8 / max(len(modes), 1)
+    greys = ["#7f7f7f", "#bdbdbd", "#525252"]
+    for j, mode in enumerate(modes):
+        colour = DEFENSE_COLORS["cip"] if mode.startswith("online") else greys[j % len(greys)]
+        xs = np.arange(len(labels)) + (j - (len(modes) - 1) / 2) * width
+        values = [counts[mode][k] for k in labels]
+        bars = ax.bar(xs, values, width * 0.9, color=colour, label=mode)
+        ax.bar_label(bars, fontsize=8)
+    ax.set_xticks(np.arange(len(labels)), labels)
+    ax.set_ylabel("triggers (flipped answers)")
+    ax.margins(y=0.15)  # room for the bar labels
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
 def slider_view(function: Callable[..., None], **sliders: dict) -> None:
     """Live sliders in JupyterLab; the default view, drawn once, in a batch run.
 

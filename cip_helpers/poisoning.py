@@ -16,6 +16,7 @@ Measuring a perturbation: :func:`top1_change_rate`, :func:`mean_l1`, :func:`mean
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -33,27 +34,33 @@ def _rows(n: int) -> Tensor:
     return torch.arange(n)
 
 
+def _best_other(q: Tensor, top: Tensor) -> tuple[Tensor, Tensor]:
+    """Value and index of the largest entry of each row of ``q`` other than column ``top``."""
+    others = q.clone()
+    others[_rows(len(q)), top] = float("-inf")
+    return others.max(1)
+
+
 def ensure_top_changed(q: Tensor, original_top: Tensor) -> Tensor:
     """Make sure no row of ``q`` has ``original_top`` as (one of) its largest entries.
 
-    Where ``q[original_top]`` is >= every other entry, swap it with the largest other entry; if
-    the two were tied, lower the original entry by one float ulp (the row sum moves by < 1e-7).
-    Afterwards ``q.argmax(1) != original_top`` for every row (``q`` must have K >= 2)."""
+    ``q`` (N, K >= 2) float rows, ``original_top`` (N,) int64 column per row. Where
+    ``q[original_top]`` is >= every other entry, swap it with the largest other entry; if the two
+    were tied (any number of entries may share the maximum), lower the original entry by one
+    float ulp (the row sum moves by < 1e-7). Afterwards every row's maximum is held ONLY by
+    columns other than ``original_top``, so ``q.argmax(1) != original_top`` whatever the
+    tie-breaking of argmax."""
     q = q.clone()
-    n = len(q)
-    if n == 0:
+    if len(q) == 0:
         return q
-    ar = _rows(n)
-    others = q.clone()
-    others[ar, original_top] = float("-inf")
-    best_other_val, best_other = others.max(1)
-    stuck = q[ar, original_top] >= best_other_val
+    best_other_val, best_other = _best_other(q, original_top)
+    stuck = q[_rows(len(q)), original_top] >= best_other_val
     if stuck.any():
         rows = torch.nonzero(stuck).flatten()
         top, other = original_top[rows], best_other[rows]
         top_val, other_val = q[rows, top].clone(), q[rows, other].clone()
         q[rows, top], q[rows, other] = other_val, top_val
-        tied = q[rows, top] >= q[rows, other]
+        tied = q[rows, top] >= q[rows, other]  # other now holds the row maximum
         if tied.any():
             r, t = rows[tied], top[tied]
             q[r, t] = torch.nextafter(q[r, t], torch.zeros_like(q[r, t]))
@@ -61,27 +68,28 @@ def ensure_top_changed(q: Tensor, original_top: Tensor) -> Tensor:
 
 
 def ensure_top_kept(q: Tensor, original_top: Tensor) -> Tensor:
-    """Make sure ``q.argmax(1) == original_top`` for every row: where another entry is >= the
-    original top's entry (float32 rounding of near-ties), swap them and, if still tied, raise the
-    original top by one float ulp (the row sum moves by < 1e-7)."""
+    """Make sure ``original_top`` is the UNIQUE largest entry of every row of ``q``.
+
+    ``q`` (N, K >= 2) float rows, ``original_top`` (N,) int64. Where another entry is >= the
+    original top's entry (float32 rounding of near-ties, or values clipped to the same level),
+    swap the two; if the row maximum is then still shared (two or more entries tied with it),
+    raise the original top to one float ulp above the largest other entry (the row sum moves by
+    < 1e-7). Afterwards ``q.argmax(1) == original_top`` for every row, ties of any size included."""
     q = q.clone()
-    n = len(q)
-    if n == 0:
+    if len(q) == 0:
         return q
-    ar = _rows(n)
-    others = q.clone()
-    others[ar, original_top] = float("-inf")
-    best_other_val, best_other = others.max(1)
-    lost = best_other_val >= q[ar, original_top]
+    best_other_val, best_other = _best_other(q, original_top)
+    lost = best_other_val >= q[_rows(len(q)), original_top]
     if lost.any():
         rows = torch.nonzero(lost).flatten()
         top, other = original_top[rows], best_other[rows]
         top_val, other_val = q[rows, top].clone(), q[rows, other].clone()
         q[rows, top], q[rows, other] = torch.maximum(top_val, other_val), torch.minimum(top_val, other_val)
-        tied = q[rows, other] >= q[rows, top]
+        rest_val, _ = _best_other(q[rows], top)  # after the swap: is the maximum still shared?
+        tied = rest_val >= q[rows, top]
         if tied.any():
             r, t = rows[tied], top[tied]
-            q[r, t] = torch.nextafter(q[r, t], torch.ones_like(q[r, t]))
+            q[r, t] = torch.nextafter(rest_val[tied], torch.full_like(rest_val[tied], math.inf))
     return q
 
 
@@ -138,11 +146,21 @@ def flatten(p: Tensor, power: float = 1 / 30) -> Tensor:
     return ensure_top_kept(normalize(p.double().clamp_min(0).pow(power)), p.argmax(1))
 
 
+def check_reverse_sigmoid(beta: float, gamma: float) -> None:
+    """``ValueError`` unless beta > 0 and gamma > 0 are finite: beta = 0 or gamma = 0 moves answers
+    by ~1e-7, i.e. no defense at all (Lee et al. use beta in (0, 1], gamma in (0, 1])."""
+    for name, v in (("beta", beta), ("gamma", gamma)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v > 0):
+            raise ValueError(f"reverse sigmoid {name} must be a finite number > 0, got {v!r} "
+                             "(the paper and ART default to beta = 0.9, gamma = 0.6)")
+
+
 def reverse_sigmoid(p: Tensor, beta: float = 0.9, gamma: float = 0.6) -> Tensor:
     """Reverse sigmoid (Lee et al. 2019): y' = y - beta * (sigmoid(gamma * logit(y)) - 1/2), clipped
     at 0 and renormalised (y clipped to [1e-7, 1 - 1e-7] first). Keeps the top-1 class when
     p_max >= 0.5; below that it may change (the map is not monotonic near 0)."""
     _check_probs(p, "reverse_sigmoid")
+    check_reverse_sigmoid(beta, gamma)
     y = p.double().clamp(1e-7, 1 - 1e-7)
     q = normalize(y - beta * (torch.sigmoid(gamma * torch.logit(y)) - 0.5))
     confident = p.max(1).values >= 0.5

@@ -455,7 +455,8 @@ def readme_block(summary: dict) -> str:
             f"{other['surrogate_acc_abs_diff']['n']} runs, against a seed-to-seed sd of "
             f"{100 * sum(sds) / len(sds):.1f} points averaged over the table's rows (up to "
             f"{100 * max(sds):.1f}).")
-    runs = summary.get("timings", {}).get("runs", {})
+    runs = {k: r for k, r in summary.get("timings", {}).get("runs", {}).items()
+            if r.get("from_scratch", True)}  # runs on cached checkpoints say nothing about set-up time
     if runs:
         parts = [f"{len(r['seeds'])} seed{'s' if len(r['seeds']) > 1 else ''} "
                  f"({','.join(map(str, r['seeds']))}) {r['wall_seconds'] / 60:.1f} min"

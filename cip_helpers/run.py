@@ -9,7 +9,13 @@ Executed copies go to ``results/<profile>/seed-<k>/executed/``. With two or more
 then aggregates the seeds (``report.write_seed_aggregate``: ``summary.json`` and ``table.md`` with
 mean, sd and n per row in ``results/<profile>/``). Wall times go to ``results/<profile>/timings.json``
 under the run's seed list. Stops at the first failing notebook and exits non-zero, naming the
-notebook, the seed and the failing cell.
+notebook, the seed and the failing cell; a cell that runs longer than the profile's
+``cell_timeout`` (seconds, 0 = no limit) fails the same way, and its kernel is shut down.
+
+``--set FIELD=VALUE`` converts VALUE by the field's declared type (``config.coerce_field``): a str
+field takes the text as it is (``--set tag=2024`` is the string ``"2024"``), tuple fields take a
+list literal (``--set knockoff_curve=[500,1000]``). ``CIP_RESULTS_ROOT`` / ``CIP_DATA_ROOT`` are
+resolved once against the directory the command runs from and passed absolute to every kernel.
 
 **Scheduling.** Notebooks are jobs with dependencies (:data:`DEPENDS`): 01 -> 02, then 03-10 need
 only 02 (10 also 09), and 11 needs everything of every seed in the run. Each job is a separate
@@ -35,8 +41,9 @@ import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from .config import PROFILES, REPO_ROOT, Profile, get_profile
+from .config import PROFILES, REPO_ROOT, Profile, coerce_field, field_types, get_profile
 from .store import read_json, write_json
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
@@ -79,15 +86,61 @@ def prerequisites(number: str, present: set[str]) -> set[str]:
     return set()
 
 
+class CellTimeout(Exception):
+    """A cell ran longer than ``cell_timeout`` seconds. Carries the fields :func:`_failed_cell`
+    reports: ``exec_count`` (the cell's ``In [k]``), ``cell_index``, ``ename``, ``evalue``."""
+
+    def __init__(self, exec_count: int | None, cell_index: int | None, source: str, timeout: int) -> None:
+        first = next((ln.strip() for ln in source.splitlines() if ln.strip()), "")
+        self.exec_count, self.cell_index, self.source = exec_count, cell_index, source
+        self.ename = "CellTimeoutError"
+        self.evalue = (f"the cell (index {cell_index} of the executed copy, starting `{first[:80]}`) ran "
+                       f"longer than cell_timeout = {timeout} s and was stopped; raise the limit with "
+                       f"--set cell_timeout=SECONDS (0 = no limit)")
+        super().__init__(self.evalue)
+
+
+def _mark_timed_out_cell(out_path: Path, timeout: int) -> CellTimeout:
+    """Find the cell that was running when ``timeout`` fired in the partly executed copy (papermill
+    saves it after every cell: the last cell with a start time), mark it failed with an error
+    output there, and return the :class:`CellTimeout` naming it."""
+    import nbformat
+
+    try:
+        nb = nbformat.read(out_path, as_version=4)
+    except (OSError, ValueError):  # no readable copy: still say what happened
+        return CellTimeout(None, None, "", timeout)
+    started = [i for i, c in enumerate(nb.cells) if c.get("metadata", {}).get("papermill", {}).get("start_time")]
+    if not started:
+        return CellTimeout(None, None, "", timeout)
+    index = started[-1]
+    cell = nb.cells[index]
+    err = CellTimeout(cell.get("execution_count"), index, cell.source, timeout)
+    if cell.cell_type == "code":
+        cell.outputs.append(nbformat.v4.new_output("error", ename=err.ename, evalue=err.evalue, traceback=[]))
+    cell.metadata.papermill.update({"status": "failed", "exception": True})
+    nb.metadata.setdefault("papermill", {})["exception"] = True
+    nbformat.write(nb, out_path)
+    return err
+
+
 def execute_one(path: Path, profile: str, out_path: Path, overrides: dict, cell_timeout: int) -> None:
-    """Execute one notebook with papermill in THIS process (the worker side of the runner)."""
+    """Execute one notebook with papermill in THIS process (the worker side of the runner).
+
+    Raises papermill's ``PapermillExecutionError`` when a cell raises, and :class:`CellTimeout`
+    (naming the cell; the partly executed copy marks it) when a cell runs longer than
+    ``cell_timeout`` seconds (0 = no limit). papermill shuts the kernel down in both cases."""
     import papermill as pm
+    from nbclient.exceptions import CellTimeoutError
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    pm.execute_notebook(str(path), str(out_path), cwd=str(path.parent),
-                        parameters={"profile": profile, "overrides": overrides},
-                        kernel_name="python3", progress_bar=False, log_output=False,
-                        execution_timeout=cell_timeout or None)
+    try:
+        pm.execute_notebook(str(path), str(out_path), cwd=str(path.parent),
+                            parameters={"profile": profile, "overrides": overrides},
+                            kernel_name="python3", progress_bar=False, log_output=False,
+                            execution_timeout=cell_timeout or None)
+    except CellTimeoutError as exc:
+        raise _mark_timed_out_cell(out_path, cell_timeout) from exc
 
 
 @dataclass
@@ -137,10 +190,12 @@ def run_jobs(job_list: list[Job], profile: str, overrides: dict, cfg_for: dict[i
     running: list[Job] = []
     try:
         return _run_loop(pending, running, profile, overrides, cfg_for, jobs, cell_timeout)
-    finally:  # Ctrl-C or an error in the runner: no worker or kernel is left behind
+    finally:  # Ctrl-C, SIGTERM or an error in the runner: no worker or kernel is left behind
         for job in running:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(job.proc.pid, signal.SIGTERM)
+        for job in running:
+            _wait_or_kill(job.proc, grace=15.0)
 
 
 def _run_loop(pending: list[Job], running: list[Job], profile: str, overrides: dict,
@@ -158,9 +213,12 @@ def _run_loop(pending: list[Job], running: list[Job], profile: str, overrides: d
                 arg = json.dumps({"path": str(job.book), "profile": profile, "out": str(out),
                                   "overrides": {**overrides, "seed": job.seed}, "cell_timeout": cell_timeout})
                 job.log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: never blocks
+                # its own process group, so a stop reaches the worker and anything it forked; the
+                # kernel (jupyter_client gives it a session of its own) is shut down by the worker
+                # on SIGTERM (see _worker) and exits by itself when its parent dies (ipykernel)
                 job.proc = subprocess.Popen([sys.executable, "-m", "cip_helpers.run", "--worker", arg],
                                             env=env, stdout=subprocess.DEVNULL, stderr=job.log, text=True,
-                                            start_new_session=True)  # its kernel is in its group
+                                            start_new_session=True)
                 job.start = time.perf_counter()
                 running.append(job)
                 pending.remove(job)
@@ -177,11 +235,11 @@ def _run_loop(pending: list[Job], running: list[Job], profile: str, overrides: d
             job.log.close()
             job.seconds = round(time.perf_counter() - job.start, 1)
             if job.proc.returncode != 0:
-                for other in running:  # stop the worker AND its kernel (same process group)
+                for other in running:  # the workers shut their kernels down on SIGTERM
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(other.proc.pid, signal.SIGTERM)
                 for other in running:
-                    other.proc.wait()
+                    _wait_or_kill(other.proc)
                 running.clear()
                 lines = [ln for ln in err.strip().splitlines() if ln.startswith("CIP-RUN-FAILED ")]
                 if lines:
@@ -199,17 +257,37 @@ def _run_loop(pending: list[Job], running: list[Job], profile: str, overrides: d
     return True, ""
 
 
-def parse_overrides(items: list[str]) -> dict:
-    """``["a=1", "tag=x"]`` -> ``{"a": 1, "tag": "x"}`` (JSON values where they parse)."""
-    overrides = {}
+def _wait_or_kill(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """Wait for a worker told to stop; SIGKILL its process group if it is still there after ``grace`` s."""
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``--set`` items -> overrides, each VALUE converted from its text by the declared type of
+    FIELD (:func:`cip_helpers.config.coerce_field` with ``from_text=True``):
+    ``["victim_epochs=4", "tag=2024", "knockoff_curve=[500,1000]"]`` ->
+    ``{"victim_epochs": 4, "tag": "2024", "knockoff_curve": (500, 1000)}``. A str field takes the
+    text as it is (``dawn_key=12345`` is the string ``"12345"``).
+
+    Raises ``SystemExit`` (a command-line error) for an item without ``=``, an unknown field, or a
+    value that does not convert to the field's type (the message names field, type and value)."""
+    overrides: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise SystemExit(f"--set expects FIELD=VALUE, got {item!r}")
+        if key not in field_types():
+            raise SystemExit(f"--set {item}: unknown profile field {key!r}; valid fields: {sorted(field_types())}")
         try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+            overrides[key] = coerce_field(key, value, from_text=True)
+        except ValueError as err:
+            raise SystemExit(f"--set {item}: {err}") from None
     return overrides
 
 
@@ -224,7 +302,14 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds papermill, which shuts the kernel down
+
+
 def _worker(arg: str) -> int:
+    """The worker process: execute one notebook; a failure is reported as ONE stderr line
+    ``CIP-RUN-FAILED cell [k]: ename: evalue`` for the parent. SIGTERM stops it cleanly."""
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     spec = json.loads(arg)
     try:
         execute_one(Path(spec["path"]), spec["profile"], Path(spec["out"]), spec["overrides"],
@@ -233,6 +318,22 @@ def _worker(arg: str) -> int:
         print("CIP-RUN-FAILED " + _failed_cell(exc).replace("\n", " "), file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> typing.Iterator[None]:
+    """While inside: SIGTERM raises ``SystemExit`` (so :func:`run_jobs` stops its workers on the
+    way out) instead of ending the runner at once; the previous handler is restored after. A no-op
+    outside the main thread, where signal handlers cannot be set."""
+    try:
+        old = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _absolute_roots() -> None:
@@ -257,8 +358,10 @@ def main(argv: list[str] | None = None, notebook_dir: Path = NOTEBOOK_DIR) -> in
     parser.add_argument("--jobs", type=int, default=max(1, min(os.cpu_count() or 1, 8)),
                         help="CPU slots for parallel notebooks (default: the number of cores, at most 8)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override one profile field in every notebook (value parsed as JSON "
-                             "when possible), e.g. --set dataset=cifar100 --set tag=full-cifar100")
+                        help="override one profile field in every notebook; VALUE is converted by the "
+                             "field's declared type (str fields take the text as it is, tuples a list "
+                             "literal), e.g. --set dataset=cifar100 --set tag=full-cifar100 "
+                             "--set knockoff_curve=[500,1000]")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
@@ -268,7 +371,10 @@ def main(argv: list[str] | None = None, notebook_dir: Path = NOTEBOOK_DIR) -> in
     if args.seeds is not None and "seed" in overrides:
         raise SystemExit("give the seed either with --seeds or with --set seed=..., not both")
     seeds = parse_seeds(args.seeds) if args.seeds else [int(overrides.pop("seed", PROFILES[args.profile].seed))]
-    cfg_for = {s: get_profile(args.profile, **{**overrides, "seed": s}) for s in seeds}
+    try:  # out-of-range values (e.g. --set p1=120) stop here, before any notebook starts
+        cfg_for = {s: get_profile(args.profile, **{**overrides, "seed": s}) for s in seeds}
+    except ValueError as err:
+        raise SystemExit(f"--set: {err}") from None
     books = list_notebooks(args.only.split(",") if args.only else None, notebook_dir)
     if not books:
         raise SystemExit(f"no notebooks found in {notebook_dir}")
@@ -276,8 +382,11 @@ def main(argv: list[str] | None = None, notebook_dir: Path = NOTEBOOK_DIR) -> in
     print(f"running {len(books)} notebook(s) x {len(seeds)} seed(s) on profile '{args.profile}' "
           f"-> {first.profile_dir}/seed-<k>/executed ({args.jobs} CPU slot(s))", flush=True)
     job_list = schedule(books, seeds, args.jobs)
+    # a run that reuses trained checkpoints takes a fraction of the time: it is recorded apart
+    from_scratch = not any(any(c.checkpoint_dir.rglob("*.pt")) for c in cfg_for.values())
     start = time.perf_counter()
-    ok, why = run_jobs(job_list, args.profile, overrides, cfg_for, args.jobs, first.cell_timeout)
+    with _sigterm_unwinds():  # a CI cancel or `timeout` stops the workers like Ctrl-C does
+        ok, why = run_jobs(job_list, args.profile, overrides, cfg_for, args.jobs, first.cell_timeout)
     wall = round(time.perf_counter() - start, 1)
     if not ok:
         print(f"\n{why}", file=sys.stderr)
@@ -288,7 +397,7 @@ def main(argv: list[str] | None = None, notebook_dir: Path = NOTEBOOK_DIR) -> in
         print(f"  {s}: " + ", ".join(f"{name[:2]} {sec:.0f}" for name, sec in times.items()))
     print(f"  total wall time {wall:.1f} s")
     if not args.only:  # a partial run must not overwrite the record of a full one
-        record_timings(first, seeds, args.jobs, wall, per_seed)
+        record_timings(first, seeds, args.jobs, wall, per_seed, from_scratch)
         if len(seeds) >= 2:
             from . import report
 
@@ -301,18 +410,22 @@ def main(argv: list[str] | None = None, notebook_dir: Path = NOTEBOOK_DIR) -> in
     return 0
 
 
-def record_timings(cfg: Profile, seeds: list[int], jobs: int, wall: float, per_seed: dict) -> Path:
-    """Add this run to ``<profile_dir>/timings.json`` under ``"seeds=<list>"`` (other runs kept)."""
+def record_timings(cfg: Profile, seeds: list[int], jobs: int, wall: float, per_seed: dict,
+                   from_scratch: bool = True) -> Path:
+    """Add this run to ``<profile_dir>/timings.json`` under ``"seeds=<list>"`` (other runs kept).
+    A run that started with trained checkpoints on disk (``from_scratch=False``) goes under
+    ``"seeds=<list> (cached)"``: it never replaces the from-scratch time the README quotes."""
     path = cfg.profile_dir / "timings.json"
     old = read_json(path) if path.exists() else {}
     runs = old.get("runs", {}) if isinstance(old.get("runs"), dict) else {}
-    runs["seeds=" + ",".join(map(str, seeds))] = {
+    key = "seeds=" + ",".join(map(str, seeds)) + ("" if from_scratch else " (cached)")
+    runs[key] = {
         "seeds": seeds, "jobs": jobs, "wall_seconds": wall, "notebook_seconds": per_seed,
+        "from_scratch": from_scratch,
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform(terse=True)},
         "date": datetime.date.today().isoformat()}
     return write_json(path, {"profile": cfg.name, "runs": runs})
-
 
 if __name__ == "__main__":
     sys.exit(main())

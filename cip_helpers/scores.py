@@ -2,6 +2,8 @@
 reliability score. All functions are batched tensor operations."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -11,11 +13,26 @@ ID, LOW_ES, HIGH_ES = 0, 1, 2
 ROUTE_NAMES = ("ID", "low-ES OOD", "high-ES OOD")
 
 
+def check_temperature(temperature: float) -> float:
+    """``temperature`` as a float, or ``ValueError`` unless it is finite and > 0 (T <= 0 would
+    turn the energy's sign or divide by zero: every query could look in-distribution)."""
+    t = float(temperature)
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"the energy temperature T must be a finite number > 0, got {temperature!r} "
+                         "(the paper and energy_ood use T = 1)")
+    return t
+
+
 def energy_score(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """E(x) = -T * logsumexp(f(x) / T) per row; higher means more out-of-distribution."""
+    """E(x) = -T * logsumexp(f(x) / T) per row (Liu et al. 2020, Eq. 1 of CIP Sec. III-B);
+    higher means more out-of-distribution. ``logits`` (N, K) float -> (N,) in logits' dtype.
+    Raises ``ValueError`` for a logits tensor that is not 2-D or T that is not finite and > 0."""
     if logits.ndim != 2:
         raise ValueError(f"logits must be (N, K), got shape {tuple(logits.shape)}")
-    return -temperature * torch.logsumexp(logits / temperature, dim=1)
+    t = check_temperature(temperature)
+    if t == 1.0:  # the same bits as the general formula (x / 1 and 1 * y are exact), two ops fewer
+        return -torch.logsumexp(logits, dim=1)
+    return -t * torch.logsumexp(logits / t, dim=1)
 
 
 def oe_energy_loss(logits_in: Tensor, y_in: Tensor, logits_out: Tensor, m_in: float,
@@ -55,11 +72,27 @@ def select_thresholds(id_energy: Tensor, p1: float = 95.0, p2: float = 99.9) -> 
     return float(e1), float(e2)
 
 
-def route(energy: Tensor, e1: float, e2: float) -> Tensor:
-    """Branch per query: 0 = ID (E < E1), 1 = low-ES OOD (E1 <= E < E2), 2 = high-ES OOD (E >= E2)."""
+def check_thresholds(e1: float, e2: float) -> tuple[float, float]:
+    """``(E1, E2)`` as floats, or ``ValueError`` unless both are finite and E1 <= E2."""
+    e1, e2 = float(e1), float(e2)
+    if not (math.isfinite(e1) and math.isfinite(e2)):
+        raise ValueError(f"thresholds E1, E2 must be finite numbers, got E1={e1}, E2={e2}")
     if not e1 <= e2:
         raise ValueError(f"thresholds must satisfy E1 <= E2, got E1={e1}, E2={e2}")
-    return (energy >= e1).long() + (energy >= e2).long()
+    return e1, e2
+
+
+def route(energy: Tensor, e1: float, e2: float) -> Tensor:
+    """Branch per query (CIP Sec. III-B): 0 = ID (E < E1), 1 = low-ES OOD (E1 <= E < E2),
+    2 = high-ES OOD (E >= E2). ``energy`` (N,) float -> (N,) int64; E1 and E2 are compared in
+    ``energy``'s dtype.
+
+    Fails closed: a non-finite energy (NaN, or +-inf from non-finite logits) is high-ES, the
+    strongest poisoning, never ID. Raises ``ValueError`` unless E1 <= E2 are finite."""
+    e1, e2 = check_thresholds(e1, e2)
+    inf = math.inf
+    return torch.bucketize(energy.nan_to_num(nan=inf, posinf=inf, neginf=inf),
+                           torch.tensor([e1, e2], dtype=energy.dtype), right=True)
 
 
 def route_fractions(energy: Tensor, e1: float, e2: float) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """Training loops: classifiers (hard or soft targets), inference helpers and OE fine-tuning."""
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
@@ -20,22 +21,82 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_images(x: Tensor, shape: tuple[int, ...] | None = None) -> None:
-    """Raise a clear ``ValueError`` unless ``x`` is a finite float batch (N, C, H, W)
-    (optionally with per-image ``shape`` (C, H, W)) of values in [0, 1]."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"expected a torch.Tensor of images, got {type(x).__name__}")
+def _shape_hint(shape: tuple[int, ...], want: tuple[int, int, int] | None) -> str:
+    """What to do about a batch of the wrong rank or layout (empty if nothing specific applies)."""
+    if want is None:
+        if len(shape) == 3:
+            return ("; one image (C, H, W): add the batch axis with x.unsqueeze(0); a batch of "
+                    "grayscale images (N, H, W): add the channel axis with x.unsqueeze(1)")
+        if len(shape) == 2:
+            return "; flat rows (N, C*H*W): reshape them to (N, C, H, W) with x.reshape(-1, C, H, W)"
+        return ""
+    c, h, w = want
+    if len(shape) == 4 and shape[1:] == (h, w, c):
+        return "; these look channels-last (N, H, W, C): use x.permute(0, 3, 1, 2) (numpy: x.transpose(0, 3, 1, 2))"
+    if len(shape) == 4 and shape[2:] == (h, w) and shape[1] != c:
+        if c == 1:
+            return (f"; the victim takes 1 channel (grayscale), these have {shape[1]} channels: "
+                    "convert them, e.g. x.mean(1, keepdim=True)")
+        return (f"; the victim takes {c} channels, these have {shape[1]}: repeat the channel, "
+                f"e.g. x.expand(-1, {c}, -1, -1)")
+    if len(shape) == 3 and shape == (c, h, w):
+        return "; this is ONE image (C, H, W): add the batch axis with x.unsqueeze(0) (numpy: x[None])"
+    if len(shape) == 3 and shape[1:] == (h, w) and c == 1:
+        return ("; the channel axis is missing (N, H, W): add it with x.unsqueeze(1) "
+                "(numpy: x[:, None])")
+    if len(shape) == 2 and shape == (h, w) and c == 1:
+        return f"; this is ONE grayscale image (H, W): use x.reshape(1, 1, {h}, {w})"
+    if len(shape) == 2 and shape[1] == c * h * w:
+        return f"; these are flat rows (N, {c * h * w}): use x.reshape(-1, {c}, {h}, {w})"
+    return ""
+
+
+def as_images(x: Tensor | np.ndarray, shape: tuple[int, ...] | None = None) -> Tensor:
+    """Validate a batch of raw images and return it as a float32 tensor (N, C, H, W) in [0, 1].
+
+    Accepts a ``torch.Tensor`` or a ``numpy.ndarray`` (converted without copying where possible).
+    Float64/float16/bfloat16 images are cast to float32, the dtype every model here computes in
+    (values in [0, 1] move by at most 3e-8); nothing else is changed. ``shape`` is the expected
+    per-image shape (C, H, W).
+
+    Raises ``TypeError`` for anything but a tensor/array, and ``ValueError`` (saying what to do)
+    for: a wrong rank or layout (one image without a batch axis, a missing channel axis, flat
+    rows, channels-last, a wrong channel count), integer or bool dtype (``x.float() / 255``),
+    NaN/inf values, and values outside [0, 1] (0..255 pixel values, or normalised inputs)."""
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind not in "biuf":
+            raise TypeError(f"expected numeric images, got a numpy array of dtype {x.dtype}")
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    elif not isinstance(x, Tensor):
+        raise TypeError(f"expected a torch.Tensor or numpy.ndarray of images, got {type(x).__name__}")
+    want = None if shape is None else tuple(int(s) for s in shape)
+    got = tuple(x.shape)
     if x.ndim != 4:
-        raise ValueError(f"expected a batch of images (N, C, H, W), got rank {x.ndim} shape "
-                         f"{tuple(x.shape)}; add a batch dimension with x.unsqueeze(0)")
-    if shape is not None and tuple(x.shape[1:]) != tuple(shape):
-        raise ValueError(f"expected images of shape (C, H, W) = {tuple(shape)}, got {tuple(x.shape[1:])}")
+        raise ValueError(f"expected a batch of images (N, C, H, W), got rank {x.ndim} shape {got}"
+                         + (_shape_hint(got, want) or "; add a batch dimension with x.unsqueeze(0)"))
+    if want is not None and got[1:] != want:
+        raise ValueError(f"expected images of shape (C, H, W) = {want}, got {got[1:]}"
+                         + _shape_hint(got, want))
     if not x.is_floating_point():
         raise ValueError(f"expected float images in [0, 1], got dtype {x.dtype}; use x.float() / 255")
-    if len(x) and not torch.isfinite(x).all():
-        raise ValueError("images contain NaN or inf values")
-    if len(x) and (x.min() < 0 or x.max() > 1):
-        raise ValueError(f"images must be in [0, 1], got range [{x.min():.3g}, {x.max():.3g}]")
+    if x.dtype != torch.float32:
+        x = x.float()
+    if len(x):
+        lo, hi = (float(v) for v in torch.aminmax(x))  # NaN anywhere makes both NaN
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError("images contain NaN or inf values")
+        if lo < 0 or hi > 1:
+            hint = ("; these look like 0..255 pixel values: divide by 255" if lo >= 0 and hi <= 255
+                    else "; these look normalised (mean/std): the API takes raw images, undo the "
+                    "normalisation" if lo < 0 else "")
+            raise ValueError(f"images must be in [0, 1], got range [{lo:.3g}, {hi:.3g}]{hint}")
+    return x
+
+
+def check_images(x: Tensor | np.ndarray, shape: tuple[int, ...] | None = None) -> None:
+    """Raise what :func:`as_images` raises for ``x`` (a float batch (N, C, H, W) in [0, 1],
+    optionally of per-image ``shape`` (C, H, W)); return nothing."""
+    as_images(x, shape)
 
 
 PREDICT_BATCH = 256

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 from scipy import stats
 from torch import Tensor, nn
 
-from .training import predict_logits
+from .training import as_images, predict_logits
 
 
-def count_agreements(model: nn.Module, trigger_x: Tensor, trigger_labels: Tensor) -> int:
-    """m: how many trigger inputs the model labels with the defender's altered label."""
+def count_agreements(model: nn.Module, trigger_x: Tensor | np.ndarray, trigger_labels: Tensor) -> int:
+    """m: how many trigger inputs (N, C, H, W) in [0, 1] (tensor or numpy; float64 is cast to
+    float32, see :func:`training.as_images`) the model labels with the defender's altered label
+    (``trigger_labels``, (N,) int64). Raises ``ValueError`` for bad images or mismatched lengths."""
+    trigger_x = as_images(trigger_x)
     if len(trigger_x) != len(trigger_labels):
         raise ValueError(f"{len(trigger_x)} trigger inputs but {len(trigger_labels)} labels")
     if len(trigger_x) == 0:

@@ -331,7 +331,7 @@ def all_defenses(model: nn.Module, x: Tensor) -> dict:
     logits = predict_logits(model, x)
     for strong in poisoning.STRONG_PPD:
         out[f"cip/{strong}/online"] = cip_for(model, x, strong, logits, pbd="online")
-    for pbd in ("offline", None):
+    for pbd in ("offline_top_T", None):
         out[f"cip/reverse_rank/{pbd}"] = cip_for(model, x, "reverse_rank", logits, pbd=pbd, pbd_T=0.05)
     return out
 
@@ -454,7 +454,7 @@ def test_online_pbd_flips_exactly_id_queries_below_r1():
 def test_offline_pbd_flips_the_T_lowest_r_id_queries(pbd_T, expected):
     model, _ = pbd_table()
     order = [7, 8, 2, 0, 9, 5, 1, 3, 6, 4]  # shuffled, so position != reliability rank
-    cip = CIP(model, SHAPE, e1=-10.0, e2=-5.0, pbd="offline", pbd_T=pbd_T, r1=None)
+    cip = CIP(model, SHAPE, e1=-10.0, e2=-5.0, pbd="offline_top_T", pbd_T=pbd_T, r1=None)
     cip(model.images(order))
     flipped_rows = sorted(order[i] for i in torch.nonzero(cip.last_flipped).flatten().tolist())
     assert flipped_rows == expected  # fraction of the 8 ID-routed: round(0.3 x 8) = 2 (not 0.3 x 10 = 3)
@@ -466,7 +466,7 @@ def test_cip_rejects_bad_configuration(cnn):
         CIP(cnn, SHAPE, 0.0, 1.0, strong="nope", r1=0.0)
     with pytest.raises(ValueError, match="pbd must be"):
         CIP(cnn, SHAPE, 0.0, 1.0, pbd="sometimes", r1=0.0)
-    with pytest.raises(ValueError, match="needs r1"):
+    with pytest.raises(ValueError, match="needs a finite r1"):
         CIP(cnn, SHAPE, 0.0, 1.0, pbd="online")
 
 
@@ -570,7 +570,9 @@ def test_last_clean_is_the_wrapped_models_softmax(defenses, queries):
 
 def test_empty_batch_returns_empty_rows(defenses, queries):
     for name, defense in defenses.items():
+        defense.reset_totals()  # re-arms the one-call offline_top_T instance
         defense(queries[:5])
+        defense.reset_totals()
         out = defense(queries[:0])
         assert out.shape == (0, 10), name
         if isinstance(defense, CIP):

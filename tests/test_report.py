@@ -42,3 +42,22 @@ def test_trigger_counts_print_as_integers_and_empty_cip_trigger_sets_are_explain
     assert "every answer got performance-degradation poisoning" in notes[-1]
     records[0]["n_triggers"] = 5
     assert len(report.table_notes(report.table_iv(records), records)) == 3
+
+
+def test_a_run_on_cached_checkpoints_never_replaces_the_from_scratch_time(results_root):
+    """A 3-seed run that reused trained checkpoints (640 s here) once overwrote the from-scratch
+    time (1780 s) that the README quotes as set-up time; it is now recorded apart."""
+    import json
+
+    from cip_helpers import config, run
+
+    cfg = config.get_profile("smoke")
+    run.record_timings(cfg, [0, 1, 2], 2, 1780.0, {}, from_scratch=True)
+    path = run.record_timings(cfg, [0, 1, 2], 2, 640.0, {}, from_scratch=False)
+    runs = json.loads(path.read_text())["runs"]
+    assert runs["seeds=0,1,2"]["wall_seconds"] == 1780.0
+    assert runs["seeds=0,1,2 (cached)"]["wall_seconds"] == 640.0
+    summary = json.loads((config.REPO_ROOT / "results/quick/summary.json").read_text())
+    summary["timings"] = {"runs": runs}
+    line = [ln for ln in report.readme_block(summary).splitlines() if "Run time" in ln][0]
+    assert "29.7 min" in line and "10.7" not in line

@@ -47,9 +47,9 @@ def test_innocent_like_suspect_is_not_flagged_and_stolen_one_is():
 def test_count_agreements_uses_the_models_top1():
     class Fixed(nn.Module):
         def forward(self, x):
-            return nn.functional.one_hot(x.flatten(1)[:, 0].long(), 3).float()
+            return nn.functional.one_hot((2 * x.flatten(1)[:, 0]).long(), 3).float()
 
-    x = torch.tensor([0.0, 1.0, 2.0, 1.0]).view(4, 1, 1, 1)
+    x = torch.tensor([0.0, 0.5, 1.0, 0.5]).view(4, 1, 1, 1)  # raw images in [0, 1]: classes 0 1 2 1
     assert v.count_agreements(Fixed(), x, torch.tensor([0, 1, 0, 1])) == 3
     with pytest.raises(ValueError):
         v.count_agreements(Fixed(), x, torch.tensor([0, 1]))
