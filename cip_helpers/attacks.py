@@ -388,7 +388,8 @@ def knockoff_curve(cfg: Profile, defense: str, label_type: str | None = None,
 
 def _ida_defense_kwargs(cfg: Profile, defense: str, queries: Tensor, n_id: int) -> dict:
     if defense == "cip":
-        return {"strong": "reverse_rank", "pbd": "offline_top_T", "pbd_T": offline_pbd_T(cfg, queries)}
+        t = offline_pbd_T(cfg, queries)  # 0 only if (almost) nothing routes ID: no PBD at all
+        return {"strong": "reverse_rank", "pbd": "offline_top_T" if t else None, "pbd_T": t}
     if defense == "dawn":
         return {"dawn_rate": dawn_rate_for(cfg, n_id)}
     return {}

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from . import poisoning
 from .models import build_model
 from .scores import (HIGH_ES, ID, LOW_ES, ROUTE_NAMES, check_temperature, check_thresholds, energy_score,
-                     reliability_score, route)
+                     finite_number, reliability_score, route)
 from .store import load_checkpoint, read_json, weights_sha256
 from .training import PREDICT_BATCH, as_images, predict_logits
 
@@ -134,8 +134,16 @@ class Defense:
             raise ValueError(f"{self.name}: input_shape must be (C, H, W) of positive ints, got {input_shape!r}")
         self.model = model.eval()
         self.input_shape = tuple(int(v) for v in shape)
-        with torch.no_grad():
-            self.n_classes = int(model(torch.zeros(1, *self.input_shape)).shape[1])
+        try:
+            with torch.no_grad():
+                probe = model(torch.zeros(1, *self.input_shape))
+        except RuntimeError as exc:
+            raise ValueError(f"{self.name}: the model does not take images of input_shape "
+                             f"{self.input_shape} (C, H, W): {exc}") from exc
+        if probe.ndim != 2 or probe.shape[1] < 2:
+            raise ValueError(f"{self.name}: the model must return logits (N, K >= 2) for images of "
+                             f"shape {self.input_shape}, got shape {tuple(probe.shape)}")
+        self.n_classes = int(probe.shape[1])
         self.last_clean = torch.zeros(0, self.n_classes)  # the wrapped model's softmax, last call
         self._nonfinite: Tensor | None = None  # rows of the current call with non-finite logits
         self._weights_sha256: str | None = None
@@ -333,16 +341,23 @@ class CIP(Defense):
             hint = (" ('offline' is now 'offline_top_T', an evaluation device; the API default is "
                     "'online')" if pbd == "offline" else "")
             raise ValueError(f"pbd must be one of {PBD_MODES}, got {pbd!r}{hint}")
-        if pbd == "online" and (r1 is None or not math.isfinite(float(r1))):
-            raise ValueError(f"online PBD needs a finite r1 (a low percentile of ID-training "
-                             f"reliability scores, e.g. CIP.calibrate), got r1={r1!r}")
+        if pbd == "online" and r1 is None:
+            raise ValueError("online PBD needs a finite r1 (a low percentile of ID-training "
+                             "reliability scores, e.g. CIP.calibrate), got r1=None")
+        if r1 is not None:
+            r1 = finite_number("r1 (online PBD needs a finite r1, e.g. from CIP.calibrate)", r1)
         e1, e2 = check_thresholds(e1, e2)
         temperature = check_temperature(temperature)
         poisoning.check_reverse_sigmoid(beta, gamma)
-        if not math.isfinite(float(snr_db)):
-            raise ValueError(f"snr_db must be a finite number of decibels, got {snr_db!r}")
-        if isinstance(pbd_T, bool) or not math.isfinite(float(pbd_T)) or pbd_T < 0:
-            raise ValueError(f"pbd_T must be a fraction in [0, 1) or a count >= 1, got {pbd_T!r}")
+        snr_db = finite_number("snr_db (decibels)", snr_db)
+        pbd_T = finite_number("pbd_T", pbd_T)
+        if pbd_T < 0 or (pbd_T >= 1 and not pbd_T.is_integer()):
+            raise ValueError(f"pbd_T must be a fraction in [0, 1) of the ID-routed queries or a whole "
+                             f"count >= 1, got {pbd_T!r}")
+        if pbd == "offline_top_T" and pbd_T == 0:
+            raise ValueError("pbd='offline_top_T' with pbd_T = 0 would flip nothing: give pbd_T (a "
+                             "fraction in (0, 1) of the ID-routed queries or a count >= 1), or use "
+                             "pbd=None for no PBD")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise ValueError(f"seed must be an int, got {seed!r}")
         super().__init__(model, input_shape)
@@ -444,6 +459,10 @@ class CIP(Defense):
         percentiles (0 <= p1 < p2 <= 100, 0 <= r1_percentile <= 100)."""
         from .scores import select_thresholds
 
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"CIP.calibrate: model must be a torch.nn.Module mapping raw images to "
+                            f"logits, got {type(model).__name__}")
+        temperature = check_temperature(temperature)
         id_train_x = as_images(id_train_x)
         if len(id_train_x) == 0:
             raise ValueError("CIP.calibrate needs at least one ID training image (got an empty batch)")

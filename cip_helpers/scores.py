@@ -3,6 +3,7 @@ reliability score. All functions are batched tensor operations."""
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -13,10 +14,22 @@ ID, LOW_ES, HIGH_ES = 0, 1, 2
 ROUTE_NAMES = ("ID", "low-ES OOD", "high-ES OOD")
 
 
+def finite_number(name: str, value: object) -> float:
+    """``value`` as a float, or ``ValueError`` naming ``name`` unless it is a finite real number
+    (an int or float, numpy's too; never a bool or a string)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a finite number, got {value!r} ({type(value).__name__})")
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return out
+
+
 def check_temperature(temperature: float) -> float:
     """``temperature`` as a float, or ``ValueError`` unless it is finite and > 0 (T <= 0 would
     turn the energy's sign or divide by zero: every query could look in-distribution)."""
-    t = float(temperature)
+    bad = isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, numbers.Real)
+    t = math.nan if bad else float(temperature)
     if not (math.isfinite(t) and t > 0):
         raise ValueError(f"the energy temperature T must be a finite number > 0, got {temperature!r} "
                          "(the paper and energy_ood use T = 1)")
@@ -74,9 +87,7 @@ def select_thresholds(id_energy: Tensor, p1: float = 95.0, p2: float = 99.9) -> 
 
 def check_thresholds(e1: float, e2: float) -> tuple[float, float]:
     """``(E1, E2)`` as floats, or ``ValueError`` unless both are finite and E1 <= E2."""
-    e1, e2 = float(e1), float(e2)
-    if not (math.isfinite(e1) and math.isfinite(e2)):
-        raise ValueError(f"thresholds E1, E2 must be finite numbers, got E1={e1}, E2={e2}")
+    e1, e2 = finite_number("threshold E1", e1), finite_number("threshold E2", e2)
     if not e1 <= e2:
         raise ValueError(f"thresholds must satisfy E1 <= E2, got E1={e1}, E2={e2}")
     return e1, e2

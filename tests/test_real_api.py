@@ -151,6 +151,13 @@ def test_case2_temperature_must_be_positive(model, temperature):
     (lambda m: CIP(m, SHAPE, -5.0, 0.0, r1=0.1, gamma=-1), "gamma"),
     (lambda m: CIP(m, SHAPE, -5.0, 0.0, pbd="offline_top_T", pbd_T=-1), "pbd_T"),
     (lambda m: CIP(m, SHAPE, -5.0, 0.0, r1=0.1, snr_db=math.nan), "snr_db"),
+    (lambda m: CIP(m, SHAPE, -5.0, 0.0, pbd="offline_top_T"), "would flip nothing"),
+    (lambda m: CIP(m, SHAPE, -5.0, 0.0, pbd="offline_top_T", pbd_T=1.5), "whole count"),
+    (lambda m: CIP(m, SHAPE, -5.0, 0.0, r1=0.1, temperature="1"), "T must be"),
+    (lambda m: CIP(m, SHAPE, -5.0, 0.0, r1=0.1, temperature=True), "T must be"),
+    (lambda m: CIP(m, SHAPE, "abc", 0.0, r1=0.1), "threshold E1 must be a finite number"),
+    (lambda m: CIP(m, SHAPE, -5.0, 0.0, r1="abc"), "r1 .* must be a finite number"),
+    (lambda m: CIP(m, (3, 32, 32), -5.0, 0.0, r1=0.1), r"does not take images of input_shape \(3, 32, 32\)"),
     (lambda m: CIP.calibrate(m, digit_like(20, seed=4), p1=99, p2=95), "p1 < p2"),
     (lambda m: CIP.calibrate(m, digit_like(20, seed=4), r1_percentile=150), r"\[0, 100\]"),
     (lambda m: CIP.calibrate(m, digit_like(0, seed=4)), "at least one"),
@@ -196,12 +203,29 @@ def test_case3_float64_and_numpy_images_are_answered_like_float32(model, calibra
     (lambda: torch.randint(0, 256, (4, *SHAPE), dtype=torch.uint8), r"dtype.*x\.float\(\) / 255"),
     (lambda: torch.rand(4, *SHAPE) * 255, r"0\.\.255 pixel values: divide by 255"),
     (lambda: (torch.rand(4, *SHAPE) - 0.1307) / 0.3081, r"normalised.*undo"),
-    (lambda: torch.full((4, *SHAPE), math.nan), "NaN"),
+    (lambda: torch.full((4, *SHAPE), math.nan), r"4 of 4 images contain NaN.*drop or repair"),
+    (lambda: torch.ones(4, *SHAPE) * (1 + 1e-6), r"range \[1.00000095, 1.00000095\].*clamp\(0, 1\)"),
+    (lambda: torch.rand(2, 1, 1, 28, 28), r"rank 5.*x\.reshape\(-1, 1, 28, 28\)"),
+    (lambda: torch.rand(784), r"ONE flat image.*x\.reshape\(1, 1, 28, 28\)"),
+    (lambda: torch.rand(4, 28, 28, 3), r"channels-last with 3 channels.*permute.*mean"),
+    (lambda: torch.rand(4, 1, 32, 32), r"28x28 images: resize"),
+    (lambda: np.zeros((4, *SHAPE), np.uint8), r"dtype uint8; use x\.astype\(np\.float32\) / 255"),
 ])
 def test_case4_wrong_layouts_get_the_right_hint(model, calibrated, bad, message):
     for name, defense in every_defense(model, calibrated).items():
         with pytest.raises(ValueError, match=message):
             defense(bad())
+
+
+def test_case4_read_only_arrays_and_grad_tensors_are_answered_without_warnings(model, recwarn):
+    a = digit_like(3, seed=8).numpy()
+    a.setflags(write=False)
+    t = digit_like(3, seed=8).requires_grad_(True)
+    defense = NoDefense(model, SHAPE)
+    np.testing.assert_array_equal(defense(a), defense(t).numpy())
+    assert [str(w.message) for w in recwarn] == []
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        CIP.calibrate(None, digit_like(5, seed=8))
 
 
 def test_case4_non_images_raise_type_error(model):
