@@ -352,10 +352,12 @@ def write_seed_aggregate(profile_dir: Path, seeds: Sequence[int]) -> list[Path]:
 
 
 def strip_wall_times(obj):
-    """A JSON value without its wall-time fields (keys containing ``seconds``), recursively: what
-    two runs of one seed on one machine must agree on."""
+    """A JSON value without its wall-time fields (keys containing ``seconds``) and cache flags
+    (keys ending in ``_loaded``: whether a checkpoint was reused, a fact about the disk, not the
+    result), recursively: what two runs of one seed on one machine must agree on."""
     if isinstance(obj, dict):
-        return {k: strip_wall_times(v) for k, v in obj.items() if "seconds" not in k}
+        return {k: strip_wall_times(v) for k, v in obj.items()
+                if "seconds" not in k and not k.endswith("_loaded")}
     if isinstance(obj, list):
         return [strip_wall_times(v) for v in obj]
     return obj
