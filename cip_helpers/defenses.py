@@ -38,7 +38,7 @@ SINGLE_THREAD_MIN = 1_024
 """Calls whose logits have at least this many entries (about 100 queries of 10 classes) run the
 post-processing on one thread (:func:`single_thread`); smaller ones skip the switch, a fixed
 per-call cost (benchmarks/api_latency.py, one run each: calls of 256 at 1.06x of plain with the
-switch, 1.33x without; one-query calls 2.2-2.5x either way, within the run-to-run spread)."""
+switch, 1.33x without; one-query calls 2.0-2.5x either way, within the run-to-run spread)."""
 
 
 @contextlib.contextmanager
@@ -323,7 +323,8 @@ class CIP(Defense):
     to a uniform row), never to ID or PBD. Every parameter is checked at construction
     (``ValueError`` naming the valid range): E1 <= E2 finite, T > 0, beta > 0, gamma > 0,
     ``strong`` in :data:`poisoning.STRONG_PPD`, ``pbd`` in :data:`PBD_MODES`, finite ``r1`` for
-    online PBD, ``pbd_T`` >= 0.
+    online PBD, ``pbd_T`` a fraction in [0, 1) or a whole count (> 0 for ``"offline_top_T"``),
+    finite ``snr_db``, int ``seed``; a model that does not take ``input_shape`` is refused too.
 
     After each call, ``last_routes`` holds the branch per query (0 ID, 1 low-ES, 2 high-ES) and
     ``last_flipped`` which ones PBD flipped; ``totals`` accumulates both over calls."""
