@@ -37,7 +37,7 @@ def check_temperature(temperature: float) -> float:
 
 
 def energy_score(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """E(x) = -T * logsumexp(f(x) / T) per row (Liu et al. 2020, Eq. 1 of CIP Sec. III-B);
+    """E(x) = -T * logsumexp(f(x) / T) per row (Liu et al. 2020; CIP Sec. III-B);
     higher means more out-of-distribution. ``logits`` (N, K) float -> (N,) in logits' dtype.
     Raises ``ValueError`` for a logits tensor that is not 2-D or T that is not finite and > 0."""
     if logits.ndim != 2:
