@@ -64,11 +64,11 @@ def breakdown(cfg: config.Profile, cip: CIP, plain, n: int) -> list[str]:
     non-finite and output checks, thread switch, totals) vs the victim's forward pass vs the
     defense's own computation (energy, routing, PPD, PBD). Median over 5 rounds of ``n`` calls."""
     from cip_helpers.defenses import single_thread, softmax
-    from cip_helpers.training import as_images
+    from cip_helpers.training import as_images, predict_logits
 
     x = mixed_queries(cfg, n, seed=99)
     rows = [x[i:i + 1] for i in range(n)]
-    logits = [cip._forward(r) for r in rows]
+    logits = [predict_logits(cip.model, r, cip.forward_batch) for r in rows]
 
     def checks() -> None:  # everything __call__ adds around forward + answer
         for r, lg in zip(rows, logits):
@@ -80,7 +80,7 @@ def breakdown(cfg: config.Profile, cip: CIP, plain, n: int) -> list[str]:
 
     def forward() -> None:
         for r in rows:
-            cip._forward(r)
+            predict_logits(cip.model, r, cip.forward_batch)
 
     def answer() -> None:
         for r, lg in zip(rows, logits):

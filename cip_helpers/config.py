@@ -437,5 +437,4 @@ def get_profile(name: str = "quick", **overrides: Any) -> Profile:
     unknown = sorted(set(overrides) - set(known))
     if unknown:
         raise ValueError(f"unknown profile field(s) {unknown}; valid fields: {sorted(known)}")
-    coerced = {key: coerce_field(key, value) for key, value in overrides.items()}
-    return dataclasses.replace(PROFILES[name], **coerced)  # Profile.__post_init__ checks ranges
+    return dataclasses.replace(PROFILES[name], **overrides)  # Profile.__post_init__ coerces, checks

@@ -38,7 +38,7 @@ SINGLE_THREAD_MIN = 1_024
 """Calls whose logits have at least this many entries (about 100 queries of 10 classes) run the
 post-processing on one thread (:func:`single_thread`); smaller ones skip the switch, a fixed
 per-call cost (benchmarks/api_latency.py, one run each: calls of 256 at 1.06x of plain with the
-switch, 1.33x without; one-query calls 2.0-2.5x either way, within the run-to-run spread)."""
+switch, 1.33x without; one-query calls 2.0-2.6x either way, within the run-to-run spread)."""
 
 
 @contextlib.contextmanager
@@ -170,7 +170,10 @@ class Defense:
         (numpy in, numpy out)."""
         as_numpy = isinstance(x, np.ndarray)
         x = as_images(x, self.input_shape)
-        logits = self._forward(x)
+        if len(x) == 0:  # still goes through answer() so per-call records (routes, marks) reset
+            logits = torch.empty(0, self.n_classes)
+        else:
+            logits = predict_logits(self.model, x, batch_size=self.forward_batch)
         # switching the thread count costs more than a small call gains: big calls only
         threads = single_thread() if logits.numel() >= SINGLE_THREAD_MIN else contextlib.nullcontext()
         with torch.no_grad(), threads:
@@ -194,17 +197,6 @@ class Defense:
             self.totals["queries"] += len(x)
             self._count(len(x))
         return probs.numpy() if as_numpy else probs
-
-    def _forward(self, x: Tensor) -> Tensor:
-        """The victim's logits for ``x`` (eval mode; chunks of :attr:`forward_batch`)."""
-        if len(x) == 0:
-            return torch.empty(0, self.n_classes)
-        if len(x) > self.forward_batch:
-            return predict_logits(self.model, x, batch_size=self.forward_batch)
-        if self.model.training:
-            self.model.eval()
-        with torch.no_grad():
-            return self.model(x)
 
     answers_nonfinite = False  # True: answer() itself handles rows with non-finite logits (CIP)
 
@@ -436,18 +428,20 @@ class CIP(Defense):
         new._weights_sha256 = self._weights_sha256
         return new
 
+    COUNT_KEYS = (*ROUTE_NAMES, "PBD flipped")
+    """What :meth:`route_counts` and :attr:`totals` count: queries per branch, and PBD flips."""
+
     def _total_keys(self) -> tuple[str, ...]:
-        return (*ROUTE_NAMES, "PBD flipped")
+        return self.COUNT_KEYS
 
     def _count(self, n: int) -> None:
-        for name, count in zip((*ROUTE_NAMES, "PBD flipped"), self._last_counts):
+        for name, count in zip(self.COUNT_KEYS, self._last_counts):
             self.totals[name] += count
 
     def route_counts(self) -> dict[str, int]:
         """How many queries of the LAST call took each branch, and how many PBD flipped
         (:attr:`totals` has the same counts summed over every call)."""
-        counts = torch.bincount(self.last_routes, minlength=3).tolist()
-        return {**dict(zip(ROUTE_NAMES, counts)), "PBD flipped": int(self.last_flipped.sum())}
+        return dict(zip(self.COUNT_KEYS, self._last_counts))
 
     @classmethod
     def calibrate(cls, model: nn.Module, id_train_x: Tensor, p1: float = 95.0, p2: float = 99.9,

@@ -16,10 +16,11 @@ Measuring a perturbation: :func:`top1_change_rate`, :func:`mean_l1`, :func:`mean
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import Tensor
+
+from .scores import is_real
 
 EPS = 1e-12
 
@@ -150,7 +151,7 @@ def check_reverse_sigmoid(beta: float, gamma: float) -> None:
     """``ValueError`` unless beta > 0 and gamma > 0 are finite: beta = 0 or gamma = 0 moves answers
     by ~1e-7, i.e. no defense at all (Lee et al. use beta in (0, 1], gamma in (0, 1])."""
     for name, v in (("beta", beta), ("gamma", gamma)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v > 0):
+        if not (is_real(v) and math.isfinite(v) and v > 0):
             raise ValueError(f"reverse sigmoid {name} must be a finite number > 0, got {v!r} "
                              "(the paper and ART default to beta = 0.9, gamma = 0.6)")
 

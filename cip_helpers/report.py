@@ -265,12 +265,13 @@ def aggregate_table(long: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def _pm(st: dict, digits: int = 1) -> str | None:
-    if st["mean"] is None:
+def _pm(st: dict | None, digits: int = 1, scale: float = 1) -> str | None:
+    """``"mean ± sd"`` of a :func:`stat` (values times ``scale``), ``"mean"`` without an sd,
+    ``None`` without a mean."""
+    if not st or st.get("mean") is None:
         return None
-    if st["sd"] is None:
-        return f"{st['mean']:.{digits}f}"
-    return f"{st['mean']:.{digits}f} ± {st['sd']:.{digits}f}"
+    mean = f"{scale * st['mean']:.{digits}f}"
+    return mean if st.get("sd") is None else f"{mean} ± {scale * st['sd']:.{digits}f}"
 
 
 def seed_summary(profile_dir: Path, seeds: Sequence[int]) -> dict:
@@ -397,10 +398,8 @@ README_ROWS = (("knockoff", "soft", "KnockoffNets, soft labels"), ("knockoff", "
 
 
 def _pct(st: dict | None, digits: int = 1) -> str:
-    if not st or st.get("mean") is None:
-        return "n/a"
-    sd = "" if st.get("sd") is None else f" ± {100 * st['sd']:.{digits}f}"
-    return f"{100 * st['mean']:.{digits}f}{sd}"
+    """:func:`_pm` of fractions, in percent; ``"n/a"`` without a mean."""
+    return _pm(st, digits, scale=100) or "n/a"
 
 
 def readme_block(summary: dict) -> str:

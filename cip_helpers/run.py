@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import PROFILES, REPO_ROOT, Profile, coerce_field, field_types, get_profile
+from .config import PROFILES, REPO_ROOT, Profile, coerce_field, get_profile
 from .store import read_json, write_json
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
@@ -191,11 +191,17 @@ def run_jobs(job_list: list[Job], profile: str, overrides: dict, cfg_for: dict[i
     try:
         return _run_loop(pending, running, profile, overrides, cfg_for, jobs, cell_timeout)
     finally:  # Ctrl-C, SIGTERM or an error in the runner: no worker or kernel is left behind
-        for job in running:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(job.proc.pid, signal.SIGTERM)
-        for job in running:
-            _wait_or_kill(job.proc, grace=15.0)
+        _stop(running, grace=15.0)
+
+
+def _stop(running: list[Job], grace: float) -> None:
+    """SIGTERM every running worker's process group (a worker shuts its kernel down on SIGTERM),
+    then wait for each, SIGKILLing a group still there after ``grace`` seconds."""
+    for job in running:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.proc.pid, signal.SIGTERM)
+    for job in running:
+        _wait_or_kill(job.proc, grace)
 
 
 def _run_loop(pending: list[Job], running: list[Job], profile: str, overrides: dict,
@@ -235,11 +241,7 @@ def _run_loop(pending: list[Job], running: list[Job], profile: str, overrides: d
             job.log.close()
             job.seconds = round(time.perf_counter() - job.start, 1)
             if job.proc.returncode != 0:
-                for other in running:  # the workers shut their kernels down on SIGTERM
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(other.proc.pid, signal.SIGTERM)
-                for other in running:
-                    _wait_or_kill(other.proc)
+                _stop(running, grace=30.0)
                 running.clear()
                 lines = [ln for ln in err.strip().splitlines() if ln.startswith("CIP-RUN-FAILED ")]
                 if lines:
@@ -282,9 +284,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key = key.strip()
         if not sep or not key:
             raise SystemExit(f"--set expects FIELD=VALUE, got {item!r}")
-        if key not in field_types():
-            raise SystemExit(f"--set {item}: unknown profile field {key!r}; valid fields: {sorted(field_types())}")
-        try:
+        try:  # coerce_field names an unknown field with the valid ones
             overrides[key] = coerce_field(key, value, from_text=True)
         except ValueError as err:
             raise SystemExit(f"--set {item}: {err}") from None

@@ -14,10 +14,15 @@ ID, LOW_ES, HIGH_ES = 0, 1, 2
 ROUTE_NAMES = ("ID", "low-ES OOD", "high-ES OOD")
 
 
+def is_real(value: object) -> bool:
+    """Whether ``value`` is a real number: an int or float, numpy's too; never a bool or a string."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def finite_number(name: str, value: object) -> float:
     """``value`` as a float, or ``ValueError`` naming ``name`` unless it is a finite real number
-    (an int or float, numpy's too; never a bool or a string)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+    (:func:`is_real`)."""
+    if not is_real(value):
         raise ValueError(f"{name} must be a finite number, got {value!r} ({type(value).__name__})")
     out = float(value)
     if not math.isfinite(out):
@@ -28,8 +33,7 @@ def finite_number(name: str, value: object) -> float:
 def check_temperature(temperature: float) -> float:
     """``temperature`` as a float, or ``ValueError`` unless it is finite and > 0 (T <= 0 would
     turn the energy's sign or divide by zero: every query could look in-distribution)."""
-    bad = isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, numbers.Real)
-    t = math.nan if bad else float(temperature)
+    t = float(temperature) if is_real(temperature) else math.nan
     if not (math.isfinite(t) and t > 0):
         raise ValueError(f"the energy temperature T must be a finite number > 0, got {temperature!r} "
                          "(the paper and energy_ood use T = 1)")

@@ -94,8 +94,7 @@ def as_images(x: Tensor | np.ndarray, shape: tuple[int, ...] | None = None) -> T
     got = tuple(x.shape)
     if x.ndim != 4:
         raise ValueError(f"expected a batch of images (N, C, H, W), got rank {x.ndim} shape {got}"
-                         + (_shape_hint(got, want) or "; add a batch dimension with x.unsqueeze(0)"
-                            if x.ndim < 4 else _shape_hint(got, want)))
+                         + (_shape_hint(got, want) or "; add a batch dimension with x.unsqueeze(0)"))
     if want is not None and got[1:] != want:
         raise ValueError(f"expected images of shape (C, H, W) = {want}, got {got[1:]}"
                          + _shape_hint(got, want))
@@ -142,6 +141,8 @@ def predict_logits(model: nn.Module, x: Tensor, batch_size: int = PREDICT_BATCH)
     model.eval()
     if len(x) == 0:
         return torch.empty(0, model(torch.zeros(1, *x.shape[1:])).shape[1])
+    if len(x) <= batch_size:  # one chunk: no concatenation (a copy) on the API's per-call path
+        return model(x)
     return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
