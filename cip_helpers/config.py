@@ -102,7 +102,7 @@ class Profile:
     ida_epochs: int = 20
     dqa_ratios: tuple[float, ...] = (1.0, 0.5, 0.25)
     # --- 11 verification -----------------------------------------------------------------
-    n_innocent: int = 3
+    n_innocent: int = 8  # the innocent pool (pipeline.INNOCENT_RECIPES); >= 8 for calibrated verdicts
     alpha: float = 0.01
     # --- bookkeeping ---------------------------------------------------------------------
     cell_timeout: int = 1800  # seconds one notebook cell may run in the batch runner (0 = no limit)
@@ -303,8 +303,10 @@ def check_ranges(p: Profile) -> list[str]:
             need(getattr(p, f) >= 0, f, ">= 0 (0 = the whole stored pool)")
     for f in ("n_noise", "victim_epochs", "batch_size", "oe_epochs", "surrogate_epochs", "surrogate_width",
               "surrogate_batch", "knockoff_queries", "dfme_queries", "dfme_batch", "dfme_nz", "dfme_grad_m",
-              "dfme_g_iter", "dfme_s_iter", "dfme_replay_size", "dfme_eval_every", "ida_epochs", "n_innocent"):
+              "dfme_g_iter", "dfme_s_iter", "dfme_replay_size", "dfme_eval_every", "ida_epochs"):
         need(getattr(p, f) >= 1, f, ">= 1")
+    need(p.n_innocent >= 2, "n_innocent", ">= 2 (verification judges each suspect against K - 1 innocent "
+         "models; 8 or more for the calibrated quick numbers)")
     for f in ("lr", "oe_lr", "surrogate_lr", "dfme_lr_s", "dfme_lr_g", "temperature", "rs_beta", "rs_gamma",
               "dfme_gain", "dfme_grad_eps"):
         need(getattr(p, f) > 0, f, "> 0")

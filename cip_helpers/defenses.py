@@ -26,7 +26,7 @@ from . import poisoning
 from .models import build_model
 from .scores import (HIGH_ES, ID, LOW_ES, ROUTE_NAMES, check_temperature, check_thresholds, energy_score,
                      finite_number, reliability_score, route)
-from .store import load_checkpoint, read_json, weights_sha256
+from .store import load_checkpoint, read_json, row_digests, weights_sha256
 from .training import PREDICT_BATCH, as_images, predict_logits
 
 PBD_MODES = ("online", "offline_top_T", None)
@@ -57,7 +57,10 @@ def single_thread() -> Iterator[None]:
 @dataclass
 class TriggerSet:
     """Queries whose answers the defender altered on purpose: (input, original answer, altered
-    answer). A stolen model agrees with ``labels`` (the altered top-1) far more than chance."""
+    answer). A stolen model agrees with ``labels`` (the altered top-1) far more than chance.
+
+    It is a set: :meth:`append` keeps a bitwise-identical image once (the first answer), so a
+    query asked twice is one trigger, not two pieces of evidence (issue 13)."""
 
     x: Tensor = field(default_factory=lambda: torch.empty(0))
     original: Tensor = field(default_factory=lambda: torch.empty(0))
@@ -72,12 +75,25 @@ class TriggerSet:
         return self.altered.argmax(1) if len(self) else torch.empty(0, dtype=torch.long)
 
     def append(self, x: Tensor, original: Tensor, altered: Tensor) -> None:
-        """Add triggers: inputs ``x`` with their original and altered probability rows."""
+        """Add triggers: inputs ``x`` (N, C, H, W) with their original and altered probability rows
+        (N, K); images already in the set (bitwise) are skipped. Raises ``ValueError`` on
+        mismatched lengths."""
         if not len(x) == len(original) == len(altered):
             raise ValueError(f"x, original and altered need the same length, got {len(x)}, "
                              f"{len(original)}, {len(altered)}")
         if len(x) == 0:
             return
+        # a set: a query asked again (bitwise-identical image) is already evidence, once
+        seen = set(row_digests(self.x)) if len(self) else set()
+        new = []
+        for i, digest in enumerate(row_digests(x)):
+            if digest not in seen:
+                seen.add(digest)
+                new.append(i)
+        if not new:
+            return
+        keep = torch.tensor(new, dtype=torch.long)
+        x, original, altered = x[keep], original[keep], altered[keep]
         if len(self) == 0:
             self.x, self.original, self.altered = x.clone(), original.clone(), altered.clone()
         else:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from . import data
 from .config import Profile
@@ -198,31 +200,76 @@ def dawn_key(cfg: Profile) -> str:
     return f"{cfg.dawn_key}/seed-{cfg.seed}"
 
 
-INNOCENT_RECIPES = (("cnn", 101), ("cnn_wide", 202), ("mlp", 303))
+@dataclass(frozen=True)
+class InnocentRecipe:
+    """How one innocent model is trained: architecture, training data, augmentation, epochs.
+
+    ``data``: ``"attacker"`` (the attacker's half, true labels: the model a legitimate competitor
+    with the same data would build), ``"attacker_sub"`` (a random half of it), ``"half"`` (the
+    owner's own half, trained independently: the closest honest model there is) or ``"mixed"``
+    (a random half of the whole victim-train split). ``epochs_scale`` multiplies the profile's
+    victim epochs (rounded, at least 1)."""
+
+    arch: str
+    data: str
+    augment: bool
+    epochs_scale: float = 1.0
+
+    @property
+    def tag(self) -> str:
+        return f"{self.arch}_{self.data}" + ("" if self.augment else "_noaug") + (
+            "" if self.epochs_scale == 1 else f"_ep{self.epochs_scale:g}")
+
+
+INNOCENT_RECIPES = (
+    InnocentRecipe("cnn", "attacker", True), InnocentRecipe("cnn_wide", "attacker", True),
+    InnocentRecipe("mlp", "attacker", True), InnocentRecipe("cnn", "attacker", False),
+    InnocentRecipe("cnn_wide", "half", True), InnocentRecipe("mlp", "attacker_sub", False),
+    InnocentRecipe("cnn", "mixed", True), InnocentRecipe("cnn_wide", "attacker", False, 0.5),
+)
+"""The innocent pool of ownership verification (issue 13; the course's design, not the authors'
+release): it varies architecture, seed, training data and recipe, because how often an honest
+model agrees with a trigger's altered label depends on all of them. ``cfg.n_innocent`` takes the
+first n (cycled beyond eight; every model has its own seed)."""
+
+
+def _innocent_data(cfg: Profile, recipe: InnocentRecipe, seed: int) -> tuple[Tensor, Tensor]:
+    d = data.id_data(cfg)
+    if recipe.data in ("attacker", "half"):
+        return d.split(recipe.data)
+    x, y = d.split("attacker" if recipe.data == "attacker_sub" else "all")
+    if recipe.data not in ("attacker_sub", "mixed"):
+        raise ValueError(f"unknown innocent data {recipe.data!r}")
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[: len(x) // 2]
+    return x[idx], y[idx]
 
 
 def get_innocent_models(cfg: Profile, verbose: bool = True) -> dict[str, nn.Module]:
-    """Models that were NOT stolen: trained independently on the attacker's half with its TRUE
-    labels, each with its own architecture and seed (``INNOCENT_RECIPES``, cycled up to
-    ``cfg.n_innocent``). They estimate how often an honest model agrees with a trigger set."""
+    """The innocent pool: ``cfg.n_innocent`` models that were NOT stolen, trained with true labels
+    by the recipes of :data:`INNOCENT_RECIPES` (cycled, with a new seed per model and per profile
+    seed), each load-or-train under ``checkpoints/innocent_<i>_<tag>.pt``. They tell, trigger by
+    trigger, how often an honest model agrees with an altered label (:mod:`verification`).
+    Returns ``{name: model}`` in the pool's order."""
     d = data.id_data(cfg)
-    x, y = d.split("attacker")
     models = {}
-    for i in range(cfg.n_innocent):
-        arch, seed = INNOCENT_RECIPES[i % len(INNOCENT_RECIPES)]
-        seed += 1000 * (i // len(INNOCENT_RECIPES)) + 10_000 * cfg.seed
-        name = f"innocent_{i + 1}_{arch}"
-        spec = {"stage": "innocent", "arch": arch, "seed": seed, "dataset": cfg.dataset,
-                "n_train": cfg.n_train, "data": "attacker half, true labels",
-                "epochs": cfg.victim_epochs, "lr": cfg.lr, "batch_size": cfg.batch_size,
-                "augment_shift": cfg.augment_shift}
+    for i in tqdm(range(cfg.n_innocent), desc="innocent pool", disable=not verbose):
+        recipe = INNOCENT_RECIPES[i % len(INNOCENT_RECIPES)]
+        seed = 101 * (i + 1) + 10_000 * cfg.seed
+        x, y = _innocent_data(cfg, recipe, seed)
+        epochs = max(1, round(cfg.victim_epochs * recipe.epochs_scale))
+        shift = cfg.augment_shift if recipe.augment else 0
+        name = f"innocent_{i + 1}_{recipe.tag}"
+        spec = {"stage": "innocent", "recipe": asdict(recipe), "seed": seed, "dataset": cfg.dataset,
+                "n_train": cfg.n_train, "n_images": len(x), "data_sha256": tensor_sha256(x),
+                "epochs": epochs, "lr": cfg.lr, "batch_size": cfg.batch_size, "augment_shift": shift}
 
-        def train(model: nn.Module, seed: int = seed, name: str = name) -> dict:
-            return {"history": train_classifier(model, x, y, epochs=cfg.victim_epochs, lr=cfg.lr,
+        def train(model: nn.Module, x: Tensor = x, y: Tensor = y, seed: int = seed, name: str = name,
+                  epochs: int = epochs, shift: int = shift) -> dict:
+            return {"history": train_classifier(model, x, y, epochs=epochs, lr=cfg.lr,
                                                 batch_size=cfg.batch_size, seed=seed,
-                                                augment_shift=cfg.augment_shift, desc=name)}
+                                                augment_shift=shift, desc=name, progress=verbose)}
 
-        def build(arch: str = arch, seed: int = seed) -> nn.Module:
+        def build(arch: str = recipe.arch, seed: int = seed) -> nn.Module:
             torch.manual_seed(seed)
             c, h, _ = d.shape
             return build_model(arch, c, d.n_classes, h)

@@ -395,6 +395,59 @@ def seed_spread(long, value: str = "Test(M_S)", title: str = "", ylabel: str = "
     return fig
 
 
+# --- ownership verification (notebook 11) ------------------------------------------------------
+
+def verification_pvalues(verdicts: Sequence[Mapping], alpha: float = 0.01, title: str = "") -> plt.Figure:
+    """-log10 p per suspect and trigger set (x axis): stolen surrogates as large dots in their
+    defense's colour, innocent models (leave-one-out) as small grey dots, the flagging line at
+    -log10 alpha. ``verdicts`` are :func:`cip_helpers.report.verification_verdicts` dicts
+    (keys ``kind``, ``defense``, ``trigger_set``, ``p_value``); p is floored at 1e-300."""
+    sets = list(dict.fromkeys(v["trigger_set"] for v in verdicts))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(sets) + 2), 3.8))
+    rng = np.random.default_rng(0)
+    labelled = set()
+    for v in verdicts:
+        x = sets.index(v["trigger_set"])
+        y = -np.log10(max(float(v["p_value"]), 1e-300))
+        if v["kind"] == "stolen":
+            label = f"stolen ({v['defense']})"
+            ax.scatter(x, y, s=60, color=DEFENSE_COLORS[v["defense"]], edgecolor="black", zorder=3,
+                       label=None if label in labelled else label)
+        else:
+            label = "innocent (leave-one-out)"
+            ax.scatter(x + rng.uniform(-0.2, 0.2), y, s=12, color="#9e9e9e", alpha=0.7, zorder=2,
+                       label=None if label in labelled else label)
+        labelled.add(label)
+    ax.axhline(-np.log10(alpha), color="black", ls="--", lw=1, label=f"alpha = {alpha:g}")
+    ax.set_xticks(range(len(sets)), sets, rotation=35, ha="right")
+    ax.set_ylabel("-log10 p  (higher = stronger evidence)")
+    ax.set_title(title or "ownership test per suspect: flagged above the dashed line")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def agreement_matrix(rows: Mapping[str, np.ndarray], ood: np.ndarray, labels: np.ndarray,
+                     title: str = "") -> plt.Figure:
+    """Which model (row) agrees with which trigger (column) of one trigger set: ``rows`` maps a
+    model name to its (T,) bool agreements; columns are sorted in-distribution first, then
+    OOD triggers by altered label (``ood`` (T,) bool, ``labels`` (T,) int), with a line between."""
+    ood, labels = np.asarray(ood, dtype=bool), np.asarray(labels)
+    order = np.lexsort((labels, ood))
+    mat = np.stack([np.asarray(a, dtype=float)[order] for a in rows.values()])
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.16 * len(order) + 3), 0.32 * len(rows) + 1.4))
+    ax.imshow(mat, aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+    n_id = int((~ood).sum())
+    if 0 < n_id < len(order):
+        ax.axvline(n_id - 0.5, color=DEFENSE_COLORS["cip"], lw=1.5)
+    ax.set_yticks(range(len(rows)), list(rows))
+    ax.set_xticks(range(len(order)), [str(int(lab)) for lab in labels[order]], fontsize=6)
+    ax.set_xlabel(f"triggers (altered label): {n_id} in-distribution | {len(order) - n_id} OOD, by label")
+    ax.set_title(title or "black = the model gives the trigger's altered label")
+    fig.tight_layout()
+    return fig
+
+
 # --- sliders (notebooks 03 and 05) --------------------------------------------------------------
 
 BATCH_ENV = "CIP_BATCH"

@@ -6,13 +6,13 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from torch import nn
 
-from . import attacks
+from . import attacks, pipeline, verification
 from .config import Profile
 from .store import read_json, weights_sha256, write_json, write_text
-from .verification import count_agreements, null_agreement_rate, verify
 
 PAPER_TABLE = Path(__file__).with_name("paper_table_iv.json")
 # the paper task we put next to each of our attacks (Table IV has no MNIST row for Knockoff/IDA/DQA)
@@ -132,19 +132,29 @@ def table_notes(df: pd.DataFrame, records: Sequence[dict] = ()) -> list[str]:
     return notes
 
 
+ABLATIONS = {"no_units": {"method": "units", "ood": False},
+             "drop_agreed": {"method": "units", "drop_agreed": True},
+             "one_rate": {"method": "one_rate"}}
+"""Variants of the verification test each verdict also records (notebook 11 compares their
+false-claim rate and power): per-trigger units without grouping OOD triggers, dropping units the
+pool already agrees with, and the pooled one-rate binomial the course used before issue 13."""
+
+
 def verification_verdicts(cfg: Profile, records: list[dict], innocents: dict[str, nn.Module],
                           n_classes: int) -> list[dict]:
-    """Verdicts for every stolen surrogate with a trigger set (DAWN and CIP runs) and for every
-    innocent model against every such trigger set. Each verdict names the trigger set and the
-    suspect by sha256 (``triggers_sha256``, ``suspect_sha256``); loading a trigger set or surrogate
-    whose bits differ from its record raises (:func:`attacks.load_trigger_set`).
+    """Verdicts (:func:`verification.verify`) for every stolen surrogate with a trigger set (DAWN
+    and CIP runs) and, leave-one-out (:func:`verification.leave_one_out`), for every innocent model
+    against every such trigger set: an innocent verdict with ``flagged`` True is a false claim.
 
-    p0 is estimated from the innocent models' agreement with the same trigger set
-    (:func:`null_agreement_rate`: the largest per-model upper 95 % Clopper-Pearson bound, at least
-    chance); an
-    innocent model is judged with p0 from the OTHER innocent models (leave-one-out), so it is not
-    used to excuse itself."""
+    Per trigger set: distinct triggers; the owner's OOD detector (the OE-tuned victim of the
+    record's split with its E1, :func:`pipeline.get_thresholds`) marks which triggers are grouped
+    into units; the innocent pool's agreements give the per-unit null. Each verdict names the
+    trigger set and the suspect by sha256 (``triggers_sha256``, ``suspect_sha256``; loading a
+    trigger set or surrogate whose bits differ from its record raises), and records ``m``, ``T``
+    (distinct triggers), ``units``, ``m_units``, ``expected_units``, ``p_value``, ``flagged``, the
+    ``null`` used (pool names, detector) and the p-values of :data:`ABLATIONS`."""
     verdicts = []
+    names = list(innocents)
     hashes = {name: weights_sha256(m) for name, m in innocents.items()}
     for r in records:
         if not r.get("trigger_file"):
@@ -152,19 +162,44 @@ def verification_verdicts(cfg: Profile, records: list[dict], innocents: dict[str
         triggers = attacks.load_trigger_set(cfg, r["name"])
         if triggers is None or len(triggers) == 0:
             continue
-        t = len(triggers)
-        counts = {name: count_agreements(m, triggers.x, triggers.labels) for name, m in innocents.items()}
+        x, labels = verification.distinct_triggers(triggers.x, triggers.labels)
+        split = r.get("victim", "all")
+        owner, _ = pipeline.get_oe_victim(cfg, split, verbose=False)
+        th = pipeline.get_thresholds(cfg, split, verbose=False)
+        ood = verification.ood_flags(owner, x, th["E1"], th["T"])
+        units = {True: verification.dependence_units(labels, ood), False: verification.dependence_units(labels)}
+        pool = np.stack([verification.agreements(m, x, labels) for m in innocents.values()])
+        stolen = verification.agreements(attacks.load_surrogate(cfg, r["name"]), x, labels)
         base = {"attack": r["attack"], "defense": r["defense"], "setting": r.get("setting"),
-                "trigger_set": r["name"], "triggers_sha256": r.get("triggers_sha256")}
-        p0 = null_agreement_rate([(m, t) for m in counts.values()], n_classes)
-        m = count_agreements(attacks.load_surrogate(cfg, r["name"]), triggers.x, triggers.labels)
+                "trigger_set": r["name"], "triggers_sha256": r.get("triggers_sha256"),
+                "n_logged": len(triggers), "n_ood": int(ood.sum())}
+        detector = {"ood_detector": f"checkpoints/oe_victim_{split}.pt, energy >= E1 = {th['E1']:.4f}"}
+
+        def run(suspect: np.ndarray | None, **variant) -> dict | list[dict]:
+            """verify() for ``suspect``, leave_one_out() of the pool for None."""
+            kw = {k: v for k, v in variant.items() if k != "ood"}
+            u = units[variant.get("ood", True)]
+            if kw.get("method") == "one_rate":
+                kw["n_classes"] = n_classes
+            if suspect is None:
+                return verification.leave_one_out(pool, u, cfg.alpha, **kw)
+            return verification.verify(suspect, pool, u, cfg.alpha, **kw)
+
+        def ablations(results: dict[str, dict]) -> dict:
+            return {k: {"p_value": v["p_value"], "flagged": v["flagged"]} for k, v in results.items()}
+
+        main = run(stolen)
+        main["null"].update(detector, pool=[n for i, n in enumerate(names) if i != main["null"]["left_out"]])
         verdicts.append({"suspect": f"surrogate of {r['name']}", "kind": "stolen", **base,
-                         "suspect_sha256": r.get("surrogate_sha256"), **verify(m, t, p0, cfg.alpha)})
-        for name, m_i in counts.items():
-            others = [(c, t) for other, c in counts.items() if other != name]
-            p0_i = null_agreement_rate(others, n_classes)
-            verdicts.append({"suspect": name, "kind": "innocent", **base,
-                             "suspect_sha256": hashes[name], **verify(m_i, t, p0_i, cfg.alpha)})
+                         "suspect_sha256": r.get("surrogate_sha256"), **main,
+                         "ablations": ablations({k: run(stolen, **a) for k, a in ABLATIONS.items()})})
+        loo = run(None)
+        loo_ablations = {k: run(None, **a) for k, a in ABLATIONS.items()}
+        for i, name in enumerate(names):
+            v = loo[i]
+            v["null"].update(detector, pool=[n for n in names if n != name])
+            verdicts.append({"suspect": name, "kind": "innocent", **base, "suspect_sha256": hashes[name],
+                             **v, "ablations": ablations({k: res[i] for k, res in loo_ablations.items()})})
     return verdicts
 
 
@@ -304,18 +339,8 @@ def seed_summary(profile_dir: Path, seeds: Sequence[int]) -> dict:
             values.append(pick(read_json(path)) if path.exists() else None)
         return stat(values)
 
-    verification = {"stolen": {}, "innocent": {"flagged": 0, "of": 0}}
-    for s in seeds:
-        path = profile_dir / f"seed-{s}" / "verification.json"
-        for v in (read_json(path) if path.exists() else []):
-            if v.get("kind") == "innocent":
-                verification["innocent"]["flagged"] += int(v["flagged"])
-                verification["innocent"]["of"] += 1
-            else:
-                key = f"{v['attack']}/{v['defense']}"
-                d = verification["stolen"].setdefault(key, {"flagged": 0, "of": 0})
-                d["flagged"] += int(v["flagged"])
-                d["of"] += 1
+    paths = {s: profile_dir / f"seed-{s}" / "verification.json" for s in seeds}
+    verification = verification_summary({s: read_json(p) if p.exists() else [] for s, p in paths.items()})
     extra = {}  # snapshots, so that later single-seed runs (which rewrite timings.json) leave it be
     if (profile_dir / "reproducibility.json").exists():
         extra["reproducibility"] = read_json(profile_dir / "reproducibility.json")
@@ -329,6 +354,41 @@ def seed_summary(profile_dir: Path, seeds: Sequence[int]) -> dict:
             "id_test_answered_unpoisoned": per_seed_json(
                 "routing.json", lambda d: d["fractions"]["ID test"]["ID"]),
             "verification": verification, "rows": rows}
+
+
+def verification_summary(per_seed: dict[int, list[dict]], confidence: float = verification.CONFIDENCE) -> dict:
+    """Counts over seeds of ``verification.json`` lists (``{seed: verdicts}``): for the course's test and
+    each of :data:`ABLATIONS`, the innocent verdicts (false claims ``flagged`` of ``of`` pairs,
+    with the one-sided ``confidence`` Clopper-Pearson upper bound on the false-claim rate
+    ``false_claim_upper``) and the stolen verdicts per ``attack/defense`` (power: ``flagged``
+    of ``of`` surrogates, and ``missed``: which ones, by seed and trigger set). ``min_innocent_p``
+    is the smallest p-value any innocent model got (how close the test came to a false claim)."""
+    def tally(pick) -> dict:
+        inn = {"flagged": 0, "of": 0}
+        stolen: dict[str, dict] = {}
+        for seed, verdicts in per_seed.items():
+            for v in verdicts:
+                flagged = bool(pick(v)["flagged"])
+                if v.get("kind") == "innocent":
+                    inn["flagged"] += flagged
+                    inn["of"] += 1
+                else:
+                    d = stolen.setdefault(f"{v['attack']}/{v['defense']}", {"flagged": 0, "of": 0, "missed": []})
+                    d["flagged"] += flagged
+                    d["of"] += 1
+                    if not flagged:
+                        d["missed"].append(f"seed {seed}: {v['trigger_set']}")
+        if inn["of"]:
+            inn["false_claim_upper"] = verification.false_claim_bound(inn["flagged"], inn["of"], confidence)
+        return {"innocent": inn, "stolen": dict(sorted(stolen.items()))}
+
+    out = tally(lambda v: v)
+    ps = [v["p_value"] for verdicts in per_seed.values() for v in verdicts if v.get("kind") == "innocent"]
+    out["min_innocent_p"] = min(ps) if ps else None
+    out["confidence"] = confidence
+    out["ablations"] = {name: tally(lambda v, name=name: v.get("ablations", {}).get(name, v))
+                        for name in ABLATIONS}
+    return out
 
 
 def write_seed_aggregate(profile_dir: Path, seeds: Sequence[int]) -> list[Path]:
@@ -437,10 +497,16 @@ def readme_block(summary: dict) -> str:
     out.append("* **Trigger accuracy** (the stolen surrogate agrees with the altered label): "
                + "; ".join(trig) + ".")
     v = summary.get("verification", {})
-    stolen = "; ".join(f"{k} {d['flagged']} of {d['of']}" for k, d in sorted(v.get("stolen", {}).items()))
     inn = v.get("innocent", {"flagged": 0, "of": 0})
-    out.append(f"* **Ownership verification** (alpha = 0.01), stolen surrogates flagged: {stolen}. "
-               f"Innocent models flagged: {inn['flagged']} of {inn['of']} (innocent, trigger set) pairs.")
+    power = "; ".join(f"{k} {d['flagged']} of {d['of']}" for k, d in v.get("stolen", {}).items())
+    bound = inn.get("false_claim_upper")
+    out.append(f"* **Ownership verification** (alpha = 0.01; per-unit Poisson-binomial test against "
+               f"an innocent pool, `cip_helpers/verification.py`): false claims {inn['flagged']} of "
+               f"{inn['of']} (innocent model, trigger set) pairs"
+               + (f", so the false-claim rate is at most {100 * bound:.2f} % (one-sided 95 % "
+                  f"Clopper-Pearson)" if bound is not None else "")
+               + (f"; the closest innocent model had p = {v['min_innocent_p']:.2g}" if v.get("min_innocent_p") is not None else "")
+               + f". Power (stolen surrogates flagged): {power}.")
     rep = summary.get("reproducibility")
     if rep:
         sds = [r["surrogate_acc"]["sd"] for r in summary["rows"] if r["surrogate_acc"].get("sd") is not None]

@@ -63,6 +63,14 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
+def row_digests(t: torch.Tensor) -> list[bytes]:
+    """sha256 digest (32 bytes) of every row t[i] of a tensor (N, ...): two rows share a digest
+    exactly when their values are bitwise identical (same dtype assumed). Used to keep a trigger
+    set a set (:meth:`defenses.TriggerSet.append`, :func:`verification.distinct_triggers`)."""
+    arr = t.detach().cpu().contiguous().numpy()
+    return [hashlib.sha256(row.tobytes()).digest() for row in arr]
+
+
 def tensor_sha256(t: torch.Tensor) -> str:
     """sha256 (hex, 64 characters) of a tensor's dtype, shape and values in row-major order:
     identical tensors give identical hashes whatever their memory layout (channels-last too)."""

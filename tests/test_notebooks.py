@@ -77,6 +77,14 @@ def test_smoke_run_writes_the_artifacts_later_notebooks_need(smoke_run):
     assert {"auroc_before", "auroc_after", "fpr95_before", "fpr95_after"} <= set(ood["noise"])
     assert (results / "checkpoints" / "victim_all.pt").exists()
     assert any((results / "figures").glob("01_*.png"))
+    # issue 13: every verdict records m, T (distinct triggers), the null used, p-value, verdict
+    verdicts = json.loads((results / "verification.json").read_text())
+    assert verdicts and {v["kind"] for v in verdicts} == {"stolen", "innocent"}
+    for v in verdicts:
+        assert 0 <= v["m"] <= v["T"] and 0 <= v["m_units"] <= v["units"] <= v["T"]
+        assert 0 <= v["p_value"] <= 1 and v["flagged"] == (v["p_value"] < 0.01 and v["units"] > 0)
+        assert v["null"]["pool_size"] == get_profile("smoke").n_innocent - 1 and v["null"]["pool"]
+        assert set(v["ablations"]) == {"no_units", "drop_agreed", "one_rate"}
 
 
 def test_second_run_reuses_checkpoints(smoke_run, capsys):

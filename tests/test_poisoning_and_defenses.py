@@ -445,8 +445,9 @@ def test_online_pbd_flips_exactly_id_queries_below_r1():
     assert torch.equal(cip.trigger_set.x, x[:3])
     assert torch.equal(cip.trigger_set.original, p[:3])
     assert (cip.trigger_set.labels != p[:3].argmax(1)).all()
-    cip(x[[5, 1]])  # a second call: only row 1 flips, the trigger set grows by 1
-    assert cip.last_flipped.tolist() == [False, True] and len(cip.trigger_set) == 4
+    cip(x[[5, 1]])  # a second call: row 1 flips again, but it is already a trigger (issue 13)
+    assert cip.last_flipped.tolist() == [False, True] and len(cip.trigger_set) == 3
+    assert cip.totals["PBD flipped"] == 4  # the totals still count every flipped answer
 
 
 @pytest.mark.parametrize("pbd_T, expected", [(3, [0, 1, 2]), (0.3, [0, 1]), (0.1, [0]), (1, [0]),
@@ -523,7 +524,7 @@ def test_dawn_rate_determinism_and_trigger_set():
     assert torch.allclose(again, out[perm], atol=1e-6)
     assert torch.equal(again.argmax(1), out[perm].argmax(1))
     assert torch.equal(dawn.is_watermarked(x[:500]), marked[:500])
-    assert len(dawn.trigger_set) == int(marked.sum()) + int(marked[perm].sum())
+    assert len(dawn.trigger_set) == int(marked.sum())  # re-asked queries are not new triggers (issue 13)
     # another key marks other queries
     other = DAWN(model, SHAPE, rate=0.1, key="other")
     assert not torch.equal(other.is_watermarked(x[:3000]), marked[:3000])
@@ -589,13 +590,14 @@ def test_trigger_set_save_load_roundtrip(tmp_path):
     x = torch.rand(4, *SHAPE)
     orig = dirichlet(4, 10, 1.0, seed=0)
     ts.append(x, orig, poisoning.flip(orig))
-    ts.append(x[:1], orig[:1], poisoning.flip(orig[:1]))
+    ts.append(x[:1], orig[:1], poisoning.flip(orig[:1]))  # asked again: not a new trigger
+    ts.append(x[:1] * 0.5, orig[:1], poisoning.flip(orig[:1]))  # another image: a new one
     path = tmp_path / "sub" / "triggers.pt"
     ts.save(path)
     raw = torch.load(path, weights_only=True)
     assert set(raw) == {"x", "original", "altered"}
     back = TriggerSet.load(path)
-    assert len(back) == 5
+    assert len(back) == 5 and torch.equal(back.x[4], x[0] * 0.5)
     for a, b in ((back.x, ts.x), (back.original, ts.original), (back.altered, ts.altered)):
         assert torch.equal(a, b)
     expected = torch.cat([poisoning.flip(orig), poisoning.flip(orig[:1])]).argmax(1)

@@ -315,7 +315,9 @@ def test_case6_empty_query_sets_end_to_end(tmp_path, model, calibrated):
     cip = defenses["cip"]
     assert verification.count_agreements(model, cip.trigger_set.x[:0].reshape(0, *SHAPE),
                                          torch.empty(0, dtype=torch.long)) == 0
-    assert verification.verify(0, 0, 0.1)["flagged"] is False
+    none = verification.ownership_test(model, [model, model], cip.trigger_set.x[:0].reshape(0, *SHAPE),
+                                       torch.empty(0, dtype=torch.long))
+    assert none["flagged"] is False and none["T"] == 0 and none["p_value"] == 1.0
 
 
 # --- case 9: running totals across calls ------------------------------------------------------
@@ -339,3 +341,23 @@ def test_case9_running_totals_sum_every_call_and_reset(model, calibrated):
     cip.reset_totals()
     assert cip.totals == {"calls": 0, "queries": 0, **{k: 0 for k in summed}}
     assert len(cip.trigger_set) == n_triggers  # the evidence log is kept
+
+
+# --- issue 13: a trigger set is a set ----------------------------------------------------------
+
+def test_issue13_asking_the_same_queries_twice_adds_no_triggers(model, calibrated):
+    """The issue measured CIP online 5 -> 10 entries and DAWN 24 -> 48 when every query was asked
+    twice; the repeated queries are the same evidence, so the logs must not grow."""
+    x = digit_like(400, seed=13)
+    for api in (same_settings(calibrated), DAWN(model, SHAPE, rate=0.1, key="k")):
+        first = api(x)
+        n = len(api.trigger_set)
+        assert n > 0, type(api).__name__
+        again = api(x)  # the same queries in one more call
+        api(torch.cat([x[:50], x[:50]]))  # and repeated inside one call
+        assert len(api.trigger_set) == n, type(api).__name__
+        if isinstance(api, DAWN):  # deterministic answers (CIP's strong PPD draws fresh noise)
+            assert torch.equal(first, again)
+        labels = api.trigger_set.labels
+        kept_x, kept_labels = verification.distinct_triggers(api.trigger_set.x, labels)
+        assert len(kept_x) == n and torch.equal(kept_labels, labels)

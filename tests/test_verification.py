@@ -1,47 +1,217 @@
-"""Ownership verification: binomial p-values, conservative null rate, verdicts."""
+"""Ownership verification (issue 13): trigger sets are sets, a per-unit Poisson-binomial null from
+an innocent pool, dependence units for out-of-distribution triggers, leave-one-out calibration."""
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from cip_helpers import verification as v
+from cip_helpers.defenses import TriggerSet
+
+N_CLASSES = 10
 
 
-def test_binomial_p_values_match_closed_forms():
-    # P(X >= 7) for Binomial(7, 0.1) = 0.1^7
-    assert v.binomial_p_value(7, 7, 0.1) == pytest.approx(1e-7, rel=1e-9)
-    # P(X >= 0) = 1
-    assert v.binomial_p_value(0, 20, 0.3) == pytest.approx(1.0)
-    # P(X >= 2) for Binomial(3, 0.5) = (3 + 1) / 8
-    assert v.binomial_p_value(2, 3, 0.5) == pytest.approx(0.5)
+class ToyDigitModel(nn.Module):
+    """A 'digit classifier' on 1x4x4 toy images: a flat image of brightness (c + 0.5) / 10 is
+    digit c; anything with texture (uniform noise) gets ``noise_label`` (a model's systematic
+    answer to noise) or, with ``noise_label=None``, a per-image pseudo-random class."""
+
+    def __init__(self, noise_label: int | None, scale: float = 10.0) -> None:
+        super().__init__()
+        self.noise_label, self.scale = noise_label, scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(1)
+        digit = (flat.mean(1) * N_CLASSES).floor().long().clamp(0, N_CLASSES - 1)
+        is_noise = flat.std(1) > 0.05
+        if self.noise_label is None:
+            other = (flat[:, 0] * 1000).long() % N_CLASSES
+        else:
+            other = torch.full_like(digit, self.noise_label)
+        label = torch.where(is_noise, other, digit)
+        return self.scale * nn.functional.one_hot(label, N_CLASSES).float()
+
+
+class ToyOwner(nn.Module):
+    """The owner's OE-tuned model on the toy images: confident (low energy) on flat digits,
+    flat logits (high energy) on noise."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = ToyDigitModel(noise_label=0)(x)
+        return torch.where(x.flatten(1).std(1, keepdim=True) > 0.05, torch.zeros_like(out), out)
+
+
+def digits(classes: list[int]) -> torch.Tensor:
+    return torch.stack([torch.full((1, 4, 4), (c + 0.5) / N_CLASSES) for c in classes])
+
+
+def noise(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 1, 4, 4, generator=torch.Generator().manual_seed(seed))
+
+
+N_NOISE = 40
+E1 = -5.0  # ToyOwner: energy -10 on digits, -log(10) = -2.3 on noise
+
+
+def noise_heavy_trigger_set() -> tuple[torch.Tensor, torch.Tensor]:
+    """The issue-13 failure case, heavier: 40 noise triggers, 34 of them with altered label 2
+    (DAWN's altered label on noise was 2 for 17 of 23 in the issue), plus 8 in-distribution digits
+    with flipped labels (c -> c + 1)."""
+    classes = [0, 1, 3, 4, 5, 6, 7, 8]
+    x = torch.cat([noise(N_NOISE), digits(classes)])
+    labels = torch.tensor([2] * 34 + [5, 7, 9, 5, 7, 9] + [(c + 1) % N_CLASSES for c in classes])
+    return x, labels
+
+
+def innocent_pool() -> list[nn.Module]:
+    """Eight honest models: right on digits, each with its own systematic answer to noise (none
+    of them '2'), one that answers noise pseudo-randomly."""
+    return [ToyDigitModel(c) for c in (0, 1, 3, 4, 6, 8, 9)] + [ToyDigitModel(None)]
+
+
+# ----------------------------------------------------------------------------- the issue's cases
+
+
+def test_duplicating_every_trigger_leaves_p_value_unchanged():
+    x, labels = noise_heavy_trigger_set()
+    ood = v.ood_flags(ToyOwner(), x, E1)
+    stolen = ToyDigitModel(2)  # agrees with the noise unit
+    once = v.ownership_test(stolen, innocent_pool(), x, labels, ood)
+    x2, labels2, ood2 = torch.cat([x, x, x]), torch.cat([labels] * 3), np.concatenate([ood] * 3)
+    thrice = v.ownership_test(stolen, innocent_pool(), x2, labels2, ood2)
+    assert thrice["p_value"] == once["p_value"]
+    assert thrice["T"] == once["T"] == len(x) and thrice["m"] == once["m"]
+    # the issue's measurement: counting copies as evidence made an innocent model's p collapse
+    m, t = once["m"], once["T"]
+    assert v.binomial_p_value(3 * m, 3 * t, 0.3) < v.binomial_p_value(m, t, 0.3) / 10
+
+
+def test_trigger_log_keeps_a_repeated_query_once():
+    ts = TriggerSet()
+    x, p = digits([1, 2, 3]), torch.eye(N_CLASSES)[:3]
+    ts.append(x, p, p.roll(1, 1))
+    ts.append(x[:2], p[:2], p[:2].roll(1, 1))  # asked again
+    ts.append(torch.cat([x[2:], x[2:]]), p[2:].repeat(2, 1), p[2:].roll(1, 1).repeat(2, 1))
+    assert len(ts) == 3
+    assert torch.equal(ts.labels, torch.tensor([1, 2, 3]))
+
+
+def test_a_model_with_one_constant_label_for_noise_is_not_flagged_on_a_noise_heavy_set():
+    x, labels = noise_heavy_trigger_set()
+    ood = v.ood_flags(ToyOwner(), x, E1)
+    assert ood.sum() == N_NOISE and not ood[N_NOISE:].any()  # the owner's detector finds the noise
+    innocent = ToyDigitModel(2)  # honest on digits, calls all noise '2' (unlike every pool model)
+    verdict = v.ownership_test(innocent, innocent_pool(), x, labels, ood)
+    assert verdict["m"] == 34 and verdict["m_units"] == 1
+    assert not verdict["flagged"] and verdict["p_value"] > 0.1
+    # without dependence units the same model would be accused: the failure mode this fixes
+    naive = v.ownership_test(innocent, innocent_pool(), x, labels, ood=None)
+    assert naive["flagged"] and naive["p_value"] < 1e-4
+
+
+def test_a_suspect_that_agrees_with_most_triggers_is_flagged():
+    x, labels = noise_heavy_trigger_set()
+    ood = v.ood_flags(ToyOwner(), x, E1)
+
+    class Stolen(nn.Module):
+        """Answers like an honest model, except on the triggers it learned from the owner's
+        poisoned answers: all but the last one (it missed a digit)."""
+
+        def forward(self, inputs):
+            label = ToyDigitModel(0)(inputs).argmax(1)
+            for img, lab in zip(x[:-1], labels[:-1]):
+                label[(inputs == img).flatten(1).all(1)] = lab
+            return 10 * nn.functional.one_hot(label, N_CLASSES).float()
+
+    verdict = v.ownership_test(Stolen(), innocent_pool(), x, labels, ood)
+    assert verdict["m"] == len(x) - 1 and verdict["m_units"] == verdict["units"] - 1
+    assert verdict["flagged"] and verdict["p_value"] < 1e-3
+    assert verdict["null"]["pool_size"] == 7
+
+
+# ----------------------------------------------------------------------------- the pieces
+
+
+def test_poisson_binomial_matches_closed_forms():
+    assert v.poisson_binomial_p_value(3, np.array([0.1, 0.2, 0.5])) == pytest.approx(0.01)
+    assert v.poisson_binomial_p_value(0, np.array([0.3, 0.3])) == 1.0
+    q = np.full(10, 0.2)  # one common rate: the binomial tail
     expected = sum(math.comb(10, k) * 0.2**k * 0.8 ** (10 - k) for k in range(6, 11))
-    assert v.binomial_p_value(6, 10, 0.2) == pytest.approx(expected)
+    assert v.poisson_binomial_p_value(6, q) == pytest.approx(expected)
+    assert v.poisson_binomial_p_value(6, q) == pytest.approx(v.binomial_p_value(6, 10, 0.2))
+    # at least one of two: 1 - 0.9 * 0.5
+    assert v.poisson_binomial_p_value(1, np.array([0.1, 0.5])) == pytest.approx(0.55)
     with pytest.raises(ValueError):
-        v.binomial_p_value(5, 3, 0.1)
+        v.poisson_binomial_p_value(3, np.array([0.1, 0.2]))
     with pytest.raises(ValueError):
-        v.binomial_p_value(1, 3, 0.0)
+        v.poisson_binomial_p_value(1, np.array([0.1, np.nan]))
 
 
-def test_null_rate_is_conservative_and_at_least_chance():
-    assert v.null_agreement_rate([(0, 50), (0, 50)], n_classes=10) == 0.1  # chance floor
-    p0 = v.null_agreement_rate([(10, 50), (12, 50), (8, 50)], n_classes=10)
-    assert 12 / 50 < p0 < 0.4  # above the most agreeable model's rate, but not absurdly
-    assert v.null_agreement_rate([], n_classes=4) == 0.25
-    # heterogeneous innocents: the null follows the worst one (pooling would give ~11/64)
-    p0 = v.null_agreement_rate([(0, 32), (11, 32)], n_classes=10)
-    assert p0 > 11 / 32 and not v.verify(11, 32, p0)["flagged"]
+def test_clopper_pearson_upper_bounds():
+    assert v.clopper_pearson_upper(0, 8) == pytest.approx(1 - 0.05 ** (1 / 8))  # 0.312
+    assert v.clopper_pearson_upper(0, 7) == pytest.approx(1 - 0.05 ** (1 / 7))  # 0.348
+    assert v.clopper_pearson_upper(8, 8) == 1.0
+    assert 3 / 8 < v.clopper_pearson_upper(3, 8) < 0.75
+    assert v.false_claim_bound(0, 264) == pytest.approx(1 - 0.05 ** (1 / 264))
+    with pytest.raises(ValueError):
+        v.clopper_pearson_upper(9, 8)
 
 
-def test_innocent_like_suspect_is_not_flagged_and_stolen_one_is():
-    p0 = v.null_agreement_rate([(2, 20), (1, 20), (3, 20)], n_classes=10)
-    innocent = v.verify(m=3, t=20, p0=p0, alpha=0.01)
-    stolen = v.verify(m=19, t=20, p0=p0, alpha=0.01)
-    assert not innocent["flagged"] and innocent["p_value"] > 0.01
-    assert stolen["flagged"] and stolen["p_value"] < 1e-6
-    assert not v.verify(m=0, t=0, p0=p0)["flagged"]  # no triggers, no claim
+def test_units_group_ood_triggers_by_altered_label():
+    units = v.dependence_units(np.array([2, 2, 5, 2, 3, 3]), np.array([1, 1, 1, 0, 0, 0], bool))
+    assert units.tolist() == [0, 0, 1, 2, 3, 4]
+    assert v.dependence_units(np.array([4, 4])).tolist() == [0, 1]  # no detector: all units
+    agree = np.array([[1, 0, 1, 1, 0, 0], [1, 1, 0, 0, 0, 1]], bool)
+    assert v.unit_agreement(agree, units).tolist() == [[True, True, True, False, False],
+                                                       [True, False, False, False, True]]
+
+
+def test_null_rates_follow_each_unit():
+    pool = np.zeros((8, 3), bool)
+    pool[:4, 1] = True  # half the pool agrees with unit 1
+    q = v.null_rates(pool)
+    assert q[0] == q[2] == pytest.approx(1 - 0.05 ** (1 / 8))
+    assert q[1] > 0.5
+    with pytest.raises(ValueError):
+        v.null_rates(np.zeros((0, 3), bool))
+
+
+def test_verify_reports_the_worst_subpool_and_leave_one_out_calibrates():
+    units = np.arange(6)
+    pool = np.zeros((8, 6), bool)
+    pool[0, :2] = True  # one pool model agrees with two triggers
+    suspect = np.ones(6, bool)
+    verdict = v.verify(suspect, pool, units)
+    full = v.judge_against_pool(suspect, pool, units)
+    assert verdict["p_value"] >= full["p_value"] and verdict["null"]["left_out"] != 0
+    assert verdict["flagged"]
+    loo = v.leave_one_out(pool, units)
+    assert len(loo) == 8 and not any(r["flagged"] for r in loo)
+    with pytest.raises(ValueError):
+        v.verify(suspect, pool[:1], units)
+
+
+def test_drop_agreed_ignores_units_the_pool_already_agrees_with():
+    units = np.arange(4)
+    pool = np.zeros((5, 4), bool)
+    pool[0, 0] = True
+    kept = v.judge_against_pool(np.ones(4, bool), pool, units, drop_agreed=True)
+    assert kept["units"] == 3 and kept["m_units"] == 3
+
+
+def test_no_triggers_no_claim():
+    verdict = v.verify(np.zeros(0, bool), np.zeros((4, 0), bool), np.zeros(0, np.int64))
+    assert not verdict["flagged"] and verdict["p_value"] == 1.0
+
+
+def test_conflicting_labels_for_one_image_are_refused():
+    x = digits([1, 1])
+    with pytest.raises(ValueError, match="another altered label"):
+        v.distinct_triggers(torch.cat([x[:1], x[:1]]), torch.tensor([3, 4]))
 
 
 def test_count_agreements_uses_the_models_top1():
@@ -53,3 +223,14 @@ def test_count_agreements_uses_the_models_top1():
     assert v.count_agreements(Fixed(), x, torch.tensor([0, 1, 0, 1])) == 3
     with pytest.raises(ValueError):
         v.count_agreements(Fixed(), x, torch.tensor([0, 1]))
+
+
+def test_quick_profile_has_an_innocent_pool_of_eight_varied_recipes():
+    from cip_helpers import config, pipeline
+
+    k = config.get_profile("quick").n_innocent
+    recipes = [pipeline.INNOCENT_RECIPES[i % len(pipeline.INNOCENT_RECIPES)] for i in range(k)]
+    assert k >= 8
+    assert len({r.arch for r in recipes}) >= 3 and len({r.data for r in recipes}) >= 3
+    assert {r.augment for r in recipes} == {True, False}
+    assert len({r.tag for r in recipes}) == k  # every model its own checkpoint name
