@@ -60,7 +60,7 @@ class TriggerSet:
     answer). A stolen model agrees with ``labels`` (the altered top-1) far more than chance.
 
     It is a set: :meth:`append` keeps a bitwise-identical image once (the first answer), so a
-    query asked twice is one trigger, not two pieces of evidence (issue 13)."""
+    query asked twice is one trigger, not two pieces of evidence (:mod:`verification`)."""
 
     x: Tensor = field(default_factory=lambda: torch.empty(0))
     original: Tensor = field(default_factory=lambda: torch.empty(0))

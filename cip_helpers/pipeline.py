@@ -227,7 +227,7 @@ INNOCENT_RECIPES = (
     InnocentRecipe("cnn_wide", "half", True), InnocentRecipe("mlp", "attacker_sub", False),
     InnocentRecipe("cnn", "mixed", True), InnocentRecipe("cnn_wide", "attacker", False, 0.5),
 )
-"""The innocent pool of ownership verification (issue 13; the course's design, not the authors'
+"""The innocent pool of ownership verification (the course's design, not the authors'
 release): it varies architecture, seed, training data and recipe, because how often an honest
 model agrees with a trigger's altered label depends on all of them. ``cfg.n_innocent`` takes the
 first n (cycled beyond eight; every model has its own seed)."""

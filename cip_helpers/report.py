@@ -137,7 +137,7 @@ ABLATIONS = {"no_units": {"method": "units", "ood": False},
              "one_rate": {"method": "one_rate"}}
 """Variants of the verification test each verdict also records (notebook 11 compares their
 false-claim rate and power): per-trigger units without grouping OOD triggers, dropping units the
-pool already agrees with, and the pooled one-rate binomial the course used before issue 13."""
+pool already agrees with, and the pooled one-rate binomial test the course used before."""
 
 
 def verification_verdicts(cfg: Profile, records: list[dict], innocents: dict[str, nn.Module],
@@ -357,19 +357,32 @@ def seed_summary(profile_dir: Path, seeds: Sequence[int]) -> dict:
 
 
 def verification_summary(per_seed: dict[int, list[dict]], confidence: float = verification.CONFIDENCE) -> dict:
-    """Counts over seeds of ``verification.json`` lists (``{seed: verdicts}``): for the course's test and
-    each of :data:`ABLATIONS`, the innocent verdicts (false claims ``flagged`` of ``of`` pairs,
-    with the one-sided ``confidence`` Clopper-Pearson upper bound on the false-claim rate
-    ``false_claim_upper``) and the stolen verdicts per ``attack/defense`` (power: ``flagged``
-    of ``of`` surrogates, and ``missed``: which ones, by seed and trigger set). ``min_innocent_p``
-    is the smallest p-value any innocent model got (how close the test came to a false claim)."""
+    """Counts over seeds of ``verification.json`` lists (``{seed: verdicts}``), for the course's
+    test and each of :data:`ABLATIONS`.
+
+    A verdict is counted once per distinct (trigger set bits, suspect weights) pair: several runs
+    share one trigger set (CIP's IDA and DQA sets hold the same ID digits; KnockoffNets hard and
+    soft send the same queries), and a copy of a test is not a second test. ``innocent``: false
+    claims ``flagged`` of ``of`` distinct pairs (``verdicts``: before removing copies) with the
+    one-sided ``confidence`` Clopper-Pearson upper bound ``false_claim_upper`` (it treats the pairs
+    as independent; pairs that share a model or a trigger set are not, so read it as indicative).
+    ``stolen`` per ``attack/defense``: power, ``flagged`` of ``of`` surrogates, and ``missed``
+    (seed and trigger set). ``min_innocent_p``: the smallest p-value of any innocent model."""
+    def key(seed: int, v: dict) -> tuple:
+        return (seed, v.get("triggers_sha256") or v["trigger_set"], v.get("suspect_sha256") or v.get("suspect"))
+
     def tally(pick) -> dict:
-        inn = {"flagged": 0, "of": 0}
+        inn = {"flagged": 0, "of": 0, "verdicts": 0}
         stolen: dict[str, dict] = {}
+        seen: set[tuple] = set()
         for seed, verdicts in per_seed.items():
             for v in verdicts:
                 flagged = bool(pick(v)["flagged"])
                 if v.get("kind") == "innocent":
+                    inn["verdicts"] += 1
+                    if key(seed, v) in seen:
+                        continue
+                    seen.add(key(seed, v))
                     inn["flagged"] += flagged
                     inn["of"] += 1
                 else:
@@ -502,9 +515,11 @@ def readme_block(summary: dict) -> str:
     bound = inn.get("false_claim_upper")
     out.append(f"* **Ownership verification** (alpha = 0.01; per-unit Poisson-binomial test against "
                f"an innocent pool, `cip_helpers/verification.py`): false claims {inn['flagged']} of "
-               f"{inn['of']} (innocent model, trigger set) pairs"
-               + (f", so the false-claim rate is at most {100 * bound:.2f} % (one-sided 95 % "
-                  f"Clopper-Pearson)" if bound is not None else "")
+               f"{inn['of']} distinct (innocent model, trigger set) pairs"
+               + (f" ({inn['verdicts']} verdicts before removing runs that share a trigger set)"
+                  if inn.get("verdicts", inn["of"]) != inn["of"] else "")
+               + (f"; upper bound on the false-claim rate {100 * bound:.2f} % (one-sided 95 % "
+                  f"Clopper-Pearson, treating the pairs as independent)" if bound is not None else "")
                + (f"; the closest innocent model had p = {v['min_innocent_p']:.2g}" if v.get("min_innocent_p") is not None else "")
                + f". Power (stolen surrogates flagged): {power}.")
     rep = summary.get("reproducibility")

@@ -168,7 +168,9 @@ def _failed_cell(exc: Exception) -> str:
 
 
 def schedule(books: list[Path], seeds: list[int], jobs: int) -> list[Job]:
-    """The jobs of a run with their prerequisites (notebook 11 waits for every seed)."""
+    """The jobs of a run with their prerequisites: notebook 11 waits for every seed, and the
+    first seed's 11 (whose executed copy is committed) also waits for the other seeds' 11, so its
+    across-seeds section reads every seed's fresh ``verification.json``."""
     present = {b.name[:2] for b in books}
     out = []
     for seed in seeds:
@@ -177,6 +179,8 @@ def schedule(books: list[Path], seeds: list[int], jobs: int) -> list[Job]:
             needs = {(seed, p) for p in prerequisites(n, present)}
             if n == "11":
                 needs |= {(s, p) for s in seeds for p in present - {"11"}}
+                if seed == seeds[0]:
+                    needs |= {(s, "11") for s in seeds[1:]}
             out.append(Job(seed, book, min(THREADS.get(n, 1), jobs), needs))
     return out
 

@@ -24,22 +24,26 @@ a_ij = [model i labels x_j as l_j], s_j the same for the suspect.
    bound (confidence c, default 0.95) of k_u / K, where k_u innocent models agree with unit u. It
    follows the trigger: a unit honest models already agree with (noise, an ambiguous digit) gets a
    high rate and so carries little evidence; a unit no pool model agrees with still gets
-   1 - (1 - c)^(1/K) (0.31 for K = 8, 0.35 for K = 7), never 0.
+   1 - (1 - c)^(1/K), never 0 (0.35 for the K = 7 models of a verdict's sub-pool, step 5).
 4. **The p-value** (:func:`poisson_binomial_p_value`): under H0 (S was trained without the
    owner's answers) and with units independent given the model, the number of units S agrees
    with is at most Poisson-binomial(q); p = P(X >= m_units) (``scipy.stats.poisson_binom``).
    S is flagged when p < alpha (default 0.01).
 5. **Same pool size in calibration and use** (:func:`verify`): an innocent model is judged
    against the OTHER K - 1 pool models (leave-one-out; it cannot excuse itself); a suspect is
-   judged against every (K - 1)-model sub-pool and the LARGEST p-value is reported, so the
-   empirical false-claim rate measured by leave-one-out is the rate of the test as used.
+   judged against every (K - 1)-model sub-pool and the LARGEST p-value is reported. The test as
+   used is therefore at least as strict as the one calibrated by leave-one-out, and the measured
+   false-claim rate is an upper estimate of its own.
 
-What the steps cost in power: with c = 0.95 and K = 8, a suspect needs about five independent
-agreeing units for p < 0.01 (0.35^5 = 0.005), so a trigger set of fewer than five units can
-never convict; ``drop_agreed=True`` additionally ignores units any pool model agrees with (an
-ablation, reported in notebook 11). What they buy: the false claim of the pooled binomial test
-(an innocent model that labels all noise "2" against a DAWN set of noise triggers) cannot happen,
-because those triggers are one unit.
+What the steps cost: with c = 0.95 and seven pool models, every unit counts as a 35 % coincidence
+at best, so p < 0.01 needs at least five agreeing units (all of five: 0.35^5 = 0.005) and a
+growing share of larger sets (8 of 10, 13 of 20, 22 of 40); a trigger set of fewer than five
+units can never convict. ``drop_agreed=True`` also ignores the units any pool model agrees with
+(excluding instead of down-weighting; an ablation in notebook 11). What they buy: an honest model
+that labels all noise "2" gets ONE agreement for a DAWN set full of noise triggers labelled "2",
+not dozens (the pooled binomial test once accused such a model, p = 0.0054). Grouping also helps
+power: a surrogate that learned the in-distribution watermarks but not the noise ones is no
+longer diluted by dozens of noise triggers it disagrees with.
 
 Literature: DAWN (Szyller et al., ACM MM 2021) verifies with a binomial bound and ONE chance rate
 for every watermark; dataset inference (Maini et al., ICLR 2021) calibrates its test on models the
@@ -58,8 +62,8 @@ import torch
 from scipy import stats
 from torch import Tensor, nn
 
-from .scores import energy_score
-from .store import row_digests
+from .scores import energy_score, finite_number
+from .store import row_digests, weights_sha256
 from .training import as_images, predict_logits
 
 CONFIDENCE = 0.95
@@ -67,6 +71,25 @@ CONFIDENCE = 0.95
 
 
 # ----------------------------------------------------------------------------- triggers
+
+
+def as_labels(labels: Tensor | np.ndarray | Sequence[int]) -> Tensor:
+    """Altered labels as a (T,) int64 tensor. Raises ``ValueError`` for non-integer values (a
+    float 3.7 would otherwise be truncated to class 3 and judged) or negative classes."""
+    t = torch.as_tensor(np.asarray(labels) if not isinstance(labels, Tensor) else labels).reshape(-1)
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise ValueError(f"altered labels must be integer class indices, got dtype {t.dtype}; "
+                         "use TriggerSet.labels (the argmax of the altered answers)")
+    t = t.long()
+    if len(t) and int(t.min()) < 0:
+        raise ValueError(f"altered labels must be class indices >= 0, got {int(t.min())}")
+    return t
+
+
+def _check_model(model: object, what: str = "suspect") -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"the {what} must be a torch.nn.Module, got {type(model).__name__}; load a "
+                        "checkpoint first (e.g. attacks.load_surrogate or store.load_checkpoint)")
 
 
 def distinct_index(x: Tensor, labels: Tensor | None = None) -> Tensor:
@@ -87,24 +110,28 @@ def distinct_triggers(x: Tensor | np.ndarray, labels: Tensor | np.ndarray) -> tu
     """The trigger set as a set: ``(x, labels)`` with every bitwise-identical repeated image
     (N, C, H, W) in [0, 1] kept once, in first-seen order; ``labels`` (N,) are the altered top-1
     classes. Raises ``ValueError`` if the lengths differ or one image has two altered labels."""
-    x = as_images(x)
-    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    x, labels = as_images(x), as_labels(labels)
     if len(x) != len(labels):
         raise ValueError(f"{len(x)} trigger inputs but {len(labels)} labels")
     keep = distinct_index(x, labels)
     return x[keep], labels[keep]
 
 
-def agreements(model: nn.Module, x: Tensor | np.ndarray, labels: Tensor) -> np.ndarray:
+def agreements(model: nn.Module, x: Tensor | np.ndarray, labels: Tensor | np.ndarray) -> np.ndarray:
     """(T,) bool: which trigger images (T, C, H, W) in [0, 1] ``model`` labels with the altered
-    label ``labels`` (T,) int64. Raises ``ValueError`` for bad images or mismatched lengths."""
-    x = as_images(x)
-    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    label ``labels`` (T,) int. Raises ``TypeError`` if ``model`` is not a module, ``ValueError``
+    for bad images, mismatched lengths or labels outside the model's classes."""
+    _check_model(model, "model")
+    x, labels = as_images(x), as_labels(labels)
     if len(x) != len(labels):
         raise ValueError(f"{len(x)} trigger inputs but {len(labels)} labels")
     if len(x) == 0:
         return np.zeros(0, dtype=bool)
-    return (predict_logits(model, x).argmax(1) == labels).numpy()
+    logits = predict_logits(model, x)
+    if int(labels.max()) >= logits.shape[1]:
+        raise ValueError(f"altered label {int(labels.max())} is not a class of a model with "
+                         f"{logits.shape[1]} outputs: the trigger set belongs to another task")
+    return (logits.argmax(1) == labels).numpy()
 
 
 def count_agreements(model: nn.Module, trigger_x: Tensor | np.ndarray, trigger_labels: Tensor) -> int:
@@ -120,7 +147,7 @@ def dependence_units(labels: Tensor | np.ndarray, ood: Tensor | np.ndarray | Non
     triggers with ``ood`` True are grouped by altered label (``labels`` (T,) int). Ids number
     the units 0..U-1 in first-seen order. ``ood`` None treats every trigger as in-distribution.
     Raises ``ValueError`` on mismatched lengths."""
-    labels = np.asarray(labels).reshape(-1)
+    labels = as_labels(labels).numpy()
     ood = np.zeros(len(labels), dtype=bool) if ood is None else np.asarray(ood, dtype=bool).reshape(-1)
     if len(ood) != len(labels):
         raise ValueError(f"{len(labels)} labels but {len(ood)} OOD flags")
@@ -131,12 +158,16 @@ def dependence_units(labels: Tensor | np.ndarray, ood: Tensor | np.ndarray | Non
 
 def unit_agreement(agree: np.ndarray, units: np.ndarray) -> np.ndarray:
     """Agreement per unit: ``agree`` (..., T) bool -> (..., U) bool, True where the model agrees
-    with at least half of the unit's triggers. Raises ``ValueError`` on mismatched lengths."""
+    with at least half of the unit's triggers. Raises ``ValueError`` on mismatched lengths or unit
+    ids that are not 0..U-1 (:func:`dependence_units`)."""
     agree = np.asarray(agree, dtype=bool)
     units = np.asarray(units, dtype=np.int64)
     if agree.shape[-1] != len(units):
         raise ValueError(f"{agree.shape[-1]} agreements but {len(units)} unit ids")
     n_units = int(units.max()) + 1 if len(units) else 0
+    if len(units) and (int(units.min()) < 0 or len(np.unique(units)) != n_units):
+        raise ValueError(f"unit ids must number the units 0..U-1 with none missing, got "
+                         f"{sorted(set(units.tolist()))[:12]}; use dependence_units")
     size = np.bincount(units, minlength=n_units)
     hits = np.stack([agree[..., units == u].sum(-1) for u in range(n_units)], -1) if n_units else \
         np.zeros(agree.shape[:-1] + (0,), dtype=np.int64)
@@ -309,31 +340,62 @@ def _null(method: str, pool_size: int, confidence: float, left_out: int, kwargs:
 
 def ownership_test(suspect: nn.Module, innocents: Mapping[str, nn.Module] | Sequence[nn.Module],
                    x: Tensor | np.ndarray, labels: Tensor | np.ndarray,
-                   ood: Tensor | np.ndarray | None = None, alpha: float = 0.01,
+                   ood: Tensor | np.ndarray | None, alpha: float = 0.01,
                    confidence: float = CONFIDENCE, drop_agreed: bool = False) -> dict:
-    """The whole test from models and a trigger log: distinct triggers, agreements of the
-    suspect and of every innocent model, dependence units (``ood`` (N,) bool per logged trigger,
-    from the owner's detector, e.g. :func:`ood_flags`), then :func:`verify`. Duplicated log
-    entries change nothing. Returns :func:`verify`'s dict."""
-    x = as_images(x)
-    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-    flags = None if ood is None else torch.as_tensor(np.asarray(ood), dtype=torch.bool).reshape(-1)
-    if flags is not None and len(flags) != len(x):
-        raise ValueError(f"{len(x)} trigger inputs but {len(flags)} OOD flags")
+    """The whole test from models and a trigger log (N logged images (N, C, H, W) in [0, 1] with
+    their altered labels (N,) int): distinct triggers, agreements of the suspect and of every
+    innocent model, dependence units, then :func:`verify`. Duplicated log entries change nothing.
+
+    ``ood`` (N,) bool per logged trigger comes from the owner's detector (:func:`ood_flags`); it
+    is required, and passing None on purpose treats every trigger as in-distribution (its own
+    unit), which the course shows can accuse an honest model on noise triggers.
+
+    Returns :func:`verify`'s dict, whose ``null`` also names the pool (``pool``: the innocent
+    models' names, or indices, of the sub-pool used). Raises ``ValueError`` for an empty log
+    (nothing to test), mismatched lengths, one image logged with two labels or two OOD flags,
+    or a suspect whose weights are those of a pool model (judge it with :func:`leave_one_out`);
+    ``TypeError`` for a suspect or pool entry that is not a module."""
+    _check_model(suspect)
+    names = list(innocents) if isinstance(innocents, Mapping) else list(range(len(innocents)))
+    pool = list(innocents.values()) if isinstance(innocents, Mapping) else list(innocents)
+    for model in pool:
+        _check_model(model, "innocent model")
+    x, labels = as_images(x), as_labels(labels)
     if len(labels) != len(x):
         raise ValueError(f"{len(x)} trigger inputs but {len(labels)} labels")
+    if len(x) == 0:
+        raise ValueError("the trigger log is empty: there is nothing to test (a defense that "
+                         "altered no answer has no evidence of ownership)")
+    flags = None if ood is None else torch.as_tensor(np.asarray(ood, dtype=bool)).reshape(-1)
+    if flags is not None and len(flags) != len(x):
+        raise ValueError(f"{len(x)} trigger inputs but {len(flags)} OOD flags")
     keep = distinct_index(x, labels)
+    if flags is not None:
+        first = {d: i for i, d in reversed(list(enumerate(row_digests(x))))}
+        for i, d in enumerate(row_digests(x)):
+            if flags[i] != flags[first[d]]:
+                raise ValueError(f"trigger {i} repeats trigger {first[d]} with another OOD flag: "
+                                 "compute the flags with ood_flags on the logged images")
+    suspect_hash = weights_sha256(suspect) if suspect.state_dict() else None  # weightless: nothing to compare
+    for name, model in zip(names, pool):
+        if suspect_hash is not None and weights_sha256(model) == suspect_hash:
+            raise ValueError(f"the suspect has the weights of innocent model {name!r}: a model cannot "
+                             "be judged by a pool that contains it; use leave_one_out")
     x, labels = x[keep], labels[keep]
     flags = None if flags is None else flags[keep]
-    pool = list(innocents.values()) if isinstance(innocents, Mapping) else list(innocents)
     pool_agree = np.stack([agreements(m, x, labels) for m in pool]) if pool else np.zeros((0, len(x)), bool)
-    return verify(agreements(suspect, x, labels), pool_agree, dependence_units(labels, flags), alpha,
-                  confidence, drop_agreed=drop_agreed)
+    verdict = verify(agreements(suspect, x, labels), pool_agree, dependence_units(labels, flags), alpha,
+                     confidence, drop_agreed=drop_agreed)
+    verdict["null"]["pool"] = [n for i, n in enumerate(names) if i != verdict["null"]["left_out"]]
+    return verdict
 
 
 def ood_flags(owner: nn.Module, x: Tensor | np.ndarray, e1: float, temperature: float = 1.0) -> np.ndarray:
     """(N,) bool: which images the owner's (OE-tuned) model routes out of distribution, energy
-    E(x) >= E1 (Section III-B; non-finite energies count as OOD, like :func:`scores.route`)."""
+    E(x) >= E1 (Section III-B; non-finite energies count as OOD, like :func:`scores.route`).
+    Raises ``ValueError`` for a non-finite or non-numeric E1, ``TypeError`` for a non-module."""
+    _check_model(owner, "owner's model")
+    e1 = finite_number("E1", e1)
     x = as_images(x)
     if len(x) == 0:
         return np.zeros(0, dtype=bool)

@@ -99,6 +99,9 @@ def test_runner_schedules_by_dependencies_and_seeds():
     assert jobs[(0, "02")].needs == {(0, "01")} and jobs[(1, "03")].needs == {(1, "02")}
     assert jobs[(0, "07")].needs == {(0, "02")} and jobs[(0, "10")].needs == {(0, "09")}
     assert {(1, "10"), (0, "07"), (1, "03")} <= jobs[(0, "11")].needs  # 11 waits for every seed
+    # the first seed's 11 (committed executed copy) runs after the others' 11: its across-seeds
+    # verification table then reads every seed's fresh verification.json
+    assert (1, "11") in jobs[(0, "11")].needs and (0, "11") not in jobs[(1, "11")].needs
     assert jobs[(0, "01")].threads == 2 and jobs[(0, "07")].threads == 1
     assert run.schedule(books, [0], jobs=1)[0].threads == 1  # never more threads than slots
     assert run.parse_seeds("0,1,2") == [0, 1, 2]

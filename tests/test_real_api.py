@@ -315,9 +315,11 @@ def test_case6_empty_query_sets_end_to_end(tmp_path, model, calibrated):
     cip = defenses["cip"]
     assert verification.count_agreements(model, cip.trigger_set.x[:0].reshape(0, *SHAPE),
                                          torch.empty(0, dtype=torch.long)) == 0
-    none = verification.ownership_test(model, [model, model], cip.trigger_set.x[:0].reshape(0, *SHAPE),
-                                       torch.empty(0, dtype=torch.long))
-    assert none["flagged"] is False and none["T"] == 0 and none["p_value"] == 1.0
+    with pytest.raises(ValueError, match="nothing to test"):  # no triggers, no claim, said so
+        verification.ownership_test(model, [small_cnn(1), small_cnn(2)],
+                                    cip.trigger_set.x[:0].reshape(0, *SHAPE), torch.empty(0, dtype=torch.long),
+                                    np.zeros(0, bool))
+    assert not verification.verify(np.zeros(0, bool), np.zeros((2, 0), bool), np.zeros(0, np.int64))["flagged"]
 
 
 # --- case 9: running totals across calls ------------------------------------------------------

@@ -63,22 +63,32 @@ def test_a_run_on_cached_checkpoints_never_replaces_the_from_scratch_time(result
     assert "29.7 min" in line and "10.7" not in line
 
 
-def test_verification_summary_counts_false_claims_with_their_bound_and_power_per_attack():
-    def verdict(kind, attack, defense, flagged, p, name="s"):
+def test_verification_summary_counts_distinct_pairs_with_their_bound_and_power_per_attack():
+    def verdict(kind, attack, defense, flagged, p, name, suspect, triggers):
         return {"kind": kind, "attack": attack, "defense": defense, "trigger_set": name,
+                "suspect": suspect, "suspect_sha256": f"w-{suspect}", "triggers_sha256": triggers,
                 "flagged": flagged, "p_value": p,
                 "ablations": {"one_rate": {"flagged": kind == "innocent", "p_value": 0.001},
                               "no_units": {"flagged": flagged, "p_value": p},
                               "drop_agreed": {"flagged": False, "p_value": 1.0}}}
 
-    per_seed = {0: [verdict("stolen", "ida", "cip", True, 1e-4, "ida_cip"),
-                    *[verdict("innocent", "ida", "cip", False, 0.5) for _ in range(8)]],
-                2: [verdict("stolen", "ida", "cip", False, 0.2, "ida_cip"),
-                    *[verdict("innocent", "ida", "cip", False, 0.3) for _ in range(8)]]}
+    def innocents(name, triggers, p):
+        return [verdict("innocent", name.split("_")[0], "cip", False, p, name, f"inn{i}", triggers)
+                for i in range(8)]
+
+    # seed 0: IDA and DQA share one trigger set (as CIP's offline top-T does): 8 distinct pairs
+    per_seed = {0: [verdict("stolen", "ida", "cip", True, 1e-4, "ida_cip", "s-ida", "t0"),
+                    *innocents("ida_cip", "t0", 0.5),
+                    verdict("stolen", "dqa", "cip", True, 1e-4, "dqa_cip_r1", "s-dqa", "t0"),
+                    *innocents("dqa_cip_r1", "t0", 0.5)],
+                2: [verdict("stolen", "ida", "cip", False, 0.2, "ida_cip", "s-ida2", "t2"),
+                    *innocents("ida_cip", "t2", 0.3)]}
     s = report.verification_summary(per_seed)
-    assert s["innocent"]["flagged"] == 0 and s["innocent"]["of"] == 16
+    assert s["innocent"] == {"flagged": 0, "of": 16, "verdicts": 24,
+                             "false_claim_upper": s["innocent"]["false_claim_upper"]}
     assert abs(s["innocent"]["false_claim_upper"] - (1 - 0.05 ** (1 / 16))) < 1e-12
     assert s["stolen"]["ida/cip"] == {"flagged": 1, "of": 2, "missed": ["seed 2: ida_cip"]}
+    assert s["stolen"]["dqa/cip"]["flagged"] == 1  # another surrogate: its own verdict
     assert s["min_innocent_p"] == 0.3
     assert s["ablations"]["one_rate"]["innocent"]["flagged"] == 16
     assert s["ablations"]["drop_agreed"]["stolen"]["ida/cip"]["flagged"] == 0

@@ -81,6 +81,7 @@ def test_duplicating_every_trigger_leaves_p_value_unchanged():
     ood = v.ood_flags(ToyOwner(), x, E1)
     stolen = ToyDigitModel(2)  # agrees with the noise unit
     once = v.ownership_test(stolen, innocent_pool(), x, labels, ood)
+    assert once["null"]["pool"] and len(once["null"]["pool"]) == 7
     x2, labels2, ood2 = torch.cat([x, x, x]), torch.cat([labels] * 3), np.concatenate([ood] * 3)
     thrice = v.ownership_test(stolen, innocent_pool(), x2, labels2, ood2)
     assert thrice["p_value"] == once["p_value"]
@@ -109,7 +110,7 @@ def test_a_model_with_one_constant_label_for_noise_is_not_flagged_on_a_noise_hea
     assert verdict["m"] == 34 and verdict["m_units"] == 1
     assert not verdict["flagged"] and verdict["p_value"] > 0.1
     # without dependence units the same model would be accused: the failure mode this fixes
-    naive = v.ownership_test(innocent, innocent_pool(), x, labels, ood=None)
+    naive = v.ownership_test(innocent, innocent_pool(), x, labels, None)
     assert naive["flagged"] and naive["p_value"] < 1e-4
 
 
@@ -234,3 +235,38 @@ def test_quick_profile_has_an_innocent_pool_of_eight_varied_recipes():
     assert len({r.arch for r in recipes}) >= 3 and len({r.data for r in recipes}) >= 3
     assert {r.augment for r in recipes} == {True, False}
     assert len({r.tag for r in recipes}) == k  # every model its own checkpoint name
+
+
+def test_bad_inputs_are_refused_with_the_fix():
+    x, labels = noise_heavy_trigger_set()
+    ood = v.ood_flags(ToyOwner(), x, E1)
+    pool, suspect = innocent_pool(), ToyDigitModel(2)
+    with pytest.raises(ValueError, match="integer class indices"):
+        v.ownership_test(suspect, pool, x, labels.float() + 0.7, ood)
+    with pytest.raises(ValueError, match="not a class"):
+        v.ownership_test(suspect, pool, x, labels + 10, ood)
+    with pytest.raises(ValueError, match=">= 0"):
+        v.ownership_test(suspect, pool, x, labels - 10, ood)
+    with pytest.raises(ValueError, match="empty"):
+        v.ownership_test(suspect, pool, x[:0], labels[:0], ood[:0])
+    with pytest.raises(ValueError, match="OOD flag"):
+        flags = np.concatenate([ood, ~ood[:1]])
+        v.ownership_test(suspect, pool, torch.cat([x, x[:1]]), torch.cat([labels, labels[:1]]), flags)
+    with pytest.raises(TypeError, match="nn.Module"):
+        v.ownership_test("results/surrogate.pt", pool, x, labels, ood)
+    with pytest.raises(TypeError):
+        v.ownership_test(suspect, pool, x, labels)  # the detector's flags are required
+    with pytest.raises(ValueError, match="E1"):
+        v.ood_flags(ToyOwner(), x, None)
+    with pytest.raises(ValueError, match="0..U-1"):
+        v.unit_agreement(np.ones(3, bool), np.array([0, 5, 5]))
+    with pytest.raises(ValueError, match="at least 2"):
+        v.ownership_test(suspect, pool[:1], x, labels, ood)
+
+
+def test_a_suspect_that_is_in_the_pool_is_refused():
+    torch.manual_seed(0)
+    pool = {f"m{i}": nn.Sequential(nn.Flatten(), nn.Linear(16, N_CLASSES)) for i in range(3)}
+    x, labels = digits([1, 2, 3]), torch.tensor([2, 3, 4])
+    with pytest.raises(ValueError, match="m1"):
+        v.ownership_test(pool["m1"], pool, x, labels, np.zeros(3, bool))
