@@ -77,6 +77,8 @@ def as_labels(labels: Tensor | np.ndarray | Sequence[int]) -> Tensor:
     """Altered labels as a (T,) int64 tensor. Raises ``ValueError`` for non-integer values (a
     float 3.7 would otherwise be truncated to class 3 and judged) or negative classes."""
     t = torch.as_tensor(np.asarray(labels) if not isinstance(labels, Tensor) else labels).reshape(-1)
+    if t.numel() == 0:  # [] or np.zeros(0) default to float: no value can be a bad label
+        return t.long()
     if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
         raise ValueError(f"altered labels must be integer class indices, got dtype {t.dtype}; "
                          "use TriggerSet.labels (the argmax of the altered answers)")
