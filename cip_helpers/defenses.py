@@ -65,6 +65,8 @@ class TriggerSet:
     x: Tensor = field(default_factory=lambda: torch.empty(0))
     original: Tensor = field(default_factory=lambda: torch.empty(0))
     altered: Tensor = field(default_factory=lambda: torch.empty(0))
+    # digests of the images in the set, built on first append (a loaded set hashes its images once)
+    _digests: set[bytes] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.x)
@@ -84,11 +86,12 @@ class TriggerSet:
         if len(x) == 0:
             return
         # a set: a query asked again (bitwise-identical image) is already evidence, once
-        seen = set(row_digests(self.x)) if len(self) else set()
+        if self._digests is None:
+            self._digests = set(row_digests(self.x)) if len(self) else set()
         new = []
         for i, digest in enumerate(row_digests(x)):
-            if digest not in seen:
-                seen.add(digest)
+            if digest not in self._digests:
+                self._digests.add(digest)
                 new.append(i)
         if not new:
             return

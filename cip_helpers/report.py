@@ -156,6 +156,7 @@ def verification_verdicts(cfg: Profile, records: list[dict], innocents: dict[str
     verdicts = []
     names = list(innocents)
     hashes = {name: weights_sha256(m) for name, m in innocents.items()}
+    detectors: dict[str, tuple[nn.Module, dict]] = {}  # per victim split, loaded once
     for r in records:
         if not r.get("trigger_file"):
             continue
@@ -164,8 +165,10 @@ def verification_verdicts(cfg: Profile, records: list[dict], innocents: dict[str
             continue
         x, labels = verification.distinct_triggers(triggers.x, triggers.labels)
         split = r.get("victim", "all")
-        owner, _ = pipeline.get_oe_victim(cfg, split, verbose=False)
-        th = pipeline.get_thresholds(cfg, split, verbose=False)
+        if split not in detectors:
+            detectors[split] = (pipeline.get_oe_victim(cfg, split, verbose=False)[0],
+                                pipeline.get_thresholds(cfg, split, verbose=False))
+        owner, th = detectors[split]
         ood = verification.ood_flags(owner, x, th["E1"], th["T"])
         units = {True: verification.dependence_units(labels, ood), False: verification.dependence_units(labels)}
         pool = np.stack([verification.agreements(m, x, labels) for m in innocents.values()])
@@ -182,14 +185,14 @@ def verification_verdicts(cfg: Profile, records: list[dict], innocents: dict[str
             if kw.get("method") == "one_rate":
                 kw["n_classes"] = n_classes
             if suspect is None:
-                return verification.leave_one_out(pool, u, cfg.alpha, **kw)
-            return verification.verify(suspect, pool, u, cfg.alpha, **kw)
+                return verification.leave_one_out(pool, u, cfg.alpha, names=names, **kw)
+            return verification.verify(suspect, pool, u, cfg.alpha, names=names, **kw)
 
         def ablations(results: dict[str, dict]) -> dict:
             return {k: {"p_value": v["p_value"], "flagged": v["flagged"]} for k, v in results.items()}
 
         main = run(stolen)
-        main["null"].update(detector, pool=[n for i, n in enumerate(names) if i != main["null"]["left_out"]])
+        main["null"].update(detector)
         verdicts.append({"suspect": f"surrogate of {r['name']}", "kind": "stolen", **base,
                          "suspect_sha256": r.get("surrogate_sha256"), **main,
                          "ablations": ablations({k: run(stolen, **a) for k, a in ABLATIONS.items()})})
@@ -197,7 +200,7 @@ def verification_verdicts(cfg: Profile, records: list[dict], innocents: dict[str
         loo_ablations = {k: run(None, **a) for k, a in ABLATIONS.items()}
         for i, name in enumerate(names):
             v = loo[i]
-            v["null"].update(detector, pool=[n for n in names if n != name])
+            v["null"].update(detector)
             verdicts.append({"suspect": name, "kind": "innocent", **base, "suspect_sha256": hashes[name],
                              **v, "ablations": ablations({k: res[i] for k, res in loo_ablations.items()})})
     return verdicts

@@ -94,17 +94,21 @@ def _check_model(model: object, what: str = "suspect") -> None:
                         "checkpoint first (e.g. attacks.load_surrogate or store.load_checkpoint)")
 
 
-def distinct_index(x: Tensor, labels: Tensor | None = None) -> Tensor:
+def distinct_index(x: Tensor, labels: Tensor | None = None, ood: Tensor | None = None) -> Tensor:
     """Indices (int64, ascending) of the first occurrence of every bitwise-distinct image of ``x``
     (N, C, H, W): the rows a trigger set keeps when the same query was asked again. With
-    ``labels`` (N,), raises ``ValueError`` if one image carries two different altered labels (a
-    corrupt trigger log: the owner could not say which answer it gave)."""
+    ``labels`` (N,) or ``ood`` (N,) bool, raises ``ValueError`` if one image carries two
+    different altered labels (a corrupt trigger log: the owner could not say which answer it
+    gave) or two OOD flags (flags not computed from the logged images)."""
     first: dict[bytes, int] = {}
     for i, d in enumerate(row_digests(x)):
         j = first.setdefault(d, i)
         if labels is not None and labels[j] != labels[i]:
             raise ValueError(f"trigger {i} repeats trigger {j} with another altered label "
                              f"({int(labels[i])} vs {int(labels[j])}): the trigger log is corrupt")
+        if ood is not None and ood[j] != ood[i]:
+            raise ValueError(f"trigger {i} repeats trigger {j} with another OOD flag: compute the "
+                             "flags with ood_flags on the logged images")
     return torch.tensor(sorted(first.values()), dtype=torch.long)
 
 
@@ -170,10 +174,9 @@ def unit_agreement(agree: np.ndarray, units: np.ndarray) -> np.ndarray:
     if len(units) and (int(units.min()) < 0 or len(np.unique(units)) != n_units):
         raise ValueError(f"unit ids must number the units 0..U-1 with none missing, got "
                          f"{sorted(set(units.tolist()))[:12]}; use dependence_units")
-    size = np.bincount(units, minlength=n_units)
-    hits = np.stack([agree[..., units == u].sum(-1) for u in range(n_units)], -1) if n_units else \
-        np.zeros(agree.shape[:-1] + (0,), dtype=np.int64)
-    return 2 * hits >= size
+    member = units[:, None] == np.arange(n_units)  # (T, U): trigger j belongs to unit u
+    hits = agree.astype(np.int64) @ member  # (..., U) agreements per unit
+    return 2 * hits >= member.sum(0)
 
 
 def clopper_pearson_upper(k: int | np.ndarray, n: int, confidence: float = CONFIDENCE) -> np.ndarray | float:
@@ -301,43 +304,50 @@ def _pool_checked(pool_agree: np.ndarray, method: str) -> np.ndarray:
 
 
 def verify(suspect_agree: np.ndarray, pool_agree: np.ndarray, units: np.ndarray, alpha: float = 0.01,
-           confidence: float = CONFIDENCE, method: str = "units", **kwargs) -> dict:
+           confidence: float = CONFIDENCE, method: str = "units", names: Sequence | None = None,
+           **kwargs) -> dict:
     """The verdict for a suspect with a pool of K >= 2 innocent models (step 5): the test
     against every (K - 1)-model sub-pool, reporting the sub-pool with the LARGEST p-value, so a
     verdict uses the same pool size as the leave-one-out calibration (:func:`leave_one_out`).
     ``method`` picks the test (:data:`METHODS`; ``kwargs`` go to it: ``drop_agreed`` for
     ``units``, ``n_classes`` for ``one_rate``). Returns the test's keys (see
-    :func:`judge_against_pool`) plus ``null``: the test, pool size, confidence and the index of
-    the model left out. Raises ``ValueError`` with K < 2 or an unknown method."""
+    :func:`judge_against_pool`) plus ``null``: the test, pool size, confidence, the index of
+    the model left out and, with ``names`` (one per pool model), ``pool``: the names of the
+    sub-pool used. Raises ``ValueError`` with K < 2 or an unknown method."""
     pool_agree = _pool_checked(pool_agree, method)
     worst, left_out = None, 0
     for i in range(len(pool_agree)):
         r = METHODS[method](suspect_agree, np.delete(pool_agree, i, 0), units, alpha, confidence, **kwargs)
         if worst is None or r["p_value"] > worst["p_value"]:
             worst, left_out = r, i
-    worst["null"] = _null(method, len(pool_agree) - 1, confidence, left_out, kwargs)
+    worst["null"] = _null(method, len(pool_agree) - 1, confidence, left_out, kwargs, names)
     return worst
 
 
 def leave_one_out(pool_agree: np.ndarray, units: np.ndarray, alpha: float = 0.01,
-                  confidence: float = CONFIDENCE, method: str = "units", **kwargs) -> list[dict]:
+                  confidence: float = CONFIDENCE, method: str = "units", names: Sequence | None = None,
+                  **kwargs) -> list[dict]:
     """Calibration: every pool model (row of ``pool_agree`` (K, T) bool) judged as a suspect
-    against the other K - 1 (keys as :func:`verify`). Any flag is a false claim. Raises
-    ``ValueError`` with K < 2 or an unknown method."""
+    against the other K - 1 (keys and ``names`` as :func:`verify`). Any flag is a false claim.
+    Raises ``ValueError`` with K < 2 or an unknown method."""
     pool_agree = _pool_checked(pool_agree, method)
     out = []
     for i in range(len(pool_agree)):
         r = METHODS[method](pool_agree[i], np.delete(pool_agree, i, 0), units, alpha, confidence, **kwargs)
-        r["null"] = _null(method, len(pool_agree) - 1, confidence, i, kwargs)
+        r["null"] = _null(method, len(pool_agree) - 1, confidence, i, kwargs, names)
         out.append(r)
     return out
 
 
-def _null(method: str, pool_size: int, confidence: float, left_out: int, kwargs: dict) -> dict:
+def _null(method: str, pool_size: int, confidence: float, left_out: int, kwargs: dict,
+          names: Sequence | None) -> dict:
     test = {"units": "poisson-binomial over dependence units, per-unit Clopper-Pearson rates",
             "one_rate": "binomial over triggers, one Clopper-Pearson rate (largest pool model)"}[method]
-    return {"test": test, "method": method, "pool_size": pool_size, "confidence": confidence,
+    null = {"test": test, "method": method, "pool_size": pool_size, "confidence": confidence,
             "left_out": left_out, **kwargs}
+    if names is not None:
+        null["pool"] = [n for i, n in enumerate(names) if i != left_out]
+    return null
 
 
 def ownership_test(suspect: nn.Module, innocents: Mapping[str, nn.Module] | Sequence[nn.Module],
@@ -371,13 +381,7 @@ def ownership_test(suspect: nn.Module, innocents: Mapping[str, nn.Module] | Sequ
     flags = None if ood is None else torch.as_tensor(np.asarray(ood, dtype=bool)).reshape(-1)
     if flags is not None and len(flags) != len(x):
         raise ValueError(f"{len(x)} trigger inputs but {len(flags)} OOD flags")
-    keep = distinct_index(x, labels)
-    if flags is not None:
-        first = {d: i for i, d in reversed(list(enumerate(row_digests(x))))}
-        for i, d in enumerate(row_digests(x)):
-            if flags[i] != flags[first[d]]:
-                raise ValueError(f"trigger {i} repeats trigger {first[d]} with another OOD flag: "
-                                 "compute the flags with ood_flags on the logged images")
+    keep = distinct_index(x, labels, flags)
     suspect_hash = weights_sha256(suspect) if suspect.state_dict() else None  # weightless: nothing to compare
     for name, model in zip(names, pool):
         if suspect_hash is not None and weights_sha256(model) == suspect_hash:
@@ -386,10 +390,8 @@ def ownership_test(suspect: nn.Module, innocents: Mapping[str, nn.Module] | Sequ
     x, labels = x[keep], labels[keep]
     flags = None if flags is None else flags[keep]
     pool_agree = np.stack([agreements(m, x, labels) for m in pool]) if pool else np.zeros((0, len(x)), bool)
-    verdict = verify(agreements(suspect, x, labels), pool_agree, dependence_units(labels, flags), alpha,
-                     confidence, drop_agreed=drop_agreed)
-    verdict["null"]["pool"] = [n for i, n in enumerate(names) if i != verdict["null"]["left_out"]]
-    return verdict
+    return verify(agreements(suspect, x, labels), pool_agree, dependence_units(labels, flags), alpha,
+                  confidence, names=names, drop_agreed=drop_agreed)
 
 
 def ood_flags(owner: nn.Module, x: Tensor | np.ndarray, e1: float, temperature: float = 1.0) -> np.ndarray:
