@@ -33,14 +33,21 @@ from .config import Profile
 from .defenses import CIP, DAWN, Defense, TriggerSet
 from .models import build_model, small_cnn
 from .store import load_checkpoint, load_or_train, read_json, tensor_sha256, weights_sha256, write_json
+from . import training
 from .training import accuracy, set_seed, train_classifier
 
 LABEL_TYPES = ("hard", "soft")
 ATTACKS = ("knockoff", "dfme", "ida", "dqa")
+GRAD_QUERIES = ("defended", "victim")
+"""Where DFME's zeroth-order gradient-estimation queries go: ``"defended"`` (the course: every
+query goes through the defended API) or ``"victim"`` (the authors' release, ``DFME/main.py``:
+``estimate_gradient_objective`` calls the model behind the defense directly, so only the
+student-training queries are poisoned; an ablation)."""
 REQUIRED_KEYS = ("name", "attack", "defense", "setting", "dataset", "victim", "label_type", "queries",
                  "victim_acc", "defended_acc", "surrogate_acc", "trigger_acc", "n_triggers",
                  "dqa_ratio", "seed", "seconds", "surrogate_checkpoint", "trigger_file",
-                 "weights_sha256", "surrogate_sha256", "triggers_sha256")
+                 "weights_sha256", "surrogate_sha256", "triggers_sha256", "oe_victim_acc",
+                 "surrogate_best_acc", "ablation")
 DQA_NOISE_SEED = 4242  # offset of the DQA attacker's uniform-noise generator
 
 
@@ -72,10 +79,13 @@ def targets_from_answers(answers: Tensor, label_type: str) -> Tensor:
 # ----------------------------------------------------------------------------- surrogate training
 
 
-def surrogate_spec(cfg: Profile, x: Tensor, targets: Tensor, label_type: str, epochs: int) -> dict:
-    """Everything that shapes a surrogate's weights: the data hashes and the training recipe."""
+def surrogate_spec(cfg: Profile, x: Tensor, targets: Tensor, label_type: str, epochs: int,
+                   arch: str | None = None) -> dict:
+    """Everything that shapes a surrogate's weights: the data hashes and the training recipe
+    (``arch`` overrides ``cfg.surrogate_arch``)."""
     d = data.id_data(cfg)
-    return {"stage": "surrogate", "arch": cfg.surrogate_arch, "width": cfg.surrogate_width,
+    return {"stage": "surrogate", "arch": cfg.surrogate_arch if arch is None else arch,
+            "width": cfg.surrogate_width,
             "input_shape": list(d.shape), "n_classes": d.n_classes, "label_type": label_type,
             "n_queries": len(x), "queries_sha256": tensor_sha256(x),
             "targets_sha256": tensor_sha256(targets), "epochs": epochs, "lr": cfg.surrogate_lr,
@@ -83,26 +93,47 @@ def surrogate_spec(cfg: Profile, x: Tensor, targets: Tensor, label_type: str, ep
 
 
 def train_surrogate(cfg: Profile, x: Tensor, answers: Tensor, label_type: str, *,
-                    epochs: int | None = None, desc: str = "surrogate",
-                    verbose: bool = True) -> tuple[nn.Module, dict]:
+                    epochs: int | None = None, desc: str = "surrogate", verbose: bool = True,
+                    arch: str | None = None,
+                    eval_sets: dict[str, tuple[Tensor, Tensor]] | None = None) -> tuple[nn.Module, dict]:
     """Load-or-train a surrogate on (query, answer) pairs. ``answers`` are the API's probability
     rows; ``label_type`` ``hard`` trains on their argmax with cross-entropy, ``soft`` on the rows
-    with soft cross-entropy. Returns ``(model, info)``; ``info["checkpoint"]`` is the checkpoint
-    path relative to ``cfg.results_dir`` and ``info["loaded"]`` says whether it was reused."""
+    with soft cross-entropy. ``arch`` overrides ``cfg.surrogate_arch``. After every epoch the
+    surrogate's accuracy on the ID test digits (``test_acc``) and on every ``(x, labels)`` of
+    ``eval_sets`` (``<name>_acc``, e.g. a trigger set) is logged in ``info["history"]`` (the
+    paper reports the best epoch; the course's headline is the last). Returns ``(model, info)``;
+    ``info["checkpoint"]`` is the checkpoint path relative to ``cfg.results_dir`` and
+    ``info["loaded"]`` says whether it was reused."""
     if len(x) != len(answers):
         raise ValueError(f"{len(x)} queries but {len(answers)} answers")
     epochs = cfg.surrogate_epochs if epochs is None else epochs
     targets = targets_from_answers(answers, label_type)
-    spec = surrogate_spec(cfg, x, targets, label_type, epochs)
+    spec = surrogate_spec(cfg, x, targets, label_type, epochs, arch)
+    sets = {"test": data.id_data(cfg).split("test"), **(eval_sets or {})}
+    # evaluation changes no weight, but the logged history must belong to these sets
+    spec["eval_per_epoch"] = {k: [tensor_sha256(ex), tensor_sha256(ey)] for k, (ex, ey) in sets.items()}
+    spec.update(training.surrogate_recipe_spec(cfg))
     path = cfg.checkpoint_dir / "surrogates" / f"surrogate_{pipeline.spec_hash(spec)}.pt"
 
     def train(model: nn.Module) -> dict:
         history = train_classifier(model, x, targets, epochs=epochs, lr=cfg.surrogate_lr,
-                                   batch_size=cfg.surrogate_batch, seed=cfg.seed, desc=desc)
+                                   batch_size=cfg.surrogate_batch, seed=cfg.seed, desc=desc,
+                                   eval_sets=sets, **training.surrogate_train_kwargs(cfg))
         return {"history": history}
 
     model, info = load_or_train(path, spec, lambda: _model_from_spec(spec), train, verbose)
     return model, {**info, "checkpoint": str(path.relative_to(cfg.results_dir))}
+
+
+def best_epoch(history: list[dict]) -> tuple[float | None, int | None]:
+    """``(best test accuracy, its epoch)`` over a training history (``(None, None)`` without
+    ``test_acc`` entries). The authors report the best test epoch; the course's headline
+    ``surrogate_acc`` is the final epoch."""
+    accs = [(h["test_acc"], h["epoch"]) for h in history or [] if h.get("test_acc") is not None]
+    if not accs:
+        return None, None
+    acc, epoch = max(accs, key=lambda a: (a[0], -a[1]))
+    return acc, epoch
 
 
 def trigger_accuracy(model: nn.Module, triggers: TriggerSet) -> float | None:
@@ -125,14 +156,15 @@ def dawn_rate_for(cfg: Profile, n_queries: int) -> float:
 
 def make_defense(cfg: Profile, name: str, split: str = "all", strong: str = "shuffle_noise",
                  pbd: str | None = "online", dawn_rate: float | None = None,
-                 pbd_T: float | None = None) -> Defense:
+                 pbd_T: float | None = None, p1: float | None = None) -> Defense:
     """A FRESH defended API (empty trigger set) via :func:`pipeline.get_defense`;
-    ``dawn_rate`` and ``pbd_T`` override ``cfg.dawn_rate`` and ``cfg.pbd_offline_T``."""
+    ``dawn_rate`` and ``pbd_T`` override ``cfg.dawn_rate`` and ``cfg.pbd_offline_T``, ``p1`` the
+    victim's E1 percentile (an ablation)."""
     if dawn_rate is not None:
         cfg = dataclasses.replace(cfg, dawn_rate=dawn_rate)
     if pbd_T is not None:
         cfg = dataclasses.replace(cfg, pbd_offline_T=pbd_T)
-    return pipeline.get_defense(cfg, name, split, strong=strong, pbd=pbd)
+    return pipeline.get_defense(cfg, name, split, strong=strong, pbd=pbd, p1=p1)
 
 
 def defended_accuracy(cfg: Profile, split: str = "all", **defense_kwargs) -> float:
@@ -147,6 +179,21 @@ def victim_accuracy(cfg: Profile, split: str = "all") -> float:
     """Test accuracy of the plain victim M_V."""
     model, _ = pipeline.get_victim(cfg, split, verbose=False)
     return accuracy(model, *data.id_data(cfg).split("test"))
+
+
+def oe_victim_accuracy(cfg: Profile, split: str = "all") -> float:
+    """Test accuracy of the OE-tuned victim M'_V itself (its argmax, no poisoning): the paper's
+    Test(M'_V) (Table IV). The defended API's own top-1 accuracy is ``defended_accuracy``."""
+    model, _ = pipeline.get_oe_victim(cfg, split, verbose=False)
+    return accuracy(model, *data.id_data(cfg).split("test"))
+
+
+def _compact_history(history: list[dict] | None) -> list[dict] | None:
+    """Per-epoch accuracies of a training history, rounded for the record (loss dropped)."""
+    if not history:
+        return None
+    return [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in h.items()
+             if k == "epoch" or k.endswith("_acc")} for h in history]
 
 
 # ----------------------------------------------------------------------------- records
@@ -183,15 +230,21 @@ def load_records(cfg: Profile, attack: str) -> pd.DataFrame:
 
 
 def results_table(cfg: Profile, attack: str, columns: tuple[str, ...] = (
-        "defense", "setting", "label_type", "queries", "victim_acc", "defended_acc", "surrogate_acc",
-        "trigger_acc", "n_triggers", "dqa_ratio", "seconds")) -> pd.DataFrame:
-    """The results-table rows of ``attack`` (main runs only, not the learning-curve points)."""
+        "defense", "setting", "ablation", "label_type", "queries", "victim_acc", "oe_victim_acc",
+        "defended_acc", "surrogate_acc", "surrogate_best_acc", "trigger_acc", "n_triggers", "dqa_ratio",
+        "seconds"), ablations: bool | None = False) -> pd.DataFrame:
+    """The results-table rows of ``attack`` (not the learning-curve points): the main runs
+    (``ablations=False``), the ablation runs (``True``) or both (``None``); columns that are empty
+    in every row are left out."""
     df = load_records(cfg, attack)
     if df.empty:
         return df
     if "curve_point" in df:
         df = df[~df["curve_point"].fillna(False).astype(bool)]
-    return df[[c for c in columns if c in df]].reset_index(drop=True)
+    if ablations is not None:
+        is_ablation = df["ablation"].notna() if "ablation" in df else pd.Series(False, index=df.index)
+        df = df[is_ablation == ablations]
+    return df[[c for c in columns if c in df and df[c].notna().any()]].reset_index(drop=True)
 
 
 def _rerun_hint(cfg: Profile, rec: dict) -> str:
@@ -233,6 +286,20 @@ def _checkpoint_sha256(path: str, mtime_ns: int) -> str:  # mtime_ns: a rewritte
     return weights_sha256(load_checkpoint(Path(path))[2])
 
 
+RECORD_VERSION_KEYS = ("oe_victim_acc", "surrogate_best_acc", "ablation")
+"""Keys every record of this version of the course holds and older ones lack (issue 15)."""
+
+
+def check_record_keys(rec: dict, path: Path) -> None:
+    """Refuse a record without :data:`RECORD_VERSION_KEYS`: it was written by an older version of
+    the course (e.g. IDA's records before they were named by label type), and reading it next to
+    current ones would mix two versions in one table. Raises ``ValueError`` with the fix."""
+    missing = [k for k in RECORD_VERSION_KEYS if k not in rec]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}: it was written by an older version of the course. "
+                         f"Delete it (rm '{path}') and re-run its attack notebook (07-10) if you need it")
+
+
 def check_record(cfg: Profile, rec: dict) -> None:
     """Refuse a record made with other weights than the victim checkpoint now on disk.
 
@@ -257,10 +324,15 @@ def check_record(cfg: Profile, rec: dict) -> None:
 def steal(cfg: Profile, attack: str, defense: str, queries: Tensor, label_type: str, *,
           split: str = "all", setting: str | None = None, epochs: int | None = None,
           keep: Tensor | None = None, defense_kwargs: dict | None = None,
-          extra: dict | None = None, verbose: bool = True) -> dict:
+          extra: dict | None = None, verbose: bool = True, arch: str | None = None,
+          trigger_curve: bool = False, ablation: str | None = None) -> dict:
     """One query-then-train run: the attacker sends ``queries`` to a fresh ``defense`` API in ONE
     call (the transfer set), keeps the answers selected by the boolean mask ``keep`` (default all),
-    trains a surrogate on them and the defender scores it. Writes and returns the record."""
+    trains a surrogate on them and the defender scores it. Writes and returns the record.
+
+    ``arch`` overrides the surrogate architecture; ``trigger_curve`` logs the trigger accuracy
+    after every epoch (``history``); ``ablation`` names a run that is not one of the table's main
+    rows (it goes to the ablation table of ``table.md``)."""
     start = time.perf_counter()
     set_seed(cfg.seed)
     defense_kwargs = dict(defense_kwargs or {})
@@ -268,17 +340,24 @@ def steal(cfg: Profile, attack: str, defense: str, queries: Tensor, label_type: 
     answers = api(queries)  # <- the attacker's only access to the victim
     keep = torch.ones(len(queries), dtype=torch.bool) if keep is None else keep
     name = record_name(attack, defense, setting)
-    model, info = train_surrogate(cfg, queries[keep], answers[keep], label_type, epochs=epochs,
-                                  desc=name, verbose=verbose)
     triggers = api.trigger_set if isinstance(api, (DAWN, CIP)) else None
+    eval_sets = ({"trigger": (triggers.x, triggers.labels)} if trigger_curve and triggers is not None
+                 and len(triggers) else None)
+    model, info = train_surrogate(cfg, queries[keep], answers[keep], label_type, epochs=epochs,
+                                  desc=name, verbose=verbose, arch=arch, eval_sets=eval_sets)
+    best_acc, best_ep = best_epoch(info.get("history"))
     test_x, test_y = data.id_data(cfg).split("test")
     record = {
         "name": name, "attack": attack, "defense": defense, "setting": setting,
         "dataset": cfg.dataset, "victim": split, "label_type": label_type,
         "queries": len(queries), "queries_trained": int(keep.sum()),
         "victim_acc": victim_accuracy(cfg, split),
+        "oe_victim_acc": oe_victim_accuracy(cfg, split) if defense == "cip" else None,
         "defended_acc": defended_accuracy(cfg, split, name=defense, **defense_kwargs),
         "surrogate_acc": accuracy(model, test_x, test_y),
+        "surrogate_best_acc": best_acc, "surrogate_best_epoch": best_ep,
+        "history": _compact_history(info.get("history")), "surrogate_arch": arch or cfg.surrogate_arch,
+        "ablation": ablation,
         "trigger_acc": trigger_accuracy(model, triggers) if triggers is not None else None,
         "n_triggers": len(triggers) if triggers is not None else None,
         "triggers_trained": _n_triggers_trained(triggers, queries[keep]) if triggers is not None else None,
@@ -344,30 +423,42 @@ def knockoff_queries(cfg: Profile, n: int | None = None) -> Tensor:
 
 
 def run_knockoff(cfg: Profile, defense: str, label_type: str, n_queries: int | None = None,
-                 verbose: bool = True) -> dict:
+                 verbose: bool = True, arch: str | None = None) -> dict:
     """KnockoffNets (Orekondy et al. 2019) against the ``all`` victim: natural images from the
-    Knockoff pool, answers from ``defense`` (CIP: strong PPD ``shuffle_noise``, online PBD), a
-    surrogate trained on them. A run with fewer queries than the budget is a learning-curve point
-    (setting ``<label>_q<n>``)."""
+    Knockoff pool, answers from ``defense``, a surrogate trained on them. CIP as in the authors'
+    release (``knockoffnets/main.py``): strong PPD ``shuffle_noise`` and offline top-T PBD among
+    the ID-routed queries, T from ``cfg.knockoff_pbd_T`` (:func:`offline_pbd_T`; no PBD when
+    nothing routes ID). The per-epoch trigger accuracy is logged (``history``). A run with fewer
+    queries than the budget is a learning-curve point (setting ``<label>_q<n>``); ``arch``
+    (e.g. ``"cnn_plain"``) trains another surrogate architecture on the same answers (an
+    ablation, setting ``<label>_<arch>``)."""
     n = cfg.knockoff_queries if n_queries is None else n_queries
     curve = n != cfg.knockoff_queries
     setting = f"{label_type}_q{n}" if curve else label_type
-    return steal(cfg, "knockoff", defense, knockoff_queries(cfg, n), label_type, setting=setting,
-                 defense_kwargs={"strong": "shuffle_noise", "pbd": "online"} if defense == "cip" else {},
-                 extra={"curve_point": curve}, verbose=verbose)
+    if arch is not None and arch != cfg.surrogate_arch:
+        setting += f"_{arch}"
+    queries = knockoff_queries(cfg, n)
+    kwargs = {}
+    if defense == "cip":
+        t = offline_pbd_T(cfg, queries, "all", cfg.knockoff_pbd_T)
+        kwargs = {"strong": "shuffle_noise", "pbd": "offline_top_T" if t else None, "pbd_T": t}
+    return steal(cfg, "knockoff", defense, queries, label_type, setting=setting, defense_kwargs=kwargs,
+                 extra={"curve_point": curve}, verbose=verbose, arch=arch, trigger_curve=not curve,
+                 ablation=f"surrogate {arch}" if arch is not None and arch != cfg.surrogate_arch else None)
 
 
-def offline_pbd_T(cfg: Profile, queries: Tensor, split: str = "half") -> float:
-    """The defender's offline-PBD budget for a transfer set, as an absolute count: T =
-    ``cfg.pbd_offline_T`` if >= 1, else round(fraction x the number of queries CIP routes ID).
-    (``defenses.CIP`` reads a fraction as a share of ALL queries in the call; the course's IDA/DQA
-    setting counts ID-routed queries, so padding a transfer set with noise does not change T.)"""
-    if cfg.pbd_offline_T >= 1:
-        return float(cfg.pbd_offline_T)
+def offline_pbd_T(cfg: Profile, queries: Tensor, split: str = "half", budget: float | None = None) -> float:
+    """The defender's offline-PBD budget for a transfer set, as an absolute count: T = ``budget``
+    (default ``cfg.pbd_offline_T``) if >= 1, else round(fraction x the number of queries CIP
+    routes ID). (``defenses.CIP`` reads a fraction as a share of ALL queries in the call; the
+    course counts ID-routed queries, so padding a transfer set with noise does not change T.)"""
+    budget = cfg.pbd_offline_T if budget is None else budget
+    if budget >= 1:
+        return float(budget)
     probe = make_defense(cfg, "cip", split, strong="reverse_rank", pbd=None)
     probe(queries)  # the defender routes the transfer set (nothing is flipped or returned)
     n_id = int((probe.last_routes == 0).sum())
-    return float(round(cfg.pbd_offline_T * n_id))
+    return float(round(budget * n_id))
 
 
 def knockoff_curve(cfg: Profile, defense: str, label_type: str | None = None,
@@ -386,23 +477,48 @@ def knockoff_curve(cfg: Profile, defense: str, label_type: str | None = None,
     return points
 
 
-def _ida_defense_kwargs(cfg: Profile, defense: str, queries: Tensor, n_id: int) -> dict:
+def _ida_defense_kwargs(cfg: Profile, defense: str, queries: Tensor, n_id: int,
+                        p1: float | None = None) -> dict:
     if defense == "cip":
-        t = offline_pbd_T(cfg, queries)  # 0 only if (almost) nothing routes ID: no PBD at all
-        return {"strong": "reverse_rank", "pbd": "offline_top_T" if t else None, "pbd_T": t}
+        t = offline_pbd_T(cfg, queries) if p1 is None else _offline_T_at(cfg, queries, p1)
+        kwargs = {"strong": "reverse_rank", "pbd": "offline_top_T" if t else None, "pbd_T": t}
+        return kwargs if p1 is None else {**kwargs, "p1": p1}
     if defense == "dawn":
         return {"dawn_rate": dawn_rate_for(cfg, n_id)}
     return {}
 
 
-def run_ida(cfg: Profile, defense: str, verbose: bool = True) -> dict:
+def _offline_T_at(cfg: Profile, queries: Tensor, p1: float) -> float:
+    """:func:`offline_pbd_T` of the half victim with E1 at the ``p1``-th percentile."""
+    if cfg.pbd_offline_T >= 1:
+        return float(cfg.pbd_offline_T)
+    probe = make_defense(cfg, "cip", "half", strong="reverse_rank", pbd=None, p1=p1)
+    probe(queries)
+    return float(round(cfg.pbd_offline_T * int((probe.last_routes == 0).sum())))
+
+
+def run_ida(cfg: Profile, defense: str, label_type: str | None = None, verbose: bool = True,
+            p1: float | None = None, pbd_answer: str | None = None) -> dict:
     """In-distribution attack against the ``half`` victim: the attacker queries all of its own
-    half of the ID data (``split("attacker")``) and trains on the answers (``cfg.ida_label_type``,
-    ``cfg.ida_epochs``). CIP: strong PPD ``reverse_rank``, offline PBD with T = ``pbd_offline_T``;
-    DAWN watermarks the same fraction."""
+    half of the ID data (``split("attacker")``) and trains on the answers (``label_type``,
+    default ``cfg.ida_label_type``; ``cfg.ida_epochs``). CIP as in the authors' release: strong
+    PPD ``reverse_rank``, offline top-T PBD with T = ``pbd_offline_T`` among ID-routed queries,
+    E1 at the half victim's ``cfg.p1_half``; DAWN watermarks the same fraction. Setting: the
+    label type. Ablations (CIP only): ``p1`` (another E1 percentile, setting
+    ``<label>_p1-<p1>``) and ``pbd_answer`` (setting ``<label>_<answer>``)."""
+    label_type = cfg.ida_label_type if label_type is None else label_type
     x, _ = data.id_data(cfg).split("attacker")
-    return steal(cfg, "ida", defense, x, cfg.ida_label_type, split="half", epochs=cfg.ida_epochs,
-                 defense_kwargs=_ida_defense_kwargs(cfg, defense, x, len(x)), verbose=verbose)
+    setting, ablation = label_type, None
+    if p1 is not None and p1 != cfg.p1_half:
+        setting, ablation = f"{setting}_p1-{p1:g}", f"E1 at p1 = {p1:g}"
+    else:
+        p1 = None
+    if pbd_answer is not None and pbd_answer != cfg.pbd_answer:
+        cfg = dataclasses.replace(cfg, pbd_answer=pbd_answer)
+        setting, ablation = f"{setting}_{pbd_answer}", f"PBD answer {pbd_answer}"
+    return steal(cfg, "ida", defense, x, label_type, split="half", setting=setting,
+                 epochs=cfg.ida_epochs, defense_kwargs=_ida_defense_kwargs(cfg, defense, x, len(x), p1),
+                 verbose=verbose, ablation=ablation)
 
 
 def dqa_queries(cfg: Profile, r: float) -> tuple[Tensor, Tensor]:
@@ -427,10 +543,11 @@ def dqa_queries(cfg: Profile, r: float) -> tuple[Tensor, Tensor]:
 def run_dqa(cfg: Profile, defense: str, r: float, verbose: bool = True) -> dict:
     """Deceptive query attack: IDA's queries mixed with ``n_id / r`` uniform-noise queries in ONE
     transfer set; the attacker discards the noise answers and trains on the ID part exactly as IDA.
-    DAWN's rate is IDA's (fraction of ALL queries), CIP's offline PBD counts ID-routed queries only."""
+    DAWN's rate is IDA's (fraction of ALL queries), CIP's offline PBD counts ID-routed queries only.
+    Labels: ``cfg.dqa_label_type`` (soft, as in the authors' ``DQA/main.py``)."""
     queries, is_id = dqa_queries(cfg, r)
     kwargs = _ida_defense_kwargs(cfg, defense, queries, int(is_id.sum()))
-    return steal(cfg, "dqa", defense, queries, cfg.ida_label_type, split="half", setting=f"r{r:g}",
+    return steal(cfg, "dqa", defense, queries, cfg.dqa_label_type, split="half", setting=f"r{r:g}",
                  epochs=cfg.ida_epochs, keep=is_id, defense_kwargs=kwargs,
                  extra={"dqa_ratio": r, "n_noise": int((~is_id).sum())}, verbose=verbose)
 
@@ -442,10 +559,13 @@ def defense_spec(cfg: Profile, defense: str, split: str = "all", strong: str = "
     key that the defense contributes, so a retrained victim never reuses a stale DFME student."""
     if defense == "cip":
         t = pipeline.get_thresholds(cfg, split)
-        return {"name": "cip", "weights_sha256": t["weights_sha256"],
+        spec = {"name": "cip", "weights_sha256": t["weights_sha256"],
                 "E1": t["E1"], "E2": t["E2"], "R1": t["R1"], "T": t["T"], "strong": strong,
                 "pbd": pbd, "snr_db": cfg.snr_db, "beta": cfg.rs_beta, "gamma": cfg.rs_gamma,
                 "pbd_T": cfg.pbd_offline_T, "seed": cfg.seed}
+        if pbd is not None:
+            spec["pbd_answer"] = cfg.pbd_answer
+        return spec
     _, info = pipeline.get_victim(cfg, split, verbose=False)
     spec = {"name": defense, "weights_sha256": info["weights_sha256"]}
     if defense == "dp":
@@ -457,25 +577,47 @@ def defense_spec(cfg: Profile, defense: str, split: str = "all", strong: str = "
     return spec
 
 
-def run_dfme(cfg: Profile, defense: str, verbose: bool = True) -> tuple[dict, dfme.Generator]:
-    """DFME against the ``all`` victim behind ``defense`` (CIP: ``shuffle_noise``, online PBD),
-    ``cfg.dfme_queries`` queries in all (gradient-estimation queries included). Load-or-run: the
-    student, generator and trigger set are reused when the settings match. Writes the record and
-    returns ``(record, generator)``; the record's ``curve`` is test accuracy vs queries."""
+def run_dfme(cfg: Profile, defense: str, verbose: bool = True,
+             grad_queries: str | None = None) -> tuple[dict, dfme.Generator]:
+    """DFME against the ``all`` victim behind ``defense``, ``cfg.dfme_queries`` queries in all
+    (gradient-estimation queries included). CIP as in the authors' release: strong PPD
+    ``shuffle_noise`` and NO PBD (their DFME poisoning has no ID branch; Table IV has no trigger
+    column for DFME). ``grad_queries`` (default ``cfg.dfme_grad_queries``, see
+    :data:`GRAD_QUERIES`): ``"victim"`` sends the zeroth-order gradient queries to the model behind
+    the defense, as the authors' code does (an ablation, setting ``victim-grad``; for ``none`` the
+    two settings are the same experiment and share one run). Load-or-run: the student, generator
+    and trigger set are reused when the settings match. Writes the record and returns ``(record,
+    generator)``; the record's ``curve`` is test accuracy vs queries."""
     start = time.perf_counter()
-    kwargs = {"strong": "shuffle_noise", "pbd": "online"} if defense == "cip" else {}
+    grad_queries = cfg.dfme_grad_queries if grad_queries is None else grad_queries
+    if grad_queries not in GRAD_QUERIES:
+        raise ValueError(f"grad_queries must be one of {GRAD_QUERIES}, got {grad_queries!r}")
+    kwargs = {"strong": "shuffle_noise", "pbd": None} if defense == "cip" else {}
     d = data.id_data(cfg)
     spec = defense_spec(cfg, defense, **kwargs)
+    bypass = grad_queries == "victim" and defense != "none"  # for none the victim IS the API
+    if bypass:
+        spec = {**spec, "grad_queries": "victim"}
+    student_arch = cfg.dfme_arch
     student, gen, triggers, info = dfme.run_dfme_attack(
         cfg, lambda: make_defense(cfg, defense, **kwargs), spec,
-        lambda: build_surrogate(cfg.surrogate_arch, cfg.surrogate_width, d.shape, d.n_classes, cfg.seed),
-        desc=f"dfme_{defense}", verbose=verbose)
+        lambda: build_surrogate(student_arch, cfg.surrogate_width, d.shape, d.n_classes, cfg.seed),
+        desc=f"dfme_{defense}", verbose=verbose, bypass_gradient_queries=bypass)
+    if defense == "cip":
+        triggers = None  # no PBD against DFME: there is no trigger set to score
     test_x, test_y = d.split("test")
-    name = record_name("dfme", defense)
+    setting = "victim-grad" if grad_queries == "victim" else None
+    name = record_name("dfme", defense, setting)
+    best = max(info["curve"], key=lambda c: (c["test_acc"], -c["queries"])) if info["curve"] else None
     record = {
-        "name": name, "attack": "dfme", "defense": defense, "setting": None, "dataset": cfg.dataset,
-        "victim": "all", "label_type": "logits", "queries": info["n_queries"],
+        "name": name, "attack": "dfme", "defense": defense, "setting": setting, "dataset": cfg.dataset,
+        "victim": "all", "label_type": "logits", "queries": info["n_queries"], "grad_queries": grad_queries,
+        "ablation": "gradient queries bypass the defense" if setting else None,
+        "surrogate_arch": student_arch,
         "victim_acc": victim_accuracy(cfg), "defended_acc": defended_accuracy(cfg, name=defense, **kwargs),
+        "oe_victim_acc": oe_victim_accuracy(cfg) if defense == "cip" else None,
+        "surrogate_best_acc": best["test_acc"] if best else None,
+        "surrogate_best_queries": best["queries"] if best else None,
         "surrogate_acc": accuracy(student, test_x, test_y),
         "trigger_acc": trigger_accuracy(student, triggers) if triggers is not None else None,
         "n_triggers": len(triggers) if triggers is not None else None, "dqa_ratio": None,

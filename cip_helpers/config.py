@@ -55,8 +55,16 @@ class Profile:
     oe_m_in: float = -20.0  # read off the plain victim's ID-train energies (notebook 02)
     oe_m_out: float = -3.0
     oe_lr: float = 1e-3
+    oe_optimizer: str = "adam"  # "sgd": SGD, momentum 0.9, Nesterov (authors: ood_detection/detection_train.py)
+    oe_weight_decay: float = 0.0
+    oe_schedule: str = "constant"  # "cosine_step": cosine decay per optimiser step from oe_lr to oe_lr_min
+    oe_lr_min: float = 1e-6  # the cosine's floor (used only with oe_schedule="cosine_step")
+    oe_in_batch: int = 0  # ID images per OE step (0 = batch_size)
+    oe_out_batch: int = 0  # outlier images per OE step (0 = as many as the step's ID images)
+    oe_outlier_augment: str = "none"  # "crop_flip": random crop (zero pad 4) + horizontal flip of outliers
     # --- 03 thresholds ------------------------------------------------------------------
     p1: float = 95.0
+    p1_half: float = 80.0  # E1 percentile of the half victim (IDA/DQA): 80 in the authors' release
     p2: float = 99.9
     temperature: float = 1.0
     # --- 04/05 CIP -----------------------------------------------------------------------
@@ -65,6 +73,7 @@ class Profile:
     rs_gamma: float = 0.6
     pbd_r1_percentile: float = 0.5  # online PBD: flip when R < this percentile of ID-train R
     pbd_offline_T: float = 0.0035  # offline PBD: fraction (<1) of ID-routed queries or a count (>=1)
+    pbd_answer: str = "authors"  # PBD's flipped answer: "authors" (near one-hot, random class) or "inverse"
     # --- 06 DAWN -------------------------------------------------------------------------
     dawn_rate: float = 0.005
     dawn_key: str = "cip-course-dawn-key"
@@ -74,16 +83,23 @@ class Profile:
     surrogate_lr: float = 2e-3
     surrogate_width: int = 16  # channels of the first conv of the `cnn` surrogate / DFME student
     surrogate_batch: int = 64
+    surrogate_optimizer: str = "auto"  # "auto": SGD + Nesterov for surrogate_lr >= 0.05, else Adam; "sgd"; "adam"
+    surrogate_weight_decay: float = 0.0  # KnockoffNets / IDA / DQA surrogates (DFME's student: dfme.py)
+    surrogate_schedule: str = "cosine"  # lr per epoch: cosine, step (x surrogate_step_gamma at milestones), constant
+    surrogate_milestones: tuple[int, ...] = (30, 60, 90)  # epochs after which "step" multiplies the lr
+    surrogate_step_gamma: float = 0.2
     knockoff_queries: int = 8000
     knockoff_curve: tuple[int, ...] = (1000, 2000, 4000, 8000)
     knockoff_gamma: float = 3.0  # attacker's contrast adaptation of the pool: stretch(x)**gamma; 0 = raw
     knockoff_curve_label_type: str = "soft"  # label type of the queries-vs-accuracy curve
+    knockoff_pbd_T: float = 0.0035  # CIP vs KnockoffNets: offline top-T PBD (authors: T = 17 on CIFAR-10)
     # DFME on quick: 36,000 queries is ~500x fewer than the paper's budget, and the plain DFME
     # recipe (batch 128, 5 student steps, constant lr) was seed-fragile there: undefended student
     # 0.79 / 0.41 / 0.80 over seeds 0-2. Measured alternatives (seeds 0-2, same victims): cosine
     # lr 0.51 +- 0.23; replay 5 0.79 +- 0.14; replay 10 0.83 +- 0.06; batch 64 + replay 5
     # 0.81 +- 0.04; + 3 student steps 0.83 +- 0.04; + lr drop (chosen) 0.83 +- 0.02.
     dfme_queries: int = 36000
+    dfme_student_arch: str = ""  # the DFME student's architecture ("" = surrogate_arch)
     dfme_batch: int = 64  # queries per generator/student batch (more rounds for the same budget)
     dfme_nz: int = 64
     dfme_gen_channels: tuple[int, int] = (32, 16)
@@ -98,7 +114,9 @@ class Profile:
     dfme_replay: int = 5  # extra student steps per round on replayed past answers (no new queries)
     dfme_replay_size: int = 10_000  # replay memory (images)
     dfme_eval_every: int = 4000  # queries between test-accuracy points of the DFME curve
-    ida_label_type: str = "hard"  # soft labels: PBD's flipped answers are too flat to be learned
+    dfme_grad_queries: str = "defended"  # "victim": the authors' setting (gradient queries bypass the defense)
+    ida_label_type: str = "hard"  # IDA's main label type (authors: hard); notebook 09 also runs soft
+    dqa_label_type: str = "soft"  # DQA's label type (authors: soft)
     ida_epochs: int = 20
     dqa_ratios: tuple[float, ...] = (1.0, 0.5, 0.25)
     # --- 11 verification -----------------------------------------------------------------
@@ -141,6 +159,11 @@ class Profile:
     def metrics_dir(self) -> Path:
         return self.results_dir / "metrics"
 
+    @property
+    def dfme_arch(self) -> str:
+        """The DFME student's architecture: ``dfme_student_arch``, or ``surrogate_arch`` when empty."""
+        return self.dfme_student_arch or self.surrogate_arch
+
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -149,12 +172,26 @@ class Profile:
 # copies; tests/test_config_and_runner.py checks them against the modules that consume them.
 DATASETS = ("mnist_embedded", "mnist", "fashionmnist", "cifar10", "cifar100", "food101")
 """``dataset``: the embedded MNIST stand-in or one of ``data_full.DATASETS``."""
-ARCHS = ("cnn", "cnn_wide", "mlp", "resnet18", "wrn28_10")
+ARCHS = ("cnn", "cnn_wide", "cnn_plain", "mlp", "resnet18", "wrn28_10")
 """``victim_arch`` / ``surrogate_arch``: ``models.ARCHS``."""
 LABEL_TYPES = ("hard", "soft")
-"""``knockoff_curve_label_type`` / ``ida_label_type``: ``attacks.LABEL_TYPES``."""
+"""``knockoff_curve_label_type`` / ``ida_label_type`` / ``dqa_label_type``: ``attacks.LABEL_TYPES``."""
+PBD_ANSWERS = ("authors", "inverse")
+"""``pbd_answer``: ``poisoning.PBD_ANSWERS``."""
+GRAD_QUERIES = ("defended", "victim")
+"""``dfme_grad_queries``: ``attacks.GRAD_QUERIES``."""
 LR_SCHEDULES = ("constant", "cosine", "drop")
 """``dfme_lr_schedule``: ``dfme.LR_SCHEDULES``."""
+SURROGATE_OPTIMIZERS = ("auto", "adam", "sgd")
+"""``surrogate_optimizer``: ``training.OPTIMIZERS``."""
+SURROGATE_SCHEDULES = ("cosine", "step", "constant")
+"""``surrogate_schedule``: ``training.EPOCH_SCHEDULES``."""
+OE_OPTIMIZERS = ("adam", "sgd")
+"""``oe_optimizer``: ``training.OE_OPTIMIZERS``."""
+OE_SCHEDULES = ("constant", "cosine_step")
+"""``oe_schedule``: ``training.OE_SCHEDULES``."""
+OUTLIER_AUGMENTS = ("none", "crop_flip")
+"""``oe_outlier_augment``: ``training.OUTLIER_AUGMENTS``."""
 
 
 @functools.cache
@@ -290,7 +327,16 @@ def check_ranges(p: Profile) -> list[str]:
     one_of("surrogate_arch", ARCHS)
     one_of("knockoff_curve_label_type", LABEL_TYPES)
     one_of("ida_label_type", LABEL_TYPES)
+    one_of("dqa_label_type", LABEL_TYPES)
+    one_of("pbd_answer", PBD_ANSWERS)
+    one_of("dfme_grad_queries", GRAD_QUERIES)
     one_of("dfme_lr_schedule", LR_SCHEDULES)
+    one_of("oe_optimizer", OE_OPTIMIZERS)
+    one_of("oe_schedule", OE_SCHEDULES)
+    one_of("oe_outlier_augment", OUTLIER_AUGMENTS)
+    one_of("surrogate_optimizer", SURROGATE_OPTIMIZERS)
+    one_of("surrogate_schedule", SURROGATE_SCHEDULES)
+    need(p.dfme_student_arch in ("", *ARCHS), "dfme_student_arch", f"'' (= surrogate_arch) or one of {list(ARCHS)}")
     for f in ("seed", "n_train", "n_test", "augment_shift", "dfme_replay", "cell_timeout"):
         need(getattr(p, f) >= 0, f, ">= 0" + {"n_train": " (0 = the whole training set)",
                                               "n_test": " (0 = the whole test set)",
@@ -312,12 +358,29 @@ def check_ranges(p: Profile) -> list[str]:
         need(getattr(p, f) > 0, f, "> 0")
     for f in ("weight_decay", "oe_lambda", "knockoff_gamma"):
         need(getattr(p, f) >= 0, f, ">= 0" + (" (0 = raw pool images)" if f == "knockoff_gamma" else ""))
+    for f in ("oe_weight_decay", "surrogate_weight_decay", "oe_in_batch", "oe_out_batch"):
+        need(getattr(p, f) >= 0, f, ">= 0" + (" (0 = batch_size)" if f == "oe_in_batch" else
+                                              " (0 = as many as the step's ID images)" if f == "oe_out_batch"
+                                              else " (0 = no weight decay)"))
+    need(p.oe_lr_min >= 0 and (p.oe_schedule != "cosine_step" or p.oe_lr_min <= p.oe_lr), "oe_lr_min, oe_lr",
+         "0 <= oe_lr_min (<= oe_lr with oe_schedule='cosine_step': the floor the cosine decays to)")
+    marks = p.surrogate_milestones
+    need(len(marks) >= 1 and all(m >= 1 for m in marks) and all(b > a for a, b in zip(marks, marks[1:])),
+         "surrogate_milestones", "a non-empty, strictly increasing tuple of epochs >= 1, e.g. (30, 60, 90)")
+    if p.surrogate_schedule == "step" and marks:
+        need(marks[0] < min(p.surrogate_epochs, p.ida_epochs), "surrogate_milestones, surrogate_epochs, ida_epochs",
+             "a first milestone below surrogate_epochs and ida_epochs with surrogate_schedule='step' "
+             "(otherwise the lr never changes: lower the milestones or use surrogate_schedule='constant')")
+    need(0 < p.surrogate_step_gamma <= 1, "surrogate_step_gamma", "in (0, 1] (the lr factor at each milestone)")
     need(p.oe_m_in < p.oe_m_out, "oe_m_in, oe_m_out", "oe_m_in < oe_m_out (ID energies pushed below m_in, "
                                                       "outlier energies above m_out)")
     need(0 <= p.p1 < p.p2 <= 100, "p1, p2", "0 <= p1 < p2 <= 100 (percentiles of ID-train energies)")
+    need(0 <= p.p1_half < p.p2 <= 100, "p1_half, p2", "0 <= p1_half < p2 <= 100 (percentiles of the half "
+                                                      "victim's ID-train energies)")
     need(0 <= p.pbd_r1_percentile <= 100, "pbd_r1_percentile", "in [0, 100] (a percentile)")
-    need(p.pbd_offline_T >= 0 and (p.pbd_offline_T < 1 or float(p.pbd_offline_T).is_integer()),
-         "pbd_offline_T", "a fraction in [0, 1) or a whole count >= 1")
+    for f in ("pbd_offline_T", "knockoff_pbd_T"):
+        t = getattr(p, f)
+        need(t >= 0 and (t < 1 or float(t).is_integer()), f, "a fraction in [0, 1) or a whole count >= 1")
     need(0 <= p.dawn_rate <= 1, "dawn_rate", "in [0, 1]")
     need(0 < p.alpha < 1, "alpha", "in (0, 1) (a significance level)")
     need(len(p.knockoff_curve) >= 1 and all(n >= 1 for n in p.knockoff_curve), "knockoff_curve",
@@ -348,6 +411,14 @@ def data_root() -> Path:
     env = os.environ.get("CIP_DATA_ROOT")
     return Path(env).expanduser().resolve() if env else REPO_ROOT / "data"
 
+
+PAPER_TRIGGER_T: dict[str, dict[str, int]] = {
+    "cifar10": {"knockoff": 17, "ida": 87}, "cifar100": {"ida": 49}, "food101": {"ida": 101}}
+"""The authors' offline-PBD budgets T (Table IV; IDA's T also serves DQA): the ``full`` profile
+takes them for its dataset (``get_profile("full", dataset="cifar100")`` sets ``pbd_offline_T=49``),
+and falls back to :data:`DEFAULT_PBD_FRACTION` of the ID-routed queries where the paper has none."""
+DEFAULT_PBD_FRACTION = 0.0035
+"""T as a fraction of the ID-routed queries where no paper T applies (87 of 25,000 on CIFAR-10)."""
 
 PROFILES: dict[str, Profile] = {
     "quick": Profile(name="quick"),
@@ -393,25 +464,44 @@ PROFILES: dict[str, Profile] = {
         oe_m_in=-25.0,
         oe_m_out=-7.0,
         oe_lr=1e-3,
-        surrogate_arch="resnet18",
+        # OE recipe of ood_detection/detection_train.py (Hatins/CIP_master): SGD, momentum 0.9,
+        # Nesterov, decay 5e-4, cosine per step to 1e-6, --batch_size 64 + --oe_batch_size 128,
+        # outliers RandomCrop(size, padding=4) + RandomHorizontalFlip; lambda 0.1 (oe_lambda default)
+        oe_optimizer="sgd",
+        oe_weight_decay=5e-4,
+        oe_schedule="cosine_step",
+        oe_lr_min=1e-6,
+        oe_in_batch=64,
+        oe_out_batch=128,
+        oe_outlier_augment="crop_flip",
+        surrogate_arch="wrn28_10",  # --Surrogate_model wrn28 in knockoffnets/, IDA/, DQA/main.py
         surrogate_epochs=100,
         surrogate_lr=0.1,
+        # surrogate recipe of knockoffnets/main.py, IDA/main.py, DQA/main.py: SGD, momentum 0.9,
+        # Nesterov, weight decay 5e-4, MultiStepLR milestones [30, 60, 90], gamma 0.2
+        surrogate_optimizer="sgd",
+        surrogate_weight_decay=5e-4,
+        surrogate_schedule="step",
+        surrogate_milestones=(30, 60, 90),
+        surrogate_step_gamma=0.2,
         knockoff_queries=50_000,
         knockoff_curve=(5000, 10_000, 20_000, 50_000),
         knockoff_gamma=0.0,  # ImageNet photos are sent as they are
         surrogate_batch=128,
-        dfme_queries=20_000_000,
+        dfme_queries=6_000_000,  # --query_times default 6*(10**6) in DFME/main.py (and DF/main.py)
+        dfme_student_arch="resnet18",  # --Surrogate_model resnet18 in DFME/main.py
         dfme_batch=256,
         dfme_nz=256,
         dfme_gen_channels=(128, 64),
         dfme_gain=2.0,  # = DFME's tanh output
         dfme_lr_g=1e-4,
-        dfme_s_iter=5,  # the DFME recipe as published: no replay, constant student lr
+        dfme_s_iter=5,  # DFME/main.py: 5 student steps, no replay (its lr steps x0.3 at 10/30/50 % not yet)
         dfme_replay=0,
         dfme_lr_schedule="constant",
         dfme_eval_every=1_000_000,
         ida_epochs=100,
-        pbd_offline_T=87,
+        pbd_offline_T=87,  # PAPER_TRIGGER_T["cifar10"]; get_profile sets it per dataset
+        knockoff_pbd_T=17,
         cell_timeout=0,
     ),
 }
@@ -439,4 +529,8 @@ def get_profile(name: str = "quick", **overrides: Any) -> Profile:
     unknown = sorted(set(overrides) - set(known))
     if unknown:
         raise ValueError(f"unknown profile field(s) {unknown}; valid fields: {sorted(known)}")
+    if name == "full" and "dataset" in overrides:  # the paper's trigger-set sizes follow the dataset
+        paper_t = PAPER_TRIGGER_T.get(str(overrides["dataset"]), {})
+        overrides = {"pbd_offline_T": paper_t.get("ida", DEFAULT_PBD_FRACTION),
+                     "knockoff_pbd_T": paper_t.get("knockoff", DEFAULT_PBD_FRACTION), **overrides}
     return dataclasses.replace(PROFILES[name], **overrides)  # Profile.__post_init__ coerces, checks

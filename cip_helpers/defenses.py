@@ -330,6 +330,11 @@ class CIP(Defense):
       instance per transfer set, or :meth:`reset_totals`, which re-arms it).
     * ``None``: no PBD.
 
+    PBD's answer (``pbd_answer``): ``"authors"`` (default; :func:`poisoning.pbd_authors`, the
+    release's near one-hot row on a random class other than the top, its randomness keyed per
+    query by :meth:`pbd_randoms`) or ``"inverse"`` (plain 1/p renormalised: flat, always the
+    original argmin; the course's earlier answer, kept as an ablation).
+
     Fails closed: rows whose logits are not all finite go to high-ES (strongest poisoning, applied
     to a uniform row), never to ID or PBD. Every parameter is checked at construction
     (``ValueError`` naming the valid range): E1 <= E2 finite, T > 0, beta > 0, gamma > 0,
@@ -346,7 +351,12 @@ class CIP(Defense):
     def __init__(self, model: nn.Module, input_shape: tuple[int, int, int], e1: float, e2: float,
                  temperature: float = 1.0, strong: str = "shuffle_noise", snr_db: float = 10.0,
                  beta: float = 0.9, gamma: float = 0.6, pbd: str | None = "online",
-                 r1: float | None = None, pbd_T: float = 0.0, seed: int = 0) -> None:
+                 r1: float | None = None, pbd_T: float = 0.0, seed: int = 0,
+                 pbd_answer: str = "authors") -> None:
+        if pbd_answer not in poisoning.PBD_ANSWERS:
+            raise ValueError(f"unknown PBD answer {pbd_answer!r}; choose one of {poisoning.PBD_ANSWERS} "
+                             "('authors': the release's near one-hot answer on a random other class; "
+                             "'inverse': plain 1/p)")
         if strong not in poisoning.STRONG_PPD:
             raise ValueError(f"unknown strong PPD {strong!r}; choose one of {sorted(poisoning.STRONG_PPD)}")
         if pbd not in PBD_MODES:
@@ -377,6 +387,7 @@ class CIP(Defense):
         self.strong, self.snr_db, self.beta, self.gamma = strong, float(snr_db), float(beta), float(gamma)
         self.pbd, self.r1, self.pbd_T = pbd, None if r1 is None else float(r1), float(pbd_T)
         self.seed = int(seed)
+        self.pbd_answer = pbd_answer
         self.generator = torch.Generator().manual_seed(self.seed)
         self.trigger_set = TriggerSet()
         self.last_routes = torch.zeros(0, dtype=torch.long)
@@ -414,11 +425,23 @@ class CIP(Defense):
         n_flipped = int(flipped.sum()) if n_id else 0
         if n_flipped:
             out = out.clone() if out is p else out
-            out[flipped] = poisoning.flip(p[flipped])
+            u = self.pbd_randoms(x[flipped]) if self.pbd_answer == "authors" else None
+            out[flipped] = poisoning.flip(p[flipped], self.pbd_answer, u=u)
             self.trigger_set.append(x[flipped], p[flipped], out[flipped])
         self.last_routes, self.last_flipped = routes, flipped
         self._last_counts = (n_id, n_low, n_high, n_flipped)
         return out
+
+    def pbd_randoms(self, x: Tensor) -> Tensor:
+        """(N, K + 1) float64 uniforms in [0, 1) for :func:`poisoning.pbd_authors`, one row per
+        image of ``x``, from a BLAKE2b hash of the image's float32 bytes keyed with ``seed``: the
+        same query always gets the same flipped answer, whatever the call it arrives in."""
+        key = f"cip-pbd/{self.seed}".encode()
+        arr = x.detach().cpu().float().contiguous().numpy()
+        rows = [np.random.Generator(np.random.Philox(int.from_bytes(
+            hashlib.blake2b(r.tobytes(), key=key, digest_size=16).digest(), "big"))).random(self.n_classes + 1)
+            for r in arr]
+        return torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, self.n_classes + 1, dtype=torch.float64)
 
     def _pbd_mask(self, p: Tensor, is_id: Tensor, n_id: int) -> Tensor:
         if self.pbd is None or n_id == 0:
@@ -442,7 +465,7 @@ class CIP(Defense):
         random generator restarted from ``seed``."""
         settings = dict(temperature=self.temperature, strong=self.strong, snr_db=self.snr_db,
                         beta=self.beta, gamma=self.gamma, pbd=self.pbd, r1=self.r1, pbd_T=self.pbd_T,
-                        seed=self.seed)
+                        seed=self.seed, pbd_answer=self.pbd_answer)
         new = CIP(self.model, self.input_shape, self.e1, self.e2, **{**settings, **changes})
         new._weights_sha256 = self._weights_sha256
         return new

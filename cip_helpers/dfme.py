@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import data, pipeline
 from .config import Profile
-from .defenses import TriggerSet
+from .defenses import NoDefense, TriggerSet
 from .store import load_checkpoint, load_or_train, save_checkpoint
 from .training import accuracy, set_seed
 
@@ -48,12 +48,20 @@ class CountingAPI:
         return self.budget - self.n_queries
 
     def __call__(self, x: Tensor) -> Tensor:
-        if len(x) > self.remaining:
-            raise QueryBudgetExceeded(f"{len(x)} queries requested, {self.remaining} of "
-                                      f"{self.budget} left")
-        self.n_queries += len(x)
-        self.n_calls += 1
-        return self.api(x)
+        return self.via(self.api)(x)
+
+    def via(self, other: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+        """A handle that counts against THIS budget but is answered by ``other`` (the authors'
+        DFME sends its gradient-estimation queries to the model behind the defense:
+        :data:`attacks.GRAD_QUERIES`)."""
+        def call(x: Tensor) -> Tensor:
+            if len(x) > self.remaining:
+                raise QueryBudgetExceeded(f"{len(x)} queries requested, {self.remaining} of "
+                                          f"{self.budget} left")
+            self.n_queries += len(x)
+            self.n_calls += 1
+            return other(x)
+        return call
 
 
 class Generator(nn.Module):
@@ -136,7 +144,8 @@ def zo_gradient(f: Callable[[Tensor], Tensor], a: Tensor, m: int, eps: float,
 def dfme_spec(cfg: Profile, defense_spec: dict) -> dict:
     """Every setting that shapes a DFME student (the defense's configuration included)."""
     d = data.id_data(cfg)
-    return {"stage": "dfme", "arch": cfg.surrogate_arch, "width": cfg.surrogate_width,
+    return {"stage": "dfme", "arch": cfg.dfme_arch,
+            "width": cfg.surrogate_width,
             "input_shape": list(d.shape), "n_classes": d.n_classes, "defense": defense_spec,
             "queries": cfg.dfme_queries, "batch": cfg.dfme_batch, "nz": cfg.dfme_nz,
             "gen_channels": list(cfg.dfme_gen_channels), "gain": cfg.dfme_gain, "grad_m": cfg.dfme_grad_m,
@@ -169,9 +178,13 @@ def new_generator(cfg: Profile) -> Generator:
 
 
 def dfme_train(cfg: Profile, api: CountingAPI, student: nn.Module, gen: Generator,
-               desc: str = "DFME", progress: bool = True) -> list[dict]:
+               desc: str = "DFME", progress: bool = True,
+               grad_api: Callable[[Tensor], Tensor] | None = None) -> list[dict]:
     """Run DFME until the budget of ``api`` is spent; returns the learning curve
-    ``[{"queries": n, "test_acc": a}, ...]`` (a point every ``cfg.dfme_eval_every`` queries)."""
+    ``[{"queries": n, "test_acc": a}, ...]`` (a point every ``cfg.dfme_eval_every`` queries).
+    ``grad_api`` answers the gradient-estimation queries (default ``api``; it must count against
+    the same budget, e.g. ``api.via(model_behind_the_defense)``)."""
+    grad_api = api if grad_api is None else grad_api
     set_seed(cfg.seed)
     test = data.id_data(cfg).split("test")
     opt_s = torch.optim.SGD(student.parameters(), lr=cfg.dfme_lr_s, momentum=0.9, weight_decay=5e-4)
@@ -186,7 +199,7 @@ def dfme_train(cfg: Profile, api: CountingAPI, student: nn.Module, gen: Generato
     def disagreement(a: Tensor) -> Tensor:  # the black-box objective of the generator step
         x = torch.sigmoid(cfg.dfme_gain * a)
         with torch.no_grad():
-            return l1_disagreement(student(x), recovered_logits(api(x)))
+            return l1_disagreement(student(x), recovered_logits(grad_api(x)))
 
     bar = tqdm(range(n_iters), desc=desc, disable=not progress)
     for _ in bar:
@@ -228,11 +241,15 @@ def dfme_train(cfg: Profile, api: CountingAPI, student: nn.Module, gen: Generato
 
 def run_dfme_attack(cfg: Profile, api_factory: Callable[[], object], defense_spec: dict,
                     build_student: Callable[[], nn.Module], desc: str = "DFME",
-                    verbose: bool = True) -> tuple[nn.Module, Generator, TriggerSet | None, dict]:
+                    verbose: bool = True, bypass_gradient_queries: bool = False
+                    ) -> tuple[nn.Module, Generator, TriggerSet | None, dict]:
     """Load-or-run DFME against a fresh API from ``api_factory``. The student checkpoint is keyed
     by :func:`dfme_spec`; the generator and the defender's trigger set are saved beside it.
     Returns ``(student, generator, triggers or None, info)``; ``info`` holds ``curve``,
-    ``n_queries``, ``loaded``, ``path`` (the student checkpoint) and ``seconds``."""
+    ``n_queries``, ``loaded``, ``path`` (the student checkpoint) and ``seconds``.
+    ``bypass_gradient_queries``: the gradient-estimation queries are answered by the API's wrapped
+    model without its defense (the authors' setting; they still count against the budget); the
+    caller must record it in ``defense_spec``."""
     spec = dfme_spec(cfg, defense_spec)
     path = cfg.checkpoint_dir / "surrogates" / f"dfme_{pipeline.spec_hash(spec)}.pt"
     gen_path, trig_path = path.with_suffix(".generator.pt"), path.with_suffix(".triggers.pt")
@@ -245,7 +262,8 @@ def run_dfme_attack(cfg: Profile, api_factory: Callable[[], object], defense_spe
         start = time.perf_counter()
         api = api_factory()
         counted = CountingAPI(api, cfg.dfme_queries)
-        curve = dfme_train(cfg, counted, student, gen, desc, progress=verbose)
+        grad_api = counted.via(NoDefense(api.model, api.input_shape)) if bypass_gradient_queries else None
+        curve = dfme_train(cfg, counted, student, gen, desc, progress=verbose, grad_api=grad_api)
         save_checkpoint(gen_path, gen, spec)
         triggers = getattr(api, "trigger_set", None)
         if triggers is not None:

@@ -2,6 +2,7 @@
 
 * ``cnn``: a small 2-conv CNN, the quick-profile victim and surrogate (MNIST: ~97 % in ~30 s on 2 cores).
 * ``cnn_wide``/``mlp``: different architectures for the innocent models of ownership verification.
+* ``cnn_plain``: ``cnn`` without BatchNorm or input normalisation (a second surrogate for DP).
 * ``resnet18`` (paper: MNIST/FMNIST) and ``wrn28_10`` (paper: CIFAR-10/100, FOOD-101) for ``full``.
 """
 from __future__ import annotations
@@ -38,6 +39,19 @@ def small_cnn(in_channels: int, n_classes: int, image_size: int, width: int = 32
         nn.Linear(128, n_classes),
     )
     return model.to(memory_format=torch.channels_last)
+
+
+def plain_cnn(in_channels: int, n_classes: int, image_size: int, width: int = 16) -> nn.Sequential:
+    """``small_cnn`` without BatchNorm and without input normalisation (conv-pool-ReLU x2, a
+    128-unit hidden layer): the second surrogate architecture of notebook 07's DP ablation.
+    Which architecture learns from DP's flattened soft labels is part of DP's story, so the
+    course reports DP against both."""
+    feat = image_size // 4
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(),
+        nn.Flatten(), nn.Linear(2 * width * feat * feat, 128), nn.ReLU(), nn.Linear(128, n_classes),
+    )
 
 
 def mlp(in_channels: int, n_classes: int, image_size: int) -> nn.Sequential:
@@ -100,7 +114,7 @@ def wide_resnet(in_channels: int, n_classes: int, depth: int = 28, widen: int = 
     return nn.Sequential(*layers)
 
 
-ARCHS = ("cnn", "cnn_wide", "mlp", "resnet18", "wrn28_10")
+ARCHS = ("cnn", "cnn_wide", "cnn_plain", "mlp", "resnet18", "wrn28_10")
 
 
 def build_model(arch: str, in_channels: int, n_classes: int, image_size: int) -> nn.Module:
@@ -109,6 +123,8 @@ def build_model(arch: str, in_channels: int, n_classes: int, image_size: int) ->
         return small_cnn(in_channels, n_classes, image_size)
     if arch == "cnn_wide":
         return small_cnn(in_channels, n_classes, image_size, width=48)
+    if arch == "cnn_plain":
+        return plain_cnn(in_channels, n_classes, image_size)
     if arch == "mlp":
         return mlp(in_channels, n_classes, image_size)
     if arch == "resnet18":

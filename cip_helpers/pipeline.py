@@ -20,7 +20,8 @@ from .models import build_model
 from .defenses import CIP, DAWN, DP, Defense, NoDefense, r1_from_scores, softmax
 from .scores import energy_score, reliability_score, select_thresholds
 from .store import load_or_train, read_json, tensor_sha256, weights_sha256, write_json
-from .training import finetune_oe, predict_logits, train_classifier
+from .training import (finetune_oe, oe_in_batch, oe_recipe_spec, oe_train_kwargs, predict_logits,
+                       train_classifier)
 
 VICTIM_SPLITS = ("all", "half")
 
@@ -47,10 +48,13 @@ def victim_spec(cfg: Profile, split: str) -> dict:
 
 
 def oe_spec(cfg: Profile, split: str) -> dict:
-    """Every setting that shapes the OE-tuned victim (the plain victim's spec included)."""
+    """Every setting that shapes the OE-tuned victim (the plain victim's spec included). The OE
+    recipe (optimiser, weight decay, lr schedule, ID/outlier batch sizes, outlier augmentation:
+    ``training.oe_recipe_spec``) is recorded only where it differs from ``finetune_oe``'s defaults,
+    so the quick and smoke OE checkpoints keep the spec hash they had before these fields existed."""
     return {"stage": "oe", "victim": victim_spec(cfg, split), "n_outlier": cfg.n_outlier,
             "epochs": cfg.oe_epochs, "lr": cfg.oe_lr, "lambda": cfg.oe_lambda,
-            "m_in": cfg.oe_m_in, "m_out": cfg.oe_m_out}
+            "m_in": cfg.oe_m_in, "m_out": cfg.oe_m_out, **oe_recipe_spec(cfg)}
 
 
 def new_model(cfg: Profile, arch: str | None = None) -> nn.Module:
@@ -78,7 +82,8 @@ def get_victim(cfg: Profile, split: str = "all", verbose: bool = True) -> tuple[
 
 
 def get_oe_victim(cfg: Profile, split: str = "all", verbose: bool = True) -> tuple[nn.Module, dict]:
-    """The OE-tuned victim M'_V: the plain victim fine-tuned with the energy-margin loss."""
+    """The OE-tuned victim M'_V: the plain victim fine-tuned with the energy-margin loss, with the
+    profile's OE recipe (``training.oe_train_kwargs``; ID batch ``training.oe_in_batch``)."""
     d = data.id_data(cfg)
     x, y = d.split(split)
 
@@ -87,8 +92,9 @@ def get_oe_victim(cfg: Profile, split: str = "all", verbose: bool = True) -> tup
         model.load_state_dict(plain.state_dict())
         history = finetune_oe(model, x, y, data.query_pool(cfg, "outlier"), epochs=cfg.oe_epochs,
                               lr=cfg.oe_lr, lam=cfg.oe_lambda, m_in=cfg.oe_m_in, m_out=cfg.oe_m_out,
-                              batch_size=cfg.batch_size, seed=cfg.seed, eval_data=d.split("test"),
-                              augment_shift=cfg.augment_shift, desc=f"OE fine-tuning ({split})")
+                              batch_size=oe_in_batch(cfg), seed=cfg.seed, eval_data=d.split("test"),
+                              augment_shift=cfg.augment_shift, desc=f"OE fine-tuning ({split})",
+                              **oe_train_kwargs(cfg))
         return {"history": history}
 
     path = cfg.checkpoint_dir / f"oe_victim_{split}.pt"
@@ -117,7 +123,7 @@ def compute_thresholds(cfg: Profile, split: str = "all", p1: float | None = None
     OE-tuned ``split`` victim (or of ``model``, which must be that victim). The entry records the
     sha256 of the weights (``weights_sha256``) and of the ID images (``data_sha256``) it was
     computed from, so a loader can tell whether it belongs to the checkpoint at hand."""
-    p1 = cfg.p1 if p1 is None else p1
+    p1 = split_p1(cfg, split) if p1 is None else p1
     p2 = cfg.p2 if p2 is None else p2
     t = cfg.temperature if temperature is None else temperature
     if model is None:
@@ -134,25 +140,39 @@ def compute_thresholds(cfg: Profile, split: str = "all", p1: float | None = None
             "data_sha256": tensor_sha256(x)}
 
 
+def split_p1(cfg: Profile, split: str) -> float:
+    """The E1 percentile of a victim: ``cfg.p1`` for the ``all`` victim (KnockoffNets, DFME),
+    ``cfg.p1_half`` for the ``half`` victim (IDA, DQA). The authors' threshold script uses 95 for
+    the former and 80 for the latter (``ood_detection/detection_test.py`` of Hatins/CIP_master:
+    its help text says 80 for IDA and DQA); the quick profile follows them."""
+    return cfg.p1_half if split == "half" else cfg.p1
+
+
 THRESHOLD_KEYS = ("weights_sha256", "data_sha256", "p1", "p2", "T", "r1_percentile")
 """What a stored thresholds entry must match to be reused: the bits of the weights and of the ID
 data it was computed from, and the percentiles and temperature asked for."""
 
 
-def get_thresholds(cfg: Profile, split: str = "all", verbose: bool = True) -> dict:
+def get_thresholds(cfg: Profile, split: str = "all", verbose: bool = True, p1: float | None = None) -> dict:
     """Thresholds of the OE-tuned ``split`` victim from ``results/<profile>/seed-<k>/thresholds.json``
     (top level: the ``all`` victim; key ``half``: the half victim). The stored entry is reused only
     if it was computed from exactly this checkpoint's weights and this ID data (sha256) with the
     current p1, p2, T and R1 percentile; otherwise it is recomputed and rewritten (and, with
-    ``verbose``, the reason is printed). Returns the entry (see :func:`compute_thresholds`)."""
+    ``verbose``, the reason is printed). Returns the entry (see :func:`compute_thresholds`).
+
+    ``p1`` other than the victim's own (:func:`split_p1`) is an ablation: computed, returned, never
+    stored (the stored entry stays the profile's)."""
     _check_split(split)
+    if p1 is not None and p1 != split_p1(cfg, split):
+        return compute_thresholds(cfg, split, p1=p1)
     path = cfg.results_dir / "thresholds.json"
     stored = read_json(path) if path.exists() else {}
     entry = stored if split == "all" else stored.get("half", {})
     model, info = get_oe_victim(cfg, split, verbose=False)
     x, _ = data.id_data(cfg).split(split)
     wanted = {"weights_sha256": info["weights_sha256"], "data_sha256": tensor_sha256(x),
-              "p1": cfg.p1, "p2": cfg.p2, "T": cfg.temperature, "r1_percentile": cfg.pbd_r1_percentile}
+              "p1": split_p1(cfg, split), "p2": cfg.p2, "T": cfg.temperature,
+              "r1_percentile": cfg.pbd_r1_percentile}
     stale = [k for k in THRESHOLD_KEYS if entry.get(k) != wanted[k]]
     if not stale:
         return {k: v for k, v in entry.items() if k != "half"}
@@ -171,19 +191,22 @@ DEFENSES = ("none", "dp", "dawn", "cip")
 
 
 def get_defense(cfg: Profile, name: str, split: str = "all", strong: str = "shuffle_noise",
-                pbd: str | None = "online") -> Defense:
+                pbd: str | None = "online", p1: float | None = None) -> Defense:
     """A fresh defended API around the ``split`` victim, configured from the profile.
 
     ``none``, ``dp`` and ``dawn`` wrap the plain victim M_V; ``cip`` wraps the OE-tuned victim
     M'_V with the thresholds of :func:`get_thresholds` (as in the paper's code release).
-    ``strong`` picks CIP's strong PPD; ``pbd`` is ``"online"`` (the API default), ``"offline_top_T"`` (evaluation device: one call = the whole transfer set) or ``None``."""
+    ``strong`` picks CIP's strong PPD; ``pbd`` is ``"online"`` (the API default), ``"offline_top_T"``
+    (evaluation device: one call = the whole transfer set) or ``None``; PBD answers with
+    ``cfg.pbd_answer``; ``p1`` overrides the victim's E1 percentile (an ablation, see
+    :func:`get_thresholds`)."""
     shape = data.id_data(cfg).shape
     if name == "cip":
         model, _ = get_oe_victim(cfg, split, verbose=False)
-        t = get_thresholds(cfg, split)
+        t = get_thresholds(cfg, split, p1=p1)
         return CIP(model, shape, t["E1"], t["E2"], temperature=t["T"], strong=strong,
                    snr_db=cfg.snr_db, beta=cfg.rs_beta, gamma=cfg.rs_gamma, pbd=pbd, r1=t["R1"],
-                   pbd_T=cfg.pbd_offline_T, seed=cfg.seed)
+                   pbd_T=cfg.pbd_offline_T, seed=cfg.seed, pbd_answer=cfg.pbd_answer)
     model, _ = get_victim(cfg, split, verbose=False)
     if name == "none":
         return NoDefense(model, shape)

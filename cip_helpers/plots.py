@@ -304,19 +304,57 @@ def attack_bars(table, x: str = "defense", hue: str = "label_type", value: str =
     return fig
 
 
+def _defense_colour(name: str) -> str | None:
+    """The :data:`DEFENSE_COLORS` entry of a label that starts with a defense name ("dp, ...")."""
+    head = name.replace(",", " ").split()[0] if name.strip() else ""
+    return DEFENSE_COLORS.get(head)
+
+
 def accuracy_vs_queries(curves: Mapping[str, Sequence[tuple[int, float]]],
                         reference: float | None = None, title: str = "",
-                        ylabel: str = "surrogate test accuracy") -> plt.Figure:
-    """One line per defense: accuracy of the stolen model against the number of queries spent."""
+                        ylabel: str = "surrogate test accuracy",
+                        dashed: Sequence[str] = ()) -> plt.Figure:
+    """One line per curve ``{label: [(queries, accuracy), ...]}``: accuracy of the stolen model
+    against the number of queries spent. A label that starts with a defense name gets that
+    defense's colour (:data:`DEFENSE_COLORS`); labels in ``dashed`` are drawn dashed."""
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
     for name, points in curves.items():
         q, a = zip(*points) if points else ((), ())
-        ax.plot(q, a, marker="o", label=name)
+        ax.plot(q, a, marker="o", label=name, color=_defense_colour(name),
+                linestyle="--" if name in dashed else "-")
     if reference is not None:
         ax.axhline(reference, color="k", linestyle="--", linewidth=1, label=f"victim {reference:.2f}")
     ax.axhline(0.1, color="grey", linestyle=":", linewidth=1, label="chance")
     ax.set_xlabel("queries to the API")
     ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def history_curves(histories: Mapping[str, Sequence[Mapping[str, float]]],
+                   keys: Sequence[str] = ("test_acc", "trigger_acc"), title: str = "") -> plt.Figure:
+    """Per-epoch accuracies of training runs (``{label: history}``, a history being the
+    ``[{"epoch": 1, "test_acc": ..., ...}, ...]`` list a record stores): one line per (run, key),
+    solid for the first key, dashed for the others; integer epoch ticks."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    styles = ["-", "--", ":", "-."]
+    for i, (name, history) in enumerate(histories.items()):
+        for j, key in enumerate(keys):
+            pts = [(h["epoch"], h[key]) for h in history or [] if h.get(key) is not None]
+            if pts:
+                e, a = zip(*pts)
+                ax.plot(e, a, marker="o", ms=3, linestyle=styles[j % len(styles)],
+                        color=_defense_colour(name) if len(histories) == 1 else f"C{i}",
+                        label=f"{name}: {key.replace('_acc', ' accuracy')}")
+    ax.axhline(0.1, color="grey", linestyle=":", linewidth=1, label="chance (10 classes)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.02)
     ax.set_title(title)
     ax.legend(fontsize=7)

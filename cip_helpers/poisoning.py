@@ -1,7 +1,8 @@
 """Output perturbations: batched functions from probability rows (N, K) to probability rows.
 
 Strong PPD (high-ES OOD queries): ``shuffle_noise``, ``reverse_rank``, ``inverse``, ``flatten``.
-Weak PPD (low-ES OOD) and the DP baseline: ``reverse_sigmoid``. PBD (hard ID queries): ``flip``.
+Weak PPD (low-ES OOD) and the DP baseline: ``reverse_sigmoid``. PBD (hard ID queries): ``flip``
+(the authors' near one-hot answer :func:`pbd_authors`, or ``inverse``).
 DAWN's watermark: ``permute_top``. Every function returns finite, non-negative float32 rows that
 sum to 1 (within 1e-6).
 
@@ -170,9 +171,75 @@ def reverse_sigmoid(p: Tensor, beta: float = 0.9, gamma: float = 0.6) -> Tensor:
     return q
 
 
-def flip(p: Tensor) -> Tensor:
-    """PBD's flipped answer: the inverted distribution, whose top class differs from p's."""
-    return inverse(p)
+def sharpened_inverse(p: Tensor) -> Tensor:
+    """The authors' PBD answer before its shuffle (``close_set_probability_poisoned`` in
+    ``categorical_inference_poisoning/function.py`` of Hatins/CIP_master): with t = p_min / 100,
+    the (first) smallest entry becomes t, every other entry p_j + 11 t; then 1/x, renormalised.
+    The former argmin gets mass >= 100 / (100 + (K - 1) / 1.11) (0.925 for K = 10): a near one-hot
+    row on the originally LEAST likely class. ``p`` (N, K >= 2) float; float32 rows out."""
+    _check_probs(p, "sharpened_inverse")
+    q = p.double().clamp_min(0) + 1e-29  # the authors add 1e-29 so that 1/x stays finite
+    low = q.argmin(1)
+    t = q.gather(1, low[:, None]) / 100
+    q = (q + 11 * t).scatter(1, low[:, None], t)
+    return normalize(1.0 / q)
+
+
+def pbd_authors(p: Tensor, u: Tensor) -> Tensor:
+    """PBD's flipped answer as in the authors' release: :func:`sharpened_inverse`, then its entries
+    permuted at random until the top class differs from ``p``'s, so the answer is a near one-hot
+    row (top mass >= 0.925 for K = 10) on a class drawn uniformly from the K - 1 classes other
+    than the original top.
+
+    ``u`` (N, K + 1) uniform numbers in [0, 1) drive the randomness (row i's permutation is
+    ``argsort(u[i, :K])``; ``u[i, K]`` picks the class if the big entry lands on the original
+    top), so the answer is a pure function of (p, u): :class:`~cip_helpers.defenses.CIP` derives
+    ``u`` from a keyed hash of each query, the same query always gets the same answer and the
+    answers do not depend on how queries are batched (the authors draw from Python's global
+    ``random``, seeded once, so theirs depend on query order). Raises ``ValueError`` for a wrong
+    shape of ``u`` or values outside [0, 1)."""
+    _check_probs(p, "pbd_authors")
+    n, k = p.shape
+    if not isinstance(u, Tensor) or tuple(u.shape) != (n, k + 1):
+        shape = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
+        raise ValueError(f"pbd_authors needs u of shape (N, K + 1) = ({n}, {k + 1}), got {shape}")
+    if n and not (float(u.min()) >= 0 and float(u.max()) < 1):
+        raise ValueError("pbd_authors needs u in [0, 1) (uniform random numbers)")
+    sharp = sharpened_inverse(p)
+    top = p.argmax(1)
+    big = sharp.argmax(1)  # where the near one-hot mass sits before the shuffle (p's argmin)
+    perm = u[:, :k].argsort(1)  # answer[j] = sharp[perm[j]]
+    rows = _rows(n)
+    slot = perm.argsort(1)[rows, big]  # where the big entry lands
+    stuck = slot == top
+    if stuck.any():  # move it to a uniformly drawn other class: swap the two slots' sources
+        r = torch.nonzero(stuck).flatten()
+        other = (top[r] + 1 + (u[r, k] * (k - 1)).long().clamp_max(k - 2)) % k
+        a, b = perm[r, top[r]].clone(), perm[r, other].clone()
+        perm[r, top[r]], perm[r, other] = b, a
+    return ensure_top_changed(sharp.gather(1, perm), top)
+
+
+PBD_ANSWERS = ("authors", "inverse")
+"""PBD's flipped answer: ``"authors"`` (:func:`pbd_authors`, the default) or ``"inverse"``
+(:func:`inverse`: plain 1/p, top mass ~0.3 on ambiguous rows, on the original least likely
+class (the first of them when several are below the 1e-8 clip); the course's earlier answer,
+kept as a named variant)."""
+
+
+def flip(p: Tensor, answer: str = "authors", u: Tensor | None = None,
+         generator: torch.Generator | None = None) -> Tensor:
+    """PBD's flipped answer, whose top class always differs from ``p``'s: ``answer="authors"``
+    (:func:`pbd_authors`; its randomness from ``u`` (N, K + 1) in [0, 1), or drawn from
+    ``generator`` when ``u`` is None) or ``"inverse"`` (:func:`inverse`, deterministic).
+    Raises ``ValueError`` for another ``answer``."""
+    if answer == "inverse":
+        return inverse(p)
+    if answer != "authors":
+        raise ValueError(f"unknown PBD answer {answer!r}; choose one of {PBD_ANSWERS}")
+    if u is None:
+        u = torch.rand(p.shape[0], p.shape[1] + 1, generator=generator, dtype=torch.float64)
+    return pbd_authors(p, u)
 
 
 def dawn_top_k(n_classes: int) -> int:
@@ -198,6 +265,26 @@ def permute_top(p: Tensor, shift: Tensor | None = None) -> Tensor:
     return ensure_top_changed(normalize(q), p.argmax(1))
 
 
+def compare_pbd_answers(p: Tensor, generator: torch.Generator | None = None):
+    """Both PBD answers (:data:`PBD_ANSWERS`) to the probability rows ``p`` (N, K), as a pandas
+    DataFrame with one row per answer: ``mean_top_mass`` and ``min_top_mass`` (the answered top
+    probability), ``label_is_original_top`` (share whose answered top-1 is ``p``'s: 0 by
+    construction), ``label_is_original_argmin`` (share on ``p``'s least likely class: 1 for
+    ``inverse``, about 1/(K-1) for the authors' random class) and ``mean_l1`` to ``p``."""
+    import pandas as pd
+
+    _check_probs(p, "compare_pbd_answers")
+    rows = {}
+    for name in PBD_ANSWERS:
+        q = flip(p, name, generator=generator)
+        top = q.max(1).values
+        rows[name] = {"mean_top_mass": float(top.mean()), "min_top_mass": float(top.min()),
+                      "label_is_original_top": float((q.argmax(1) == p.argmax(1)).double().mean()),
+                      "label_is_original_argmin": float((q.argmax(1) == p.argmin(1)).double().mean()),
+                      "mean_l1": mean_l1(p, q)}
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("PBD answer")
+
+
 STRONG_PPD = {"shuffle_noise": shuffle_noise, "reverse_rank": reverse_rank, "inverse": inverse,
               "flatten": flatten}
 
@@ -205,11 +292,13 @@ STRONG_PPD = {"shuffle_noise": shuffle_noise, "reverse_rank": reverse_rank, "inv
 def all_variants(p: Tensor, snr_db: float = 10.0, beta: float = 0.9, gamma: float = 0.6,
                  generator: torch.Generator | None = None) -> dict[str, Tensor]:
     """Every CIP perturbation of ``p``: the four strong PPDs, weak PPD (reverse sigmoid) and the
-    PBD flip, keyed by name (the names of :data:`STRONG_PPD`, ``"weak (reverse_sigmoid)"``, ``"flip"``)."""
+    PBD flips, keyed by name (the names of :data:`STRONG_PPD`, ``"weak (reverse_sigmoid)"``, ``"flip"``
+    (the authors' answer) and ``"flip (inverse)"``)."""
     out = {name: (fn(p, snr_db=snr_db, generator=generator) if name == "shuffle_noise" else fn(p))
            for name, fn in STRONG_PPD.items()}
     out["weak (reverse_sigmoid)"] = reverse_sigmoid(p, beta, gamma)
-    out["flip"] = flip(p)
+    out["flip"] = flip(p, "authors", generator=generator)
+    out["flip (inverse)"] = flip(p, "inverse")
     return out
 
 

@@ -26,17 +26,30 @@ def load_all_records(cfg: Profile, check: bool = True) -> list[dict]:
     """Every main-run record under ``metrics/`` (learning-curve points excluded). With ``check``,
     a record measured against other victim weights than the checkpoints on disk raises
     ``ValueError`` (:func:`attacks.check_record`)."""
-    records = [read_json(p) for p in sorted(cfg.metrics_dir.glob("*.json"))]
-    records = [r for r in records if r.get("attack") in ATTACK_ORDER and not r.get("curve_point")]
+    records = _read_records(cfg.metrics_dir)
     if check:
         for r in records:
             attacks.check_record(cfg, r)
     return records
 
 
+def _read_records(metrics: Path) -> list[dict]:
+    """The main-run records under ``metrics`` (curve points excluded); a record of an older
+    version of the course raises ``ValueError`` (:func:`attacks.check_record_keys`)."""
+    records = []
+    for path in sorted(Path(metrics).glob("*.json")):
+        r = read_json(path)
+        if r.get("attack") in ATTACK_ORDER and not r.get("curve_point"):
+            attacks.check_record_keys(r, path)
+            records.append(r)
+    return records
+
+
 def paper_row(attack: str, defense: str, setting: str | None) -> dict | None:
     """The paper's Table IV row for our (attack, defense), on :data:`PAPER_TASK`; DQA only at r=1."""
     key = attack
+    if attack == "ida" and setting not in (None, "hard"):
+        return None  # the paper's IDA trains on hard labels
     if attack == "dqa":
         if setting not in ("r1", "r1.0"):
             return None
@@ -57,19 +70,36 @@ def _setting(r: dict) -> str:
     return r.get("setting") or r.get("label_type") or ""
 
 
-def table_iv(records: list[dict]) -> pd.DataFrame:
-    """One row per (attack, setting, defense): our numbers in percent beside the paper's."""
+def table_iv(records: list[dict], ablations: bool = False) -> pd.DataFrame:
+    """One row per (attack, setting, defense): our numbers in percent beside the paper's.
+
+    Columns (ours): ``Test(M_V)`` the plain victim; ``Test(M_S) no defense`` the undefended
+    surrogate of the same setting; ``Test(M'_V)`` the paper's definition, the OE-tuned victim's own
+    test accuracy (CIP only); ``API acc`` the defended API's top-1 accuracy on the test digits;
+    ``Test(M_S)`` the surrogate's final epoch (our headline) and ``Test(M_S) best`` its best
+    epoch (DFME: best curve point), as the authors report; ``Trig(M_S)`` and ``T``.
+    ``ablations``: the runs marked as ablations (with an ``ablation`` column) instead of the
+    main rows."""
+    # an ablation without its own undefended run is compared with its base setting's (prefix)
     undefended = {(r["attack"], _setting(r)): r["surrogate_acc"] for r in records if r["defense"] == "none"}
+    records = [r for r in records if bool(r.get("ablation")) == ablations]
     rows = []
     for r in records:
-        paper = paper_row(r["attack"], r["defense"], r.get("setting")) or {}
+        paper = (paper_row(r["attack"], r["defense"], r.get("setting")) or {}) if not ablations else {}
         pct = lambda v: None if v is None else round(100 * v, 2)  # noqa: E731
+        setting = _setting(r)
+        base = undefended.get((r["attack"], setting), undefended.get((r["attack"], setting.split("_")[0])))
+        row = {"attack": r["attack"], "setting": setting, "defense": r["defense"]}
+        if ablations:
+            row["ablation"] = r.get("ablation")
         rows.append({
-            "attack": r["attack"], "setting": _setting(r), "defense": r["defense"],
+            **row,
             "Test(M_V)": pct(r["victim_acc"]),
-            "Test(M_S) no defense": pct(undefended.get((r["attack"], _setting(r)))),
-            "Test(M'_V)": pct(r["defended_acc"]),
+            "Test(M_S) no defense": pct(base),
+            "Test(M'_V)": pct(r.get("oe_victim_acc")),
+            "API acc": pct(r["defended_acc"]),
             "Test(M_S)": pct(r["surrogate_acc"]),
+            "Test(M_S) best": pct(r.get("surrogate_best_acc")),
             "Trig(M_S)": pct(r["trigger_acc"]),
             "T": r["n_triggers"],
             "paper task": PAPER_TASK[r["attack"]] if paper else None,
@@ -84,7 +114,9 @@ def table_iv(records: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if df.empty:
         return df
-    for col in ("T", "paper T"):  # counts stay integers next to missing values
+    if ablations:
+        df = df.drop(columns=[c for c in df.columns if c.startswith("paper")])
+    for col in [c for c in ("T", "paper T") if c in df]:  # counts stay integers next to missing values
         df[col] = df[col].astype("Int64")
     df["_a"] = df["attack"].map(ATTACK_ORDER.index)
     df["_d"] = df["defense"].map(DEFENSE_ORDER.index)
@@ -111,15 +143,18 @@ def table_notes(df: pd.DataFrame, records: Sequence[dict] = ()) -> list[str]:
     triggers."""
     notes = ["IDA and DQA use the victim trained on half of the ID training set (the attacker holds "
              "the other half), so their Test(M_V) differs from KnockoffNets/DFME.",
-             "Test(M'_V) is the top-1 accuracy of the defended API's answers on the ID test set "
-             "(for CIP, the OE-tuned victim behind the poisoning); Trig(M_S) and T exist only for "
-             "DAWN and CIP; DP keeps no trigger set.",
+             "Test(M'_V) is the paper's: the OE-tuned victim's own test accuracy (CIP only). API acc "
+             "is the top-1 accuracy of the defended API's answers on the ID test set. Test(M_S) is the "
+             "surrogate's last epoch (our headline); Test(M_S) best its best test epoch (DFME: best "
+             "point of the query curve), the number the authors report. Trig(M_S) and T exist only "
+             "for DAWN and CIP; DP keeps no trigger set; CIP uses no PBD against DFME (as the authors).",
              "The paper reports DQA at r = 1 only, and no MNIST task for KnockoffNets/IDA/DQA, so "
              "those rows sit beside CIFAR10/WRN28; it gives Test(M'_V) for CIP only."]
     if df.empty:
         return notes
     routes = {(r["attack"], _setting(r)): r.get("routes") for r in records if r.get("defense") == "cip"}
-    for row in df[(df["defense"] == "cip") & (df["T"].fillna(0) == 0)].itertuples(index=False):
+    for row in df[(df["defense"] == "cip") & (df["T"].fillna(0) == 0) & (df["attack"] != "dfme")
+                  ].itertuples(index=False):
         counts = routes.get((row.attack, row.setting)) or {}
         note = (f"CIP has T = 0 for {row.attack} {row.setting}: PBD flipped none of its queries, "
                 "so no trigger set exists")
@@ -174,7 +209,7 @@ def verification_verdicts(cfg: Profile, records: list[dict], innocents: dict[str
         pool = np.stack([verification.agreements(m, x, labels) for m in innocents.values()])
         stolen = verification.agreements(attacks.load_surrogate(cfg, r["name"]), x, labels)
         base = {"attack": r["attack"], "defense": r["defense"], "setting": r.get("setting"),
-                "trigger_set": r["name"], "triggers_sha256": r.get("triggers_sha256"),
+                "ablation": r.get("ablation"), "trigger_set": r["name"], "triggers_sha256": r.get("triggers_sha256"),
                 "n_logged": len(triggers), "n_ood": int(ood.sum())}
         detector = {"ood_detector": f"checkpoints/oe_victim_{split}.pt, energy >= E1 = {th['E1']:.4f}"}
 
@@ -206,14 +241,21 @@ def verification_verdicts(cfg: Profile, records: list[dict], innocents: dict[str
     return verdicts
 
 
+ABLATION_HEADER = ("\nAblations (not in the paper's table; notebooks 07-10 discuss them): the same attack "
+                   "with one setting changed, named in 'ablation'.\n\n")
+
+
 def write_outputs(cfg: Profile, table: pd.DataFrame, records: list[dict], verdicts: list[dict]) -> None:
     """``table.md``, ``summary.json`` (one row per record) and ``verification.json``."""
     header = ("Table IV analog, profile `{p}` (ours, percent) with the paper's numbers for the task in "
               "'paper task' (Zhang et al., IEEE TIFS 2023, Table IV).\n\n").format(p=cfg.name)
     notes = "\n".join(f"{i}. {n}" for i, n in enumerate(table_notes(table, records), 1))
-    write_text(cfg.results_dir / "table.md", header + to_markdown(table) + "\nNotes:\n\n" + notes + "\n")
-    summary = [{k: r.get(k) for k in ("name", "attack", "defense", "setting", "dataset", "label_type",
-                                      "queries", "victim_acc", "defended_acc", "surrogate_acc",
+    ablation = table_iv(records, ablations=True)
+    write_text(cfg.results_dir / "table.md", header + to_markdown(table) + "\nNotes:\n\n" + notes + "\n"
+               + (ABLATION_HEADER + to_markdown(ablation) if not ablation.empty else ""))
+    summary = [{k: r.get(k) for k in ("name", "attack", "defense", "setting", "ablation", "dataset",
+                                      "label_type", "queries", "victim_acc", "oe_victim_acc",
+                                      "defended_acc", "surrogate_acc", "surrogate_best_acc",
                                       "trigger_acc", "n_triggers", "dqa_ratio", "seed", "seconds")}
                for r in records]
     write_json(cfg.results_dir / "summary.json", summary)
@@ -222,7 +264,8 @@ def write_outputs(cfg: Profile, table: pd.DataFrame, records: list[dict], verdic
 
 # ----------------------------------------------------------------------------- across seeds
 
-STAT_FIELDS = ("victim_acc", "defended_acc", "surrogate_acc", "trigger_acc", "n_triggers")
+STAT_FIELDS = ("victim_acc", "oe_victim_acc", "defended_acc", "surrogate_acc", "surrogate_best_acc",
+               "trigger_acc", "n_triggers")
 """The per-record numbers that :func:`write_seed_aggregate` summarises over seeds."""
 
 
@@ -251,8 +294,7 @@ def seed_records(profile_dir: Path, seed: int) -> list[dict]:
     """The main-run records of one seed, read from JSON alone (no checkpoints needed). Raises
     ``ValueError`` if they disagree on the weights of one victim (a mix of runs: re-run that seed)."""
     metrics = Path(profile_dir) / f"seed-{seed}" / "metrics"
-    records = [read_json(p) for p in sorted(metrics.glob("*.json"))]
-    records = [r for r in records if r.get("attack") in ATTACK_ORDER and not r.get("curve_point")]
+    records = _read_records(metrics)
     seen: dict[tuple[str, str], set[str]] = {}
     for r in records:
         stage = ("oe_victim" if r.get("defense") == "cip" else "victim", r.get("victim", "all"))
@@ -265,18 +307,19 @@ def seed_records(profile_dir: Path, seed: int) -> list[dict]:
     return records
 
 
-def seed_table(profile_dir: Path, seeds: Sequence[int]) -> pd.DataFrame:
+def seed_table(profile_dir: Path, seeds: Sequence[int], ablations: bool = False) -> pd.DataFrame:
     """:func:`table_iv` of every seed, stacked, with a ``seed`` column (long format: one row per
     seed and (attack, setting, defense))."""
     frames = []
     for s in seeds:
-        t = table_iv(seed_records(profile_dir, s))
+        t = table_iv(seed_records(profile_dir, s), ablations=ablations)
         if not t.empty:
             frames.append(t.assign(seed=s))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-OURS = ("Test(M_V)", "Test(M_S) no defense", "Test(M'_V)", "Test(M_S)", "Trig(M_S)", "T")
+OURS = ("Test(M_V)", "Test(M_S) no defense", "Test(M'_V)", "API acc", "Test(M_S)", "Test(M_S) best",
+        "Trig(M_S)", "T")
 KEYS = ("attack", "setting", "defense")
 
 
@@ -287,8 +330,9 @@ def aggregate_table(long: pd.DataFrame) -> pd.DataFrame:
     if long.empty:
         return long
     rows = []
-    for key, g in long.groupby(list(KEYS), sort=False):
-        row = dict(zip(KEYS, key))
+    keys = [*KEYS, *(["ablation"] if "ablation" in long else [])]
+    for key, g in long.groupby(keys, sort=False):
+        row = dict(zip(keys, key))
         row["n"] = int(g["seed"].nunique())
         for col in OURS:
             st = stat([None if pd.isna(v) else float(v) for v in g[col]])
@@ -329,10 +373,14 @@ def seed_summary(profile_dir: Path, seeds: Sequence[int]) -> dict:
     rows = []
     for n in names:
         r = first[n]
-        row = {k: r.get(k) for k in ("name", "attack", "setting", "defense", "label_type", "victim", "dqa_ratio")}
+        row = {k: r.get(k) for k in ("name", "attack", "setting", "defense", "ablation", "label_type",
+                                     "victim", "dqa_ratio")}
         for f in STAT_FIELDS:
             row[f] = stat([per_seed[s][n].get(f) if n in per_seed[s] else None for s in seeds])
-        row["paper"] = paper_row(r["attack"], r["defense"], r.get("setting"))
+        if r.get("routes"):
+            row["routes_id"] = stat([(per_seed[s][n].get("routes") or {}).get("ID") if n in per_seed[s] else None
+                                     for s in seeds])
+        row["paper"] = None if r.get("ablation") else paper_row(r["attack"], r["defense"], r.get("setting"))
         rows.append(row)
 
     def per_seed_json(name: str, pick) -> dict:
@@ -369,8 +417,8 @@ def verification_summary(per_seed: dict[int, list[dict]], confidence: float = ve
     claims ``flagged`` of ``of`` distinct pairs (``verdicts``: before removing copies) with the
     one-sided ``confidence`` Clopper-Pearson upper bound ``false_claim_upper`` (it treats the pairs
     as independent; pairs that share a model or a trigger set are not, so read it as indicative).
-    ``stolen`` per ``attack/defense``: power, ``flagged`` of ``of`` surrogates, and ``missed``
-    (seed and trigger set). ``min_innocent_p``: the smallest p-value of any innocent model."""
+    ``stolen`` per ``attack/defense`` (ablation runs apart, as ``attack/defense [ablation]``):
+    power, ``flagged`` of ``of`` surrogates, and ``missed`` (seed and trigger set). ``min_innocent_p``: the smallest p-value of any innocent model."""
     def key(seed: int, v: dict) -> tuple:
         return (seed, v.get("triggers_sha256") or v["trigger_set"], v.get("suspect_sha256") or v.get("suspect"))
 
@@ -388,8 +436,9 @@ def verification_summary(per_seed: dict[int, list[dict]], confidence: float = ve
                     seen.add(key(seed, v))
                     inn["flagged"] += flagged
                     inn["of"] += 1
-                else:
-                    d = stolen.setdefault(f"{v['attack']}/{v['defense']}", {"flagged": 0, "of": 0, "missed": []})
+                else:  # ablations are tallied apart from the table's main rows
+                    name = f"{v['attack']}/{v['defense']}" + (f" [{v['ablation']}]" if v.get("ablation") else "")
+                    d = stolen.setdefault(name, {"flagged": 0, "of": 0, "missed": []})
                     d["flagged"] += flagged
                     d["of"] += 1
                     if not flagged:
@@ -421,8 +470,102 @@ def write_seed_aggregate(profile_dir: Path, seeds: Sequence[int]) -> list[Path]:
     per_seed_records = [r for s in seeds for r in seed_records(profile_dir, s)]
     single = long.drop_duplicates(list(KEYS)) if not long.empty else long
     notes = "\n".join(f"{i}. {n}" for i, n in enumerate(table_notes(single, per_seed_records), 1))
+    ablation = aggregate_table(seed_table(profile_dir, seeds, ablations=True))
     return [write_json(profile_dir / "summary.json", summary),
-            write_text(profile_dir / "table.md", header + to_markdown(table) + "\nNotes:\n\n" + notes + "\n")]
+            write_text(profile_dir / "table.md", header + to_markdown(table) + "\nNotes:\n\n" + notes + "\n"
+                       + (ABLATION_HEADER + to_markdown(ablation) if not ablation.empty else ""))]
+
+
+# ----------------------------------------------------------------------------- differences
+
+
+def _row(summary: dict, attack: str, setting: str, defense: str) -> dict:
+    for r in summary.get("rows", []):
+        if (r["attack"], r.get("setting") or r.get("label_type"), r["defense"]) == (attack, setting, defense):
+            return r
+    return {}
+
+
+def _ours(summary: dict, attack: str, setting: str, defense: str, field: str = "surrogate_acc",
+          count: bool = False) -> str:
+    st = _row(summary, attack, setting, defense).get(field)
+    if count:
+        return _pm(st, 1) or "n/a"
+    return _pct(st)
+
+
+def differences(summary: dict) -> pd.DataFrame:
+    """"Where this reproduction differs from the paper" (notebook 11): one row per difference with
+    our number (mean ± sd over the seeds of a multi-seed ``summary.json``, percent unless a count),
+    the paper's (Table IV via :func:`paper_row`), the cause (scale, data, a design choice of ours,
+    a choice of the authors' release) and the measurement that shows it. Every number is read
+    from ``summary`` or the paper's table; none is typed here."""
+    o = lambda *a, **k: _ours(summary, *a, **k)  # noqa: E731
+
+    def pp(attack: str, defense: str, setting: str | None, field: str = "surrogate_acc") -> str:
+        v = (paper_row(attack, defense, setting) or {}).get(field)
+        return "n/a" if v is None else (f"{v:g}" if isinstance(v, int) else f"{v:.2f}")
+
+    ids = _row(summary, "knockoff", "hard", "cip").get("routes_id", {}).get("values", [])
+    routed = f" (queries routed ID per seed: {', '.join(map(str, ids))})" if ids else ""
+    rows = [
+        ("Scale: victim test accuracy", f"{o('knockoff', 'hard', 'none', 'victim_acc')} (2-conv CNN, "
+         "4,000 embedded MNIST digits)", pp("dfme", "none", None, "victim_acc") + " (MNIST/RN18)",
+         "scale", "notebook 01"),
+        ("Undefended DFME student", o("dfme", "logits", "none"), pp("dfme", "none", None),
+         "scale: 36,000 queries vs the authors' 6 M (`DFME/main.py`)", "notebook 08"),
+        ("CIP vs KnockoffNets: trigger set T", o("knockoff", "hard", "cip", "n_triggers", count=True) + routed,
+         pp("knockoff", "cip", "hard", "n_triggers") + " (CIFAR-10)",
+         "data: no photo crop looks like a digit to the OE-tuned victim, so nothing routes ID and "
+         "offline top-T PBD has nothing to flip; some ImageNet queries to a CIFAR-10 victim do",
+         "routing counts, notebook 07; issue 16 adds near-distribution queries"),
+        ("CIP vs KnockoffNets: surrogate", f"hard {o('knockoff', 'hard', 'cip')}, soft {o('knockoff', 'soft', 'cip')}",
+         pp("knockoff", "cip", "hard"), "data: every query is high-ES, so every answer gets the strong poison",
+         "notebook 07"),
+        ("DAWN vs KnockoffNets: trigger accuracy", f"hard {o('knockoff', 'hard', 'dawn', 'trigger_acc')}, "
+         f"soft {o('knockoff', 'soft', 'dawn', 'trigger_acc')}", pp("knockoff", "dawn", "hard", "trigger_acc"),
+         "data and scale: ~40 watermarked photo crops among 8,000 queries", "`07_dawn_trigger_per_epoch`, notebook 07"),
+        ("DP vs DFME", f"{o('dfme', 'logits', 'dp')}; gradient queries past the defense (authors): "
+         f"{o('dfme', 'victim-grad', 'dp')}", pp("dfme", "dp", None),
+         "the authors' DFME sends its gradient-estimation queries to the victim directly (`DFME/main.py`); "
+         "ours sends every query through the defense", "ablation `dfme_dp_victim-grad`, notebook 08"),
+        ("CIP vs DFME", f"{o('dfme', 'logits', 'cip')}; gradient queries past the defense: "
+         f"{o('dfme', 'victim-grad', 'cip')}", pp("dfme", "cip", None),
+         "follows the paper (no PBD against DFME)", "ablation `dfme_cip_victim-grad`, notebook 08"),
+        ("DP vs soft-label KnockoffNets", f"{o('knockoff', 'soft', 'dp')} (our CNN: BatchNorm, normalised "
+         f"input); plain CNN {o('knockoff', 'soft_cnn_plain', 'dp')}", pp("knockoff", "dp", "hard"),
+         "surrogate architecture: which model learns from DP's flattened rows",
+         "ablation `knockoff_dp_soft_cnn_plain`, notebook 07"),
+        ("DP vs hard-label KnockoffNets", f"{o('knockoff', 'hard', 'dp')} (undefended {o('knockoff', 'hard', 'none')})",
+         pp("knockoff", "dp", "hard"), "scale and data: hard labels of photo crops carry little", "notebook 07"),
+        ("CIP vs IDA (hard labels): surrogate / trigger accuracy",
+         f"{o('ida', 'hard', 'cip')} / {o('ida', 'hard', 'cip', 'trigger_acc')}",
+         f"{pp('ida', 'cip', 'hard')} / {pp('ida', 'cip', 'hard', 'trigger_acc')}",
+         "follows the paper", "notebook 09"),
+        ("CIP vs IDA, soft labels: trigger accuracy", f"authors' PBD answer {o('ida', 'soft', 'cip', 'trigger_acc')}; "
+         f"inverse answer {o('ida', 'soft_inverse', 'cip', 'trigger_acc')}", "not reported (hard labels)",
+         "design: the course's earlier PBD answer (1/p) is flat; the authors' is near one-hot",
+         "ablation `ida_cip_soft_inverse`, notebook 09"),
+        ("CIP vs DQA r = 1 (soft labels): trigger accuracy", o("dqa", "r1", "cip", "trigger_acc"),
+         pp("dqa", "cip", "r1", "trigger_acc"), "follows the paper", "notebook 10"),
+        ("DAWN vs DQA r = 1: trigger accuracy (T)", f"{o('dqa', 'r1', 'dawn', 'trigger_acc')} "
+         f"(T = {o('dqa', 'r1', 'dawn', 'n_triggers', count=True)})",
+         f"{pp('dqa', 'dawn', 'r1', 'trigger_acc')} (T = {pp('dqa', 'dawn', 'r1', 'n_triggers')})",
+         "scale: far fewer watermarks", "notebook 10"),
+        ("Test(M'_V) of CIP / the defended API's accuracy", f"{o('knockoff', 'hard', 'cip', 'oe_victim_acc')} / "
+         f"{o('knockoff', 'hard', 'cip', 'defended_acc')}", pp("knockoff", "cip", "hard", "defended_victim_acc")
+         + " / not reported", "definition: the paper reports the OE model's own accuracy; the API's "
+         "top-1 also pays for weak PPD and PBD", "`table.md` columns Test(M'_V), API acc"),
+        ("E1 for IDA/DQA", f"p1 = 80 as the authors; p1 = 95 (ablation): trigger accuracy "
+         f"{o('ida', 'hard_p1-95', 'cip', 'trigger_acc')}, surrogate {o('ida', 'hard_p1-95', 'cip')}",
+         "p1 = 80 (`ood_detection/detection_test.py`)", "follows the authors", "ablation `ida_cip_hard_p1-95`, notebook 09"),
+        ("PBD answer randomness", "a keyed hash of the query: the same query gets the same answer",
+         "Python's global `random`, seeded once", "design: batch-invariant, repeat-consistent answers", "notebook 05"),
+        ("PBD for a served API", "online (R < R1, batch-invariant); offline top-T only in the attack harness",
+         "offline top-T over the transfer set", "design (issue 14): top-T per call depends on call sizes",
+         "notebook 05"),
+    ]
+    return pd.DataFrame(rows, columns=["difference", "ours", "paper", "cause", "shown by"])
 
 
 # ----------------------------------------------------------------------------- reproducibility
@@ -506,15 +649,16 @@ def readme_block(summary: dict) -> str:
             f"{_pct(summary.get('id_test_answered_unpoisoned'))} % of the ID test digits unpoisoned."]
     trig = []
     for r in summary["rows"]:
-        if r["defense"] in ("dawn", "cip") and r["attack"] in ("ida", "dqa"):
-            name = "IDA" if r["attack"] == "ida" else f"DQA {r['setting']}"
+        if r["defense"] in ("dawn", "cip") and r["attack"] in ("ida", "dqa") and not r.get("ablation"):
+            name = (f"IDA {r.get('setting') or r.get('label_type')}" if r["attack"] == "ida"
+                    else f"DQA {r['setting']} {r.get('label_type')}")
             trig.append(f"{r['defense'].upper()} {name} {_pct(r['trigger_acc'], 0)} % "
                         f"(T = {r['n_triggers']['mean']:.1f})")
     out.append("* **Trigger accuracy** (the stolen surrogate agrees with the altered label): "
                + "; ".join(trig) + ".")
     v = summary.get("verification", {})
     inn = v.get("innocent", {"flagged": 0, "of": 0})
-    power = "; ".join(f"{k} {d['flagged']} of {d['of']}" for k, d in v.get("stolen", {}).items())
+    power = "; ".join(f"{k} {d['flagged']} of {d['of']}" for k, d in v.get("stolen", {}).items() if "[" not in k)
     bound = inn.get("false_claim_upper")
     out.append(f"* **Ownership verification** (alpha = 0.01; per-unit Poisson-binomial test against "
                f"an innocent pool, `cip_helpers/verification.py`): false claims {inn['flagged']} of "

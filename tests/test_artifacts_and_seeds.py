@@ -116,7 +116,8 @@ def test_runner_schedules_by_dependencies_and_seeds():
 def _fake_seed(root, seed: int, acc: float, trig: float | None) -> None:
     base = {"attack": "ida", "setting": None, "dataset": "x", "victim": "half", "label_type": "hard",
             "queries": 10, "victim_acc": 0.9, "dqa_ratio": None, "seed": seed, "seconds": 1.0,
-            "surrogate_checkpoint": "c", "trigger_file": None}
+            "surrogate_checkpoint": "c", "trigger_file": None, "oe_victim_acc": None,
+            "surrogate_best_acc": None, "ablation": None}
     for defense, a, t in (("none", acc + 0.01, None), ("cip", acc, trig)):
         rec = {**base, "name": f"ida_{defense}", "defense": defense, "defended_acc": 0.89,
                "surrogate_acc": a, "trigger_acc": t, "n_triggers": None if t is None else 7,
@@ -139,8 +140,9 @@ def test_seed_aggregate_gives_mean_sd_n_and_every_seed(tmp_path):
     assert summary["victims"]["half"]["mean"] == pytest.approx(0.96)
     report.write_seed_aggregate(tmp_path, [0, 1, 2])
     table = (tmp_path / "table.md").read_text()
-    # Test(M_V), Test(M_S) no defense, Test(M'_V), Test(M_S), Trig(M_S) (100, 85.71, 100): sd 8.25), T
-    assert ("| ida | hard | cip | 3 | 90.0 ± 0.0 | 93.0 ± 2.0 | 89.0 ± 0.0 | 92.0 ± 2.0 | 95.2 ± 8.3 "
+    # Test(M_V), Test(M_S) no defense, Test(M'_V) (none recorded), API acc, Test(M_S), Test(M_S) best
+    # (none recorded), Trig(M_S) (100, 85.71, 100): sd 8.25), T
+    assert ("| ida | hard | cip | 3 | 90.0 ± 0.0 | 93.0 ± 2.0 |  | 89.0 ± 0.0 | 92.0 ± 2.0 |  | 95.2 ± 8.3 "
             "| 7.0 ± 0.0 | CIFAR10/WRN28 | 95.00 | 90.08 | 94.97 | 89.09 | 100.00 | 87 |") in table
 
 

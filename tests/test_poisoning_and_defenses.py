@@ -208,7 +208,7 @@ def test_inverse_is_one_over_p_normalised():
     p = torch.tensor([[0.5, 0.25, 0.25]])
     # 1/p = (2, 4, 4), sum 10 -> (0.2, 0.4, 0.4)
     assert torch.allclose(poisoning.inverse(p), torch.tensor([[0.2, 0.4, 0.4]]), atol=1e-7)
-    assert torch.equal(poisoning.flip(p), poisoning.inverse(p))
+    assert torch.equal(poisoning.flip(p, "inverse"), poisoning.inverse(p))
 
 
 def test_shuffle_noise_snr_and_determinism():
@@ -252,7 +252,7 @@ def test_all_variants_names_and_table():
     p = dirichlet(100, 10, 1.0, seed=1)
     variants = poisoning.all_variants(p, generator=torch.Generator().manual_seed(0))
     assert list(variants) == ["shuffle_noise", "reverse_rank", "inverse", "flatten",
-                              "weak (reverse_sigmoid)", "flip"]
+                              "weak (reverse_sigmoid)", "flip", "flip (inverse)"]
     table = poisoning.perturbation_table(p, variants)
     assert list(table.columns) == ["top1_change_rate", "mean_l1", "mean_kl"]
     assert table.loc["reverse_rank", "top1_change_rate"] == 1.0
@@ -440,7 +440,7 @@ def test_online_pbd_flips_exactly_id_queries_below_r1():
     assert cip.last_routes.tolist() == [ID] * 8 + [HIGH_ES] * 2
     assert torch.nonzero(cip.last_flipped).flatten().tolist() == [0, 1, 2]
     p = softmax(model.table)
-    assert torch.allclose(out[:3], poisoning.flip(p[:3]), atol=1e-7)
+    assert torch.allclose(out[:3], poisoning.flip(p[:3], "authors", u=cip.pbd_randoms(x[:3])), atol=1e-7)
     assert len(cip.trigger_set) == 3
     assert torch.equal(cip.trigger_set.x, x[:3])
     assert torch.equal(cip.trigger_set.original, p[:3])
@@ -589,9 +589,9 @@ def test_trigger_set_save_load_roundtrip(tmp_path):
     assert len(ts) == 0 and ts.labels.shape == (0,)
     x = torch.rand(4, *SHAPE)
     orig = dirichlet(4, 10, 1.0, seed=0)
-    ts.append(x, orig, poisoning.flip(orig))
-    ts.append(x[:1], orig[:1], poisoning.flip(orig[:1]))  # asked again: not a new trigger
-    ts.append(x[:1] * 0.5, orig[:1], poisoning.flip(orig[:1]))  # another image: a new one
+    ts.append(x, orig, poisoning.flip(orig, "inverse"))
+    ts.append(x[:1], orig[:1], poisoning.flip(orig[:1], "inverse"))  # asked again: not a new trigger
+    ts.append(x[:1] * 0.5, orig[:1], poisoning.flip(orig[:1], "inverse"))  # another image: a new one
     path = tmp_path / "sub" / "triggers.pt"
     ts.save(path)
     raw = torch.load(path, weights_only=True)
@@ -600,7 +600,7 @@ def test_trigger_set_save_load_roundtrip(tmp_path):
     assert len(back) == 5 and torch.equal(back.x[4], x[0] * 0.5)
     for a, b in ((back.x, ts.x), (back.original, ts.original), (back.altered, ts.altered)):
         assert torch.equal(a, b)
-    expected = torch.cat([poisoning.flip(orig), poisoning.flip(orig[:1])]).argmax(1)
+    expected = torch.cat([poisoning.flip(orig, "inverse"), poisoning.flip(orig[:1], "inverse")]).argmax(1)
     assert torch.equal(back.labels, expected)
     assert (back.labels != back.original.argmax(1)).all()
     (tmp_path / "junk.pt").write_text("not a tensor file")

@@ -281,7 +281,8 @@ def test_case5_property_every_documented_top1_guarantee_holds_with_injected_ties
     for name in ("shuffle_noise", "reverse_rank", "inverse"):
         q = poisoning.STRONG_PPD[name](p)
         assert (q.argmax(1) != top).all(), name
-    assert (poisoning.flip(p).argmax(1) != top).all()
+    for answer in poisoning.PBD_ANSWERS:
+        assert (poisoning.flip(p, answer, generator=g).argmax(1) != top).all(), answer
     assert (poisoning.permute_top(p).argmax(1) != top).all()
     assert (poisoning.flatten(p).argmax(1) == top).all()
     confident = p.max(1).values >= 0.5
