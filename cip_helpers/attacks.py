@@ -28,12 +28,11 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from . import data, dfme, pipeline
+from . import data, dfme, pipeline, training
 from .config import Profile
 from .defenses import CIP, DAWN, Defense, TriggerSet
 from .models import build_model, small_cnn
 from .store import load_checkpoint, load_or_train, read_json, tensor_sha256, weights_sha256, write_json
-from . import training
 from .training import accuracy, set_seed, train_classifier
 
 LABEL_TYPES = ("hard", "soft")
@@ -447,15 +446,17 @@ def run_knockoff(cfg: Profile, defense: str, label_type: str, n_queries: int | N
                  ablation=f"surrogate {arch}" if arch is not None and arch != cfg.surrogate_arch else None)
 
 
-def offline_pbd_T(cfg: Profile, queries: Tensor, split: str = "half", budget: float | None = None) -> float:
+def offline_pbd_T(cfg: Profile, queries: Tensor, split: str = "half", budget: float | None = None,
+                  p1: float | None = None) -> float:
     """The defender's offline-PBD budget for a transfer set, as an absolute count: T = ``budget``
     (default ``cfg.pbd_offline_T``) if >= 1, else round(fraction x the number of queries CIP
-    routes ID). (``defenses.CIP`` reads a fraction as a share of ALL queries in the call; the
-    course counts ID-routed queries, so padding a transfer set with noise does not change T.)"""
+    routes ID, with E1 at the ``p1``-th percentile when given). (``defenses.CIP`` reads a fraction
+    as a share of ALL queries in the call; the course counts ID-routed queries, so padding a
+    transfer set with noise does not change T.)"""
     budget = cfg.pbd_offline_T if budget is None else budget
     if budget >= 1:
         return float(budget)
-    probe = make_defense(cfg, "cip", split, strong="reverse_rank", pbd=None)
+    probe = make_defense(cfg, "cip", split, strong="reverse_rank", pbd=None, p1=p1)
     probe(queries)  # the defender routes the transfer set (nothing is flipped or returned)
     n_id = int((probe.last_routes == 0).sum())
     return float(round(budget * n_id))
@@ -480,21 +481,12 @@ def knockoff_curve(cfg: Profile, defense: str, label_type: str | None = None,
 def _ida_defense_kwargs(cfg: Profile, defense: str, queries: Tensor, n_id: int,
                         p1: float | None = None) -> dict:
     if defense == "cip":
-        t = offline_pbd_T(cfg, queries) if p1 is None else _offline_T_at(cfg, queries, p1)
+        t = offline_pbd_T(cfg, queries, p1=p1)
         kwargs = {"strong": "reverse_rank", "pbd": "offline_top_T" if t else None, "pbd_T": t}
         return kwargs if p1 is None else {**kwargs, "p1": p1}
     if defense == "dawn":
         return {"dawn_rate": dawn_rate_for(cfg, n_id)}
     return {}
-
-
-def _offline_T_at(cfg: Profile, queries: Tensor, p1: float) -> float:
-    """:func:`offline_pbd_T` of the half victim with E1 at the ``p1``-th percentile."""
-    if cfg.pbd_offline_T >= 1:
-        return float(cfg.pbd_offline_T)
-    probe = make_defense(cfg, "cip", "half", strong="reverse_rank", pbd=None, p1=p1)
-    probe(queries)
-    return float(round(cfg.pbd_offline_T * int((probe.last_routes == 0).sum())))
 
 
 def run_ida(cfg: Profile, defense: str, label_type: str | None = None, verbose: bool = True,

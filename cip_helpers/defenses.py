@@ -332,8 +332,8 @@ class CIP(Defense):
 
     PBD's answer (``pbd_answer``): ``"authors"`` (default; :func:`poisoning.pbd_authors`, the
     release's near one-hot row on a random class other than the top, its randomness keyed per
-    query by :meth:`pbd_randoms`) or ``"inverse"`` (plain 1/p renormalised: flat, always the
-    original argmin; the course's earlier answer, kept as an ablation).
+    query by :meth:`pbd_randoms`) or ``"inverse"`` (plain 1/p renormalised: flat, on the original
+    least likely class; the course's earlier answer, kept as an ablation).
 
     Fails closed: rows whose logits are not all finite go to high-ES (strongest poisoning, applied
     to a uniform row), never to ID or PBD. Every parameter is checked at construction

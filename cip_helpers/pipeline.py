@@ -144,7 +144,8 @@ def split_p1(cfg: Profile, split: str) -> float:
     """The E1 percentile of a victim: ``cfg.p1`` for the ``all`` victim (KnockoffNets, DFME),
     ``cfg.p1_half`` for the ``half`` victim (IDA, DQA). The authors' threshold script uses 95 for
     the former and 80 for the latter (``ood_detection/detection_test.py`` of Hatins/CIP_master:
-    its help text says 80 for IDA and DQA); the quick profile follows them."""
+    the help text of its ``--FPR`` option, "in the testing of IDA and DQA, it was set to 0.8");
+    the quick and full profiles follow them."""
     return cfg.p1_half if split == "half" else cfg.p1
 
 

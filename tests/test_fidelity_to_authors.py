@@ -261,3 +261,24 @@ def test_issue15_records_of_an_older_version_are_refused(tmp_path):
     (metrics / "ida_cip.json").write_text(json.dumps({**old, "name": "ida_cip"}))
     with pytest.raises(ValueError, match=r"ida_cip.json lacks .*older version of the course. Delete it"):
         report.seed_records(tmp_path / "quick", 0)
+
+
+def test_issue15_differences_are_read_from_the_summary_and_the_papers_table():
+    def st(*values):
+        return report.stat(list(values))
+
+    rows = [{"attack": "dfme", "setting": None, "label_type": "logits", "defense": "dp",
+             "surrogate_acc": st(0.10, 0.12, 0.11)},
+            {"attack": "dfme", "setting": "victim-grad", "label_type": "logits", "defense": "dp",
+             "surrogate_acc": st(0.40, 0.50, 0.45), "ablation": "gradient queries bypass the defense"},
+            {"attack": "knockoff", "setting": "hard", "label_type": "hard", "defense": "cip",
+             "n_triggers": st(0, 0, 0), "routes_id": st(0, 2, 0)}]
+    table = report.differences({"seeds": [0, 1, 2], "rows": rows})
+    dp = table[table["difference"] == "DP vs DFME"].iloc[0]
+    assert dp["ours"] == "11.0 ± 1.0; gradient queries past the defense (authors): 45.0 ± 5.0"
+    assert dp["paper"] == "57.67"  # Table IV, MNIST/RN18
+    t = table[table["difference"] == "CIP vs KnockoffNets: trigger set T"].iloc[0]
+    assert t["ours"].startswith("0.0 ± 0.0 (queries routed ID per seed: 0, 2, 0)")
+    assert t["paper"].startswith("17")
+    assert (table["ours"].str.contains("n/a")).any()  # rows whose runs are missing say so
+    assert list(table.columns) == ["difference", "ours", "paper", "cause", "shown by"]
