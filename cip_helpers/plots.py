@@ -304,6 +304,19 @@ def attack_bars(table, x: str = "defense", hue: str = "label_type", value: str =
     return fig
 
 
+def _finish(fig: plt.Figure, ax: plt.Axes, xlabel: str, ylabel: str, title: str,
+            ylim: tuple[float, float] = (0, 1.02)) -> plt.Figure:
+    """Axis labels, y range, title, a small legend and a tight layout: the last lines of every
+    accuracy plot here."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(*ylim)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def _defense_colour(name: str) -> str | None:
     """The :data:`DEFENSE_COLORS` entry of a label that starts with a defense name ("dp, ...")."""
     head = name.replace(",", " ").split()[0] if name.strip() else ""
@@ -325,13 +338,7 @@ def accuracy_vs_queries(curves: Mapping[str, Sequence[tuple[int, float]]],
     if reference is not None:
         ax.axhline(reference, color="k", linestyle="--", linewidth=1, label=f"victim {reference:.2f}")
     ax.axhline(0.1, color="grey", linestyle=":", linewidth=1, label="chance")
-    ax.set_xlabel("queries to the API")
-    ax.set_ylabel(ylabel)
-    ax.set_ylim(0, 1.02)
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "queries to the API", ylabel, title)
 
 
 def history_curves(histories: Mapping[str, Sequence[Mapping[str, float]]],
@@ -353,13 +360,7 @@ def history_curves(histories: Mapping[str, Sequence[Mapping[str, float]]],
                         label=f"{name}: {key.replace('_acc', ' accuracy')}")
     ax.axhline(0.1, color="grey", linestyle=":", linewidth=1, label="chance (10 classes)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1.02)
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "epoch", "accuracy", title)
 
 
 def generated_images(x: Tensor, energies: Tensor, e1: float, e2: float, ncols: int = 8,
@@ -388,13 +389,8 @@ def trigger_vs_ratio(table, title: str = "") -> plt.Figure:
     ax.set_xticks(ratios, [f"{r:g}" for r in ratios])
     ax.minorticks_off()
     ax.invert_xaxis()
-    ax.set_xlabel("r = ID queries / noise queries  (more noise to the right)")
-    ax.set_ylabel("trigger accuracy")
-    ax.set_ylim(0, 1.12)
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "r = ID queries / noise queries  (more noise to the right)", "trigger accuracy",
+                   title, ylim=(0, 1.12))
 
 
 # --- across seeds (notebook 11) ---------------------------------------------------------------
