@@ -124,11 +124,12 @@ def train_surrogate(cfg: Profile, x: Tensor, answers: Tensor, label_type: str, *
     return model, {**info, "checkpoint": str(path.relative_to(cfg.results_dir))}
 
 
-def best_epoch(history: list[dict]) -> tuple[float | None, int | None]:
-    """``(best test accuracy, its epoch)`` over a training history (``(None, None)`` without
-    ``test_acc`` entries). The authors report the best test epoch; the course's headline
+def best_epoch(history: list[dict], at: str = "epoch") -> tuple[float | None, int | None]:
+    """``(best test accuracy, the earliest point reaching it)`` over a training history
+    (``(None, None)`` without ``test_acc`` entries); ``at`` names the point's key (``"epoch"``, or
+    ``"queries"`` for a DFME curve). The authors report the best test epoch; the course's headline
     ``surrogate_acc`` is the final epoch."""
-    accs = [(h["test_acc"], h["epoch"]) for h in history or [] if h.get("test_acc") is not None]
+    accs = [(h["test_acc"], h[at]) for h in history or [] if h.get("test_acc") is not None]
     if not accs:
         return None, None
     acc, epoch = max(accs, key=lambda a: (a[0], -a[1]))
@@ -221,11 +222,22 @@ def write_record(cfg: Profile, record: dict, triggers: TriggerSet | None = None)
     return write_json(cfg.metrics_dir / f"{name}.json", record)
 
 
+def read_records(metrics: Path, pattern: str = "*.json") -> list[dict]:
+    """The attack records (learning-curve points included) among the JSON files of ``metrics``
+    matching ``pattern``, in file order. A record of an older version of the course raises
+    ``ValueError`` (:func:`check_record_keys`)."""
+    records = []
+    for path in sorted(Path(metrics).glob(pattern)):
+        r = read_json(path)
+        if r.get("attack") in ATTACKS:
+            check_record_keys(r, path)
+            records.append(r)
+    return records
+
+
 def load_records(cfg: Profile, attack: str) -> pd.DataFrame:
-    """All records of ``attack`` under ``metrics/`` as a table (one row per run)."""
-    rows = [read_json(p) for p in sorted(cfg.metrics_dir.glob(f"{attack}_*.json"))]
-    rows = [r for r in rows if r.get("attack") == attack]
-    return pd.DataFrame(rows)
+    """All records of ``attack`` under ``metrics/`` as a table (one row per run; :func:`read_records`)."""
+    return pd.DataFrame([r for r in read_records(cfg.metrics_dir, f"{attack}_*.json") if r["attack"] == attack])
 
 
 def results_table(cfg: Profile, attack: str, columns: tuple[str, ...] = (
@@ -600,7 +612,7 @@ def run_dfme(cfg: Profile, defense: str, verbose: bool = True,
     test_x, test_y = d.split("test")
     setting = "victim-grad" if grad_queries == "victim" else None
     name = record_name("dfme", defense, setting)
-    best = max(info["curve"], key=lambda c: (c["test_acc"], -c["queries"])) if info["curve"] else None
+    best_acc, best_queries = best_epoch(info["curve"], at="queries")
     record = {
         "name": name, "attack": "dfme", "defense": defense, "setting": setting, "dataset": cfg.dataset,
         "victim": "all", "label_type": "logits", "queries": info["n_queries"], "grad_queries": grad_queries,
@@ -608,8 +620,7 @@ def run_dfme(cfg: Profile, defense: str, verbose: bool = True,
         "surrogate_arch": student_arch,
         "victim_acc": victim_accuracy(cfg), "defended_acc": defended_accuracy(cfg, name=defense, **kwargs),
         "oe_victim_acc": oe_victim_accuracy(cfg) if defense == "cip" else None,
-        "surrogate_best_acc": best["test_acc"] if best else None,
-        "surrogate_best_queries": best["queries"] if best else None,
+        "surrogate_best_acc": best_acc, "surrogate_best_queries": best_queries,
         "surrogate_acc": accuracy(student, test_x, test_y),
         "trigger_acc": trigger_accuracy(student, triggers) if triggers is not None else None,
         "n_triggers": len(triggers) if triggers is not None else None, "dqa_ratio": None,

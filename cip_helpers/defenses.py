@@ -12,7 +12,6 @@ Measuring defenses (notebooks 04-06): :func:`branch_examples`, :func:`change_rat
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from . import poisoning
 from .models import build_model
 from .scores import (HIGH_ES, ID, LOW_ES, ROUTE_NAMES, check_temperature, check_thresholds, energy_score,
                      finite_number, reliability_score, route)
-from .store import load_checkpoint, read_json, row_digests, weights_sha256
+from .store import keyed_row_digests, load_checkpoint, read_json, row_digests, weights_sha256
 from .training import PREDICT_BATCH, as_images, predict_logits
 
 PBD_MODES = ("online", "offline_top_T", None)
@@ -280,11 +279,8 @@ class DAWN(Defense):
         self.last_watermarked = torch.zeros(0, dtype=torch.bool)
 
     def _hashes(self, x: Tensor) -> np.ndarray:
-        """One 64-bit keyed hash per image (BLAKE2b over its float32 bytes)."""
-        arr = x.detach().cpu().float().contiguous().numpy()
-        return np.array([int.from_bytes(hashlib.blake2b(row.tobytes(), key=self.key,
-                                                        digest_size=8).digest(), "big")
-                         for row in arr], dtype=np.uint64)
+        """One 64-bit keyed hash per image (:func:`store.keyed_row_digests`)."""
+        return np.array([int.from_bytes(d, "big") for d in keyed_row_digests(x, self.key, 8)], dtype=np.uint64)
 
     def is_watermarked(self, x: Tensor) -> Tensor:
         """Which of the images ``x`` DAWN watermarks (a pure function of the image bytes and key)."""
@@ -436,11 +432,9 @@ class CIP(Defense):
         """(N, K + 1) float64 uniforms in [0, 1) for :func:`poisoning.pbd_authors`, one row per
         image of ``x``, from a BLAKE2b hash of the image's float32 bytes keyed with ``seed``: the
         same query always gets the same flipped answer, whatever the call it arrives in."""
-        key = f"cip-pbd/{self.seed}".encode()
-        arr = x.detach().cpu().float().contiguous().numpy()
-        rows = [np.random.Generator(np.random.Philox(int.from_bytes(
-            hashlib.blake2b(r.tobytes(), key=key, digest_size=16).digest(), "big"))).random(self.n_classes + 1)
-            for r in arr]
+        digests = keyed_row_digests(x, f"cip-pbd/{self.seed}".encode(), 16)
+        rows = [np.random.Generator(np.random.Philox(int.from_bytes(d, "big"))).random(self.n_classes + 1)
+                for d in digests]
         return torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, self.n_classes + 1, dtype=torch.float64)
 
     def _pbd_mask(self, p: Tensor, is_id: Tensor, n_id: int) -> Tensor:

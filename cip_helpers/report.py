@@ -34,15 +34,8 @@ def load_all_records(cfg: Profile, check: bool = True) -> list[dict]:
 
 
 def _read_records(metrics: Path) -> list[dict]:
-    """The main-run records under ``metrics`` (curve points excluded); a record of an older
-    version of the course raises ``ValueError`` (:func:`attacks.check_record_keys`)."""
-    records = []
-    for path in sorted(Path(metrics).glob("*.json")):
-        r = read_json(path)
-        if r.get("attack") in ATTACK_ORDER and not r.get("curve_point"):
-            attacks.check_record_keys(r, path)
-            records.append(r)
-    return records
+    """The main-run records under ``metrics`` (curve points excluded; :func:`attacks.read_records`)."""
+    return [r for r in attacks.read_records(metrics) if not r.get("curve_point")]
 
 
 def paper_row(attack: str, defense: str, setting: str | None) -> dict | None:
@@ -482,7 +475,7 @@ def write_seed_aggregate(profile_dir: Path, seeds: Sequence[int]) -> list[Path]:
 
 def _row(summary: dict, attack: str, setting: str, defense: str) -> dict:
     for r in summary.get("rows", []):
-        if (r["attack"], r.get("setting") or r.get("label_type"), r["defense"]) == (attack, setting, defense):
+        if (r["attack"], _setting(r), r["defense"]) == (attack, setting, defense):
             return r
     return {}
 
@@ -642,7 +635,7 @@ def readme_block(summary: dict) -> str:
     """The README's results block (Markdown, between :data:`README_BEGIN` and :data:`README_END`),
     written from a multi-seed ``summary.json`` only (with its snapshots of ``timings.json`` and
     ``reproducibility.json``): no number in it is typed by hand."""
-    rows = {(r["attack"], r.get("setting") or r.get("label_type"), r["defense"]): r for r in summary["rows"]}
+    rows = {(r["attack"], _setting(r), r["defense"]): r for r in summary["rows"]}
     seeds = ", ".join(map(str, summary["seeds"]))
     out = [README_BEGIN, "",
            f"Mean ± sd over {summary['n_seeds']} seeds ({seeds}) of the quick profile, surrogate test "

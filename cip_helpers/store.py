@@ -71,6 +71,15 @@ def row_digests(t: torch.Tensor) -> list[bytes]:
     return [hashlib.sha256(row.tobytes()).digest() for row in arr]
 
 
+def keyed_row_digests(t: torch.Tensor, key: bytes, digest_size: int) -> list[bytes]:
+    """Keyed BLAKE2b digest (``digest_size`` bytes, 1..64) of every row t[i] of a tensor (N, ...)
+    read as float32 bytes: a secret-keyed pseudo-random function of the image, so a defense can
+    make per-query random choices that repeat for a repeated query and that nobody without
+    ``key`` can predict (DAWN's watermark selection, CIP's PBD answer)."""
+    arr = t.detach().cpu().float().contiguous().numpy()
+    return [hashlib.blake2b(row.tobytes(), key=key, digest_size=digest_size).digest() for row in arr]
+
+
 def tensor_sha256(t: torch.Tensor) -> str:
     """sha256 (hex, 64 characters) of a tensor's dtype, shape and values in row-major order:
     identical tensors give identical hashes whatever their memory layout (channels-last too)."""
