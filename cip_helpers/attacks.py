@@ -112,12 +112,13 @@ def train_surrogate(cfg: Profile, x: Tensor, answers: Tensor, label_type: str, *
     # evaluation changes no weight, but the logged history must belong to these sets
     spec["eval_per_epoch"] = {k: [tensor_sha256(ex), tensor_sha256(ey)] for k, (ex, ey) in sets.items()}
     spec.update(training.surrogate_recipe_spec(cfg))
+    spec["fused_adam"] = True  # since issue 16: Adam's fused kernel (other bits than the loop before)
     path = cfg.checkpoint_dir / "surrogates" / f"surrogate_{pipeline.spec_hash(spec)}.pt"
 
     def train(model: nn.Module) -> dict:
         history = train_classifier(model, x, targets, epochs=epochs, lr=cfg.surrogate_lr,
                                    batch_size=cfg.surrogate_batch, seed=cfg.seed, desc=desc,
-                                   eval_sets=sets, **training.surrogate_train_kwargs(cfg))
+                                   eval_sets=sets, fused=True, **training.surrogate_train_kwargs(cfg))
         return {"history": history}
 
     model, info = load_or_train(path, spec, lambda: _model_from_spec(spec), train, verbose)
@@ -156,15 +157,15 @@ def dawn_rate_for(cfg: Profile, n_queries: int) -> float:
 
 def make_defense(cfg: Profile, name: str, split: str = "all", strong: str = "shuffle_noise",
                  pbd: str | None = "online", dawn_rate: float | None = None,
-                 pbd_T: float | None = None, p1: float | None = None) -> Defense:
+                 pbd_T: float | None = None, p1: float | None = None, p2: float | None = None) -> Defense:
     """A FRESH defended API (empty trigger set) via :func:`pipeline.get_defense`;
-    ``dawn_rate`` and ``pbd_T`` override ``cfg.dawn_rate`` and ``cfg.pbd_offline_T``, ``p1`` the
-    victim's E1 percentile (an ablation)."""
+    ``dawn_rate`` and ``pbd_T`` override ``cfg.dawn_rate`` and ``cfg.pbd_offline_T``, ``p1`` / ``p2``
+    the victim's E1 / E2 percentiles (ablations)."""
     if dawn_rate is not None:
         cfg = dataclasses.replace(cfg, dawn_rate=dawn_rate)
     if pbd_T is not None:
         cfg = dataclasses.replace(cfg, pbd_offline_T=pbd_T)
-    return pipeline.get_defense(cfg, name, split, strong=strong, pbd=pbd, p1=p1)
+    return pipeline.get_defense(cfg, name, split, strong=strong, pbd=pbd, p1=p1, p2=p2)
 
 
 def defended_accuracy(cfg: Profile, split: str = "all", **defense_kwargs) -> float:
@@ -311,14 +312,24 @@ def check_record_keys(rec: dict, path: Path) -> None:
                          f"Delete it (rm '{path}') and re-run its attack notebook (07-10) if you need it")
 
 
+OE_DEFENSES = ("oe", "cip")
+"""Defenses answered by the OE-tuned victim M'_V (checkpoint ``oe_victim_<split>.pt``); the others
+wrap the plain victim M_V (``victim_<split>.pt``)."""
+
+
+def answering_checkpoint(defense: str) -> str:
+    """The checkpoint stage whose weights answer behind ``defense``: ``"oe_victim"`` or ``"victim"``."""
+    return "oe_victim" if defense in OE_DEFENSES else "victim"
+
+
 def check_record(cfg: Profile, rec: dict) -> None:
     """Refuse a record made with other weights than the victim checkpoint now on disk.
 
     The record's ``weights_sha256`` must equal the sha256 of the checkpoint that answered
-    (``oe_victim_<victim>.pt`` for CIP, ``victim_<victim>.pt`` otherwise). Without the checkpoint
+    (``oe_victim_<victim>.pt`` for CIP and OE-only, ``victim_<victim>.pt`` otherwise). Without the checkpoint
     (a fresh clone reading committed JSON) there is nothing to compare and the record is kept.
     Raises ``ValueError`` naming the command that re-runs the attack."""
-    stage = "oe_victim" if rec.get("defense") == "cip" else "victim"
+    stage = answering_checkpoint(rec.get("defense"))
     path = cfg.checkpoint_dir / f"{stage}_{rec.get('victim', 'all')}.pt"
     if not path.exists():
         return
@@ -336,14 +347,20 @@ def steal(cfg: Profile, attack: str, defense: str, queries: Tensor, label_type: 
           split: str = "all", setting: str | None = None, epochs: int | None = None,
           keep: Tensor | None = None, defense_kwargs: dict | None = None,
           extra: dict | None = None, verbose: bool = True, arch: str | None = None,
-          trigger_curve: bool = False, ablation: str | None = None) -> dict:
+          trigger_curve: bool = False, ablation: str | None = None,
+          sources: Tensor | None = None) -> dict:
     """One query-then-train run: the attacker sends ``queries`` to a fresh ``defense`` API in ONE
     call (the transfer set), keeps the answers selected by the boolean mask ``keep`` (default all),
     trains a surrogate on them and the defender scores it. Writes and returns the record.
 
     ``arch`` overrides the surrogate architecture; ``trigger_curve`` logs the trigger accuracy
     after every epoch (``history``); ``ablation`` names a run that is not one of the table's main
-    rows (it goes to the ablation table of ``table.md``)."""
+    rows (it goes to the ablation table of ``table.md``); ``sources`` (int64, one code of
+    :data:`MIXED_SOURCES` per query) adds CIP's routing counts per source.
+
+    The record's ``labels_kept`` is the share of the trained answers whose top-1 equals the
+    undefended API's (the plain victim's) top-1: what a hard-label attacker still learns from;
+    for CIP ``labels_kept_by_route`` splits it by branch (``scores.ROUTE_NAMES``)."""
     start = time.perf_counter()
     set_seed(cfg.seed)
     defense_kwargs = dict(defense_kwargs or {})
@@ -352,6 +369,8 @@ def steal(cfg: Profile, attack: str, defense: str, queries: Tensor, label_type: 
     keep = torch.ones(len(queries), dtype=torch.bool) if keep is None else keep
     name = record_name(attack, defense, setting)
     triggers = api.trigger_set if isinstance(api, (DAWN, CIP)) else None
+    kept = _labels_kept(cfg, split, queries[keep], answers[keep],
+                        api.last_routes[keep] if isinstance(api, CIP) else None)
     eval_sets = ({"trigger": (triggers.x, triggers.labels)} if trigger_curve and triggers is not None
                  and len(triggers) else None)
     model, info = train_surrogate(cfg, queries[keep], answers[keep], label_type, epochs=epochs,
@@ -363,7 +382,7 @@ def steal(cfg: Profile, attack: str, defense: str, queries: Tensor, label_type: 
         "dataset": cfg.dataset, "victim": split, "label_type": label_type,
         "queries": len(queries), "queries_trained": int(keep.sum()),
         "victim_acc": victim_accuracy(cfg, split),
-        "oe_victim_acc": oe_victim_accuracy(cfg, split) if defense == "cip" else None,
+        "oe_victim_acc": oe_victim_accuracy(cfg, split) if defense in ("cip", "oe") else None,
         "defended_acc": defended_accuracy(cfg, split, name=defense, **defense_kwargs),
         "surrogate_acc": accuracy(model, test_x, test_y),
         "surrogate_best_acc": best_acc, "surrogate_best_epoch": best_ep,
@@ -373,6 +392,7 @@ def steal(cfg: Profile, attack: str, defense: str, queries: Tensor, label_type: 
         "n_triggers": len(triggers) if triggers is not None else None,
         "triggers_trained": _n_triggers_trained(triggers, queries[keep]) if triggers is not None else None,
         "dqa_ratio": None, "seed": cfg.seed, "routes": api.route_counts() if isinstance(api, CIP) else None,
+        **kept, "routes_by_source": _routes_by_source(api, sources),
         "defense_kwargs": defense_kwargs, "surrogate_checkpoint": info["checkpoint"],
         "surrogate_loaded": info["loaded"], **provenance(api.weights_sha256, queries, triggers, model),
         **(extra or {}),
@@ -380,6 +400,33 @@ def steal(cfg: Profile, attack: str, defense: str, queries: Tensor, label_type: 
     record["seconds"] = round(time.perf_counter() - start, 2)
     write_record(cfg, record, triggers)
     return record
+
+
+def _labels_kept(cfg: Profile, split: str, x: Tensor, answers: Tensor, routes: Tensor | None) -> dict:
+    """``labels_kept`` (share of ``answers`` whose top-1 is the plain victim's top-1 on ``x``) and,
+    given CIP's ``routes``, ``labels_kept_by_route`` ({branch: share or None when empty})."""
+    from .scores import ROUTE_NAMES
+
+    if len(x) == 0:
+        return {"labels_kept": None, "labels_kept_by_route": None}
+    model, _ = pipeline.get_victim(cfg, split, verbose=False)
+    same = answers.argmax(1) == training.predict_logits(model, x).argmax(1)
+    by_route = None
+    if routes is not None:
+        by_route = {name: (float(same[routes == k].float().mean()) if bool((routes == k).any()) else None)
+                    for k, name in enumerate(ROUTE_NAMES)}
+    return {"labels_kept": float(same.float().mean()), "labels_kept_by_route": by_route}
+
+
+def _routes_by_source(api: Defense, sources: Tensor | None) -> dict | None:
+    """CIP's routing counts of the last call per source of a mixed transfer set (else ``None``)."""
+    from .scores import ROUTE_NAMES
+
+    if sources is None or not isinstance(api, CIP):
+        return None
+    routes = api.last_routes
+    return {src: {name: int(((sources == i) & (routes == k)).sum()) for k, name in enumerate(ROUTE_NAMES)}
+            for i, src in enumerate(MIXED_SOURCES)}
 
 
 def provenance(weights: str, queries: Tensor | None, triggers: TriggerSet | None,
@@ -433,29 +480,100 @@ def knockoff_queries(cfg: Profile, n: int | None = None) -> Tensor:
     return adapt_to_digits(pool[:n], cfg.knockoff_gamma)
 
 
+KNOCKOFF_POOLS = ("photos", "mixed")
+"""KnockoffNets transfer sets: ``photos`` (the Knockoff pool's photo crops, :func:`knockoff_queries`)
+or ``mixed`` (rendered characters + photo crops, :func:`mixed_queries`)."""
+MIXED_SOURCES = ("near-distribution", "photo crops")
+"""Source codes of :func:`mixed_queries` (0, 1)."""
+MIXED_SEED = 1717  # the one fixed shuffle of the mixed pool (plus 1000 x seed)
+
+
+def mixed_queries(cfg: Profile, n: int | None = None) -> tuple[Tensor, Tensor]:
+    """The mixed KnockoffNets transfer set: every image of the ``near`` pool (rendered printed
+    characters, sent as they are: they already have the victim's framing) and the first
+    ``cfg.mixed_photos`` photo queries of :func:`knockoff_queries`, shuffled once (seeded).
+    Returns the first ``n`` (default all) as ``(x (n, C, H, W) float32 in [0, 1], source (n,)
+    int64)`` with source 0 = near-distribution, 1 = photo crop (:data:`MIXED_SOURCES`).
+    Raises ``ValueError`` when the data has no ``near`` pool (:func:`data.has_near_pool`) or
+    ``n`` exceeds the pool."""
+    near = data.query_pool(cfg, "near")
+    photos = knockoff_queries(cfg, cfg.mixed_photos) if cfg.mixed_photos else near[:0]
+    x = torch.cat([near, photos])
+    source = torch.cat([torch.zeros(len(near), dtype=torch.long), torch.ones(len(photos), dtype=torch.long)])
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(MIXED_SEED + 1000 * cfg.seed))
+    n = len(x) if n is None else n
+    if n > len(x):
+        raise ValueError(f"{n} mixed KnockoffNets queries requested but the mixed pool holds {len(x)} "
+                         f"(n_near {cfg.n_near} + mixed_photos {cfg.mixed_photos})")
+    return x[order[:n]], source[order[:n]]
+
+
+def pool_queries(cfg: Profile, pool: str, n: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """``(queries, source codes or None)`` of a KnockoffNets pool (:data:`KNOCKOFF_POOLS`)."""
+    if pool == "photos":
+        return knockoff_queries(cfg, n), None
+    if pool == "mixed":
+        return mixed_queries(cfg, n)
+    raise ValueError(f"pool must be one of {KNOCKOFF_POOLS}, got {pool!r}")
+
+
+def pool_size(cfg: Profile, pool: str) -> int:
+    """The full query budget of a KnockoffNets pool: ``knockoff_queries`` or n_near + mixed_photos."""
+    return cfg.knockoff_queries if pool == "photos" else cfg.n_near + cfg.mixed_photos
+
+
+def cip_routes(cfg: Profile, queries: Tensor, split: str = "all", p1: float | None = None) -> Tensor:
+    """The branch CIP routes each query to (0 ID, 1 low-ES, 2 high-ES; ``scores.ROUTE_NAMES``),
+    from a probe API that poisons nothing the attacker sees (the defender's view of a transfer set)."""
+    probe = make_defense(cfg, "cip", split, strong="reverse_rank", pbd=None, p1=p1)
+    probe(queries)
+    return probe.last_routes.clone()
+
+
 def run_knockoff(cfg: Profile, defense: str, label_type: str, n_queries: int | None = None,
-                 verbose: bool = True, arch: str | None = None) -> dict:
-    """KnockoffNets (Orekondy et al. 2019) against the ``all`` victim: natural images from the
-    Knockoff pool, answers from ``defense``, a surrogate trained on them. CIP as in the authors'
-    release (``knockoffnets/main.py``): strong PPD ``shuffle_noise`` and offline top-T PBD among
-    the ID-routed queries, T from ``cfg.knockoff_pbd_T`` (:func:`offline_pbd_T`; no PBD when
-    nothing routes ID). The per-epoch trigger accuracy is logged (``history``). A run with fewer
-    queries than the budget is a learning-curve point (setting ``<label>_q<n>``); ``arch``
-    (e.g. ``"cnn_plain"``) trains another surrogate architecture on the same answers (an
-    ablation, setting ``<label>_<arch>``)."""
-    n = cfg.knockoff_queries if n_queries is None else n_queries
-    curve = n != cfg.knockoff_queries
-    setting = f"{label_type}_q{n}" if curve else label_type
+                 verbose: bool = True, arch: str | None = None, pool: str = "photos",
+                 p1: float | None = None, branch: int | None = None) -> dict:
+    """KnockoffNets (Orekondy et al. 2019) against the ``all`` victim: unlabelled images from
+    ``pool`` (:data:`KNOCKOFF_POOLS`), answers from ``defense``, a surrogate trained on them. CIP as
+    in the authors' release (``knockoffnets/main.py``): strong PPD ``shuffle_noise`` and offline
+    top-T PBD among the ID-routed queries, T from ``cfg.knockoff_pbd_T`` (:func:`offline_pbd_T`;
+    no PBD when nothing routes ID). The per-epoch trigger accuracy is logged (``history``).
+
+    Settings (record ``knockoff_<defense>_<setting>``): ``<label>`` (photos) or ``mixed_<label>``;
+    ``_q<n>`` for a learning-curve point with fewer queries than the pool's budget; ablations
+    (second table): ``_<arch>`` another surrogate architecture on the same answers (e.g.
+    ``cnn_plain``), ``_p1-<p1>`` CIP with E1 at another percentile (notebook 03's trade-off),
+    ``_branch<k>`` an attacker whose transfer set is only the pool's queries CIP routes to branch
+    ``k`` (``scores.ROUTE_NAMES``; e.g. 1 = low-ES, where weak PPD answers). Mixed-pool records carry
+    ``routes_by_source`` (CIP: routing counts per :data:`MIXED_SOURCES`)."""
+    from .scores import ROUTE_NAMES
+
+    queries, source = pool_queries(cfg, pool)
+    n = len(queries) if n_queries is None else n_queries
+    curve = n != len(queries)
+    queries, source = queries[:n], (source[:n] if source is not None else None)
+    setting = ("mixed_" if pool == "mixed" else "") + label_type + (f"_q{n}" if curve else "")
+    ablation = None
     if arch is not None and arch != cfg.surrogate_arch:
         setting += f"_{arch}"
-    queries = knockoff_queries(cfg, n)
-    kwargs = {}
+        ablation = f"surrogate {arch}"
+    if p1 is not None:
+        setting += f"_p1-{p1:g}"
+        ablation = f"E1 at p1 = {p1:g}"
+    if branch is not None:
+        keep = cip_routes(cfg, queries, "all", p1) == branch
+        queries, source = queries[keep], (source[keep] if source is not None else None)
+        setting += f"_branch{branch}"
+        ablation = f"only the {int(keep.sum())} queries CIP routes {ROUTE_NAMES[branch]}"
+    kwargs: dict = {}
     if defense == "cip":
-        t = offline_pbd_T(cfg, queries, "all", cfg.knockoff_pbd_T)
+        t = offline_pbd_T(cfg, queries, "all", cfg.knockoff_pbd_T, p1=p1)
         kwargs = {"strong": "shuffle_noise", "pbd": "offline_top_T" if t else None, "pbd_T": t}
+        if p1 is not None:
+            kwargs["p1"] = p1
     return steal(cfg, "knockoff", defense, queries, label_type, setting=setting, defense_kwargs=kwargs,
-                 extra={"curve_point": curve}, verbose=verbose, arch=arch, trigger_curve=not curve,
-                 ablation=f"surrogate {arch}" if arch is not None and arch != cfg.surrogate_arch else None)
+                 extra={"curve_point": curve, "pool": pool}, verbose=verbose, arch=arch,
+                 trigger_curve=not curve, ablation=ablation, sources=source)
 
 
 def offline_pbd_T(cfg: Profile, queries: Tensor, split: str = "half", budget: float | None = None,
@@ -475,18 +593,22 @@ def offline_pbd_T(cfg: Profile, queries: Tensor, split: str = "half", budget: fl
 
 
 def knockoff_curve(cfg: Profile, defense: str, label_type: str | None = None,
-                   verbose: bool = False) -> list[tuple[int, float]]:
-    """``[(n, surrogate accuracy), ...]`` for ``n`` in ``cfg.knockoff_curve``: KnockoffNets with the
-    first ``n`` queries. The full-budget point is read from its record when that exists (the main
-    run), so its record (and ``seconds``) are not overwritten by a cached re-run."""
+                   verbose: bool = False, pool: str = "photos") -> list[tuple[int, float]]:
+    """``[(n, surrogate accuracy), ...]``: KnockoffNets with the first ``n`` queries of ``pool``,
+    ``n`` in ``cfg.knockoff_curve`` (photos) or ``cfg.mixed_curve`` plus the whole mixed pool. The
+    full-budget point is read from its record when that exists (the main run), so its record (and
+    ``seconds``) are not overwritten by a cached re-run."""
     label_type = cfg.knockoff_curve_label_type if label_type is None else label_type
+    full = pool_size(cfg, pool)
+    ns = cfg.knockoff_curve if pool == "photos" else tuple(sorted({*cfg.mixed_curve, full}))
+    setting = ("mixed_" if pool == "mixed" else "") + label_type
     points = []
-    for n in cfg.knockoff_curve:
-        main = cfg.metrics_dir / f"{record_name('knockoff', defense, label_type)}.json"
-        if n == cfg.knockoff_queries and main.exists():
+    for n in ns:
+        main = cfg.metrics_dir / f"{record_name('knockoff', defense, setting)}.json"
+        if n == full and main.exists():
             points.append((n, read_json(main)["surrogate_acc"]))
         else:
-            points.append((n, run_knockoff(cfg, defense, label_type, n, verbose)["surrogate_acc"]))
+            points.append((n, run_knockoff(cfg, defense, label_type, n, verbose, pool=pool)["surrogate_acc"]))
     return points
 
 
@@ -561,6 +683,9 @@ def defense_spec(cfg: Profile, defense: str, split: str = "all", strong: str = "
     """Every setting of a defended API, the sha256 of the wrapped model's weights included (and,
     for CIP, the thresholds computed from them): the part of an interactive attack's checkpoint
     key that the defense contributes, so a retrained victim never reuses a stale DFME student."""
+    if defense == "oe":
+        _, info = pipeline.get_oe_victim(cfg, split, verbose=False)
+        return {"name": "oe", "weights_sha256": info["weights_sha256"]}
     if defense == "cip":
         t = pipeline.get_thresholds(cfg, split)
         spec = {"name": "cip", "weights_sha256": t["weights_sha256"],
@@ -619,7 +744,7 @@ def run_dfme(cfg: Profile, defense: str, verbose: bool = True,
         "ablation": "gradient queries bypass the defense" if setting else None,
         "surrogate_arch": student_arch,
         "victim_acc": victim_accuracy(cfg), "defended_acc": defended_accuracy(cfg, name=defense, **kwargs),
-        "oe_victim_acc": oe_victim_accuracy(cfg) if defense == "cip" else None,
+        "oe_victim_acc": oe_victim_accuracy(cfg) if defense in ("cip", "oe") else None,
         "surrogate_best_acc": best_acc, "surrogate_best_queries": best_queries,
         "surrogate_acc": accuracy(student, test_x, test_y),
         "trigger_acc": trigger_accuracy(student, triggers) if triggers is not None else None,
@@ -633,3 +758,97 @@ def run_dfme(cfg: Profile, defense: str, verbose: bool = True,
     record["seconds"] = round(time.perf_counter() - start, 2)
     write_record(cfg, record, triggers)
     return record, gen
+
+
+# ----------------------------------------------------------------------------- threshold trade-off
+
+TRADEOFF_FILE = "threshold_tradeoff.json"
+
+
+def _route_shares(routes: Tensor) -> dict:
+    from .scores import ROUTE_NAMES
+
+    n = max(len(routes), 1)
+    return {name: float((routes == k).sum()) / n for k, name in enumerate(ROUTE_NAMES)}
+
+
+def threshold_tradeoff(cfg: Profile, verbose: bool = True) -> dict:
+    """What moving a threshold costs and buys (notebook 03), load-or-compute in
+    ``<results_dir>/threshold_tradeoff.json``.
+
+    ``p1`` rows, one per ``cfg.tradeoff_p1`` (E1 at that percentile, E2 at ``cfg.p2``): the
+    mixed-pool KnockoffNets attack against CIP with ``cfg.knockoff_curve_label_type`` labels
+    (:func:`run_knockoff` with ``pool="mixed"``, ``p1``; the profile's own p1 is the main run's
+    record), giving ``fidelity`` (the defended API's top-1 accuracy on the ID test digits, in
+    [0, 1]), ``poisoned_share`` (share of the mixed transfer set answered with weak or strong PPD or
+    flipped by PBD), ``surrogate_acc``, ``trigger_acc`` (``None`` without triggers), ``T`` and
+    ``routes`` (counts), plus ``near_shares`` (branch shares of the ``near`` pool).
+    ``p2`` rows, one per ``cfg.tradeoff_p2`` (E1 at ``cfg.p1``): ``fidelity`` (API without PBD),
+    ``poisoned_share`` of the mixed pool and ``near_shares``; no surrogate is trained for them.
+
+    The file records the sha256 of the OE victim's weights, of the mixed pool and of the test
+    digits, the grids and the surrogate recipe; it is reused only when all match (else recomputed).
+    Returns ``{"key": ..., "p1": [rows], "p2": [rows], "label_type": ...}``."""
+    from .scores import energy_score, route
+
+    path = cfg.results_dir / TRADEOFF_FILE
+    queries, _ = mixed_queries(cfg)
+    near = data.query_pool(cfg, "near")
+    _, oe_info = pipeline.get_oe_victim(cfg, "all", verbose=False)
+    test_x, _ = data.id_data(cfg).split("test")
+    label_type = cfg.knockoff_curve_label_type
+    key = {"weights_sha256": oe_info["weights_sha256"], "queries_sha256": tensor_sha256(queries),
+           "test_sha256": tensor_sha256(test_x), "p1_grid": list(cfg.tradeoff_p1),
+           "p2_grid": list(cfg.tradeoff_p2), "p1": cfg.p1, "p2": cfg.p2, "T": cfg.temperature,
+           "label_type": label_type, "knockoff_pbd_T": cfg.knockoff_pbd_T,
+           "surrogate": {"arch": cfg.surrogate_arch, "width": cfg.surrogate_width,
+                         "epochs": cfg.surrogate_epochs, "lr": cfg.surrogate_lr,
+                         "batch_size": cfg.surrogate_batch, "seed": cfg.seed,
+                         **training.surrogate_recipe_spec(cfg), "fused_adam": True}}
+    if path.exists():
+        stored = read_json(path)
+        if stored.get("key") == key:
+            return stored
+        if verbose:
+            print(f"{TRADEOFF_FILE} was computed for other weights, data or settings: recomputing")
+    oe_model, _ = pipeline.get_oe_victim(cfg, "all", verbose=False)
+    near_energy = energy_score(training.predict_logits(oe_model, near), cfg.temperature)
+    p1_rows = []
+    for p1 in cfg.tradeoff_p1:
+        own = p1 == cfg.p1
+        rec = run_knockoff(cfg, "cip", label_type, pool="mixed", p1=None if own else p1, verbose=verbose)
+        t = pipeline.get_thresholds(cfg, "all", verbose=False, p1=p1)
+        routes = rec["routes"]
+        poisoned = routes["low-ES OOD"] + routes["high-ES OOD"] + routes.get("PBD flipped", 0)
+        p1_rows.append({"p1": p1, "p2": cfg.p2, "E1": t["E1"], "E2": t["E2"], "fidelity": rec["defended_acc"],
+                        "poisoned_share": poisoned / rec["queries"], "surrogate_acc": rec["surrogate_acc"],
+                        "trigger_acc": rec["trigger_acc"], "T": rec["n_triggers"], "routes": routes,
+                        "near_shares": _route_shares(route(near_energy, t["E1"], t["E2"])),
+                        "record": rec["name"]})
+    p2_rows = []
+    for p2 in cfg.tradeoff_p2:
+        t = pipeline.get_thresholds(cfg, "all", verbose=False, p2=p2)
+        fidelity = defended_accuracy(cfg, "all", name="cip", pbd=None, p2=p2)
+        routes = cip_routes_p2(cfg, queries, p2)
+        p2_rows.append({"p1": cfg.p1, "p2": p2, "E1": t["E1"], "E2": t["E2"], "fidelity": fidelity,
+                        "poisoned_share": float((routes > 0).float().mean()),
+                        "routes": {k: int(v) for k, v in zip(("ID", "low-ES OOD", "high-ES OOD"),
+                                                              torch.bincount(routes, minlength=3).tolist())},
+                        "near_shares": _route_shares(route(near_energy, t["E1"], t["E2"]))})
+    out = {"key": key, "label_type": label_type, "p1": p1_rows, "p2": p2_rows}
+    write_json(path, out)
+    return out
+
+
+def cip_routes_p2(cfg: Profile, queries: Tensor, p2: float) -> Tensor:
+    """:func:`cip_routes` with E2 at the ``p2``-th percentile (E1 the profile's)."""
+    probe = make_defense(cfg, "cip", "all", strong="reverse_rank", pbd=None, p2=p2)
+    probe(queries)
+    return probe.last_routes.clone()
+
+
+def nearest_tradeoff(tradeoff: dict, p1: float, p2: float) -> dict:
+    """The grid rows of :func:`threshold_tradeoff` nearest to a slider setting: ``{"p1": row,
+    "p2": row}`` (nearest by absolute percentile difference; ties to the lower value)."""
+    pick = lambda rows, key, v: min(rows, key=lambda r: (abs(r[key] - v), r[key]))  # noqa: E731
+    return {"p1": pick(tradeoff["p1"], "p1", p1), "p2": pick(tradeoff["p2"], "p2", p2)}

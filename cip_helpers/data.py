@@ -13,6 +13,11 @@ downloaded at run time:
   images, so sharing photographs would let the detector see the attacker's distribution during
   training and overstate CIP.
 * ``textures`` (brick, grass, gravel: a stand-in for DTD) and uniform ``noise`` are OOD test sets.
+* ``near`` is a near-distribution source (:func:`render_characters`): printed digits and letters
+  rendered from the DejaVu and STIX fonts that matplotlib ships, framed like MNIST (white on
+  black, fitted into 20 x 20 pixels, centred by mass in 28 x 28). They share strokes, framing and
+  contrast with the victim's digits, so an energy detector tuned on photo crops routes some of
+  them ID, some low-ES and some high-ES (notebooks 02, 03, 07).
 
 The ``full`` profile reads the datasets laid out by ``data_prep/`` (see :mod:`cip_helpers.data_full`).
 """
@@ -36,7 +41,17 @@ OE_PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "moon", "pag
 KNOCKOFF_PHOTOS = ("camera", "clock", "coins", "immunohistochemistry", "rocket",
                    "stereo_motorcycle", "text")
 TEXTURE_PHOTOS = ("brick", "grass", "gravel")
-POOLS = ("outlier", "knockoff", "textures", "noise")
+POOLS = ("outlier", "knockoff", "textures", "noise", "near")
+NEAR_FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-BoldOblique.ttf",
+              "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSansMono-Oblique.ttf",
+              "DejaVuSansMono-BoldOblique.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf",
+              "DejaVuSerif-Italic.ttf", "DejaVuSerif-BoldItalic.ttf", "STIXGeneral.ttf", "STIXGeneralBol.ttf",
+              "STIXGeneralItalic.ttf", "STIXGeneralBolIta.ttf")
+"""The fonts of the ``near`` pool, all in matplotlib's ``mpl-data/fonts/ttf`` (licences beside them:
+``LICENSE_DEJAVU``, Bitstream Vera / public domain; ``LICENSE_STIX``, the STIX font licence). Only
+rendered glyph images are used; no font file is copied into the course."""
+NEAR_CHARACTERS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+"""Characters of the ``near`` pool, drawn uniformly: 10 digits (a sixth of the pool) and 52 letters."""
 MNIST_CLASSES = tuple(str(i) for i in range(10))
 
 
@@ -182,13 +197,93 @@ def random_crops(images: list[np.ndarray], n: int, size: int, seed: int,
     return out
 
 
+def character_plan(n: int, seed: int) -> list[tuple[str, str, int, float, float]]:
+    """The random choices of :func:`render_characters`, drawn in one go (so the characters of a
+    pool are known without rendering it): per image ``(character, font file, stroke dilation in
+    canvas pixels (0 or 1), horizontal shear in [-0.3, 0.3], rotation in degrees in [-15, 15])``."""
+    rng = np.random.default_rng(seed)
+    chars = rng.integers(len(NEAR_CHARACTERS), size=n)
+    fonts = rng.integers(len(NEAR_FONTS), size=n)
+    dilate = rng.integers(0, 2, size=n)
+    shear = rng.uniform(-0.3, 0.3, size=n)
+    angle = rng.uniform(-15.0, 15.0, size=n)
+    return [(NEAR_CHARACTERS[c], NEAR_FONTS[f], int(d), float(s), float(a))
+            for c, f, d, s, a in zip(chars, fonts, dilate, shear, angle)]
+
+
+def mnist_frame(a: np.ndarray, size: int = 28, box: int = 20) -> np.ndarray:
+    """MNIST's framing of a white-on-black glyph ``a`` (H, W) float in [0, 1]: crop to the ink
+    (values > 0.05), resize so the longer side is ``box`` pixels (aspect kept, Lanczos), and place
+    it in a ``size`` x ``size`` black image with its centre of mass at the centre (LeCun et al.'s
+    description of MNIST). Raises ``ValueError`` for an image without ink."""
+    from PIL import Image
+
+    ys, xs = np.nonzero(a > 0.05)
+    if len(ys) == 0:
+        raise ValueError("mnist_frame: the glyph image has no pixel above 0.05")
+    a = a[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    h, w = a.shape
+    scale = box / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    glyph = Image.fromarray((np.clip(a, 0, 1) * 255).astype(np.uint8)).resize((nw, nh), Image.LANCZOS)
+    b = np.asarray(glyph, dtype=np.float32) / 255.0
+    mass = b.sum()
+    cy = float((b.sum(1) * np.arange(nh)).sum() / mass)
+    cx = float((b.sum(0) * np.arange(nw)).sum() / mass)
+    pad = box  # the glyph may be shifted partly outside the frame; crop after placing
+    out = np.zeros((size + 2 * pad, size + 2 * pad), dtype=np.float32)
+    top, left = pad + int(round(size / 2 - cy)), pad + int(round(size / 2 - cx))
+    out[top:top + nh, left:left + nw] = b
+    return out[pad:pad + size, pad:pad + size]
+
+
+def render_characters(n: int, size: int, seed: int) -> Tensor:
+    """``n`` printed characters as (n, 1, size, size) float32 in [0, 1]: each image is one of
+    :data:`NEAR_CHARACTERS` in one of :data:`NEAR_FONTS` (:func:`character_plan`), drawn white on
+    black at 64 px with Pillow, optionally thickened (3 x 3 max filter), sheared and rotated, then
+    framed like MNIST (:func:`mnist_frame`, box = 20/28 of ``size``). Deterministic for a given
+    Pillow/FreeType and matplotlib (font files); the pool cache key includes both versions."""
+    from PIL import Image, ImageDraw, ImageFilter, ImageFont
+    import matplotlib
+
+    font_dir = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+    fonts: dict[str, ImageFont.FreeTypeFont] = {}
+    box = max(1, round(size * 20 / 28))
+    out = torch.empty(n, 1, size, size)
+    for i, (char, font, dilate, shear, angle) in enumerate(character_plan(n, seed)):
+        if font not in fonts:
+            fonts[font] = ImageFont.truetype(str(font_dir / font), 64)
+        canvas = Image.new("L", (128, 128), 0)
+        ImageDraw.Draw(canvas).text((32, 16), char, fill=255, font=fonts[font])
+        if dilate:
+            canvas = canvas.filter(ImageFilter.MaxFilter(3))
+        canvas = canvas.transform(canvas.size, Image.AFFINE, (1, shear, -64 * shear, 0, 1, 0), Image.BILINEAR)
+        canvas = canvas.rotate(angle, Image.BILINEAR)
+        out[i, 0] = torch.from_numpy(mnist_frame(np.asarray(canvas, dtype=np.float32) / 255.0, size, box))
+    return out.clamp_(0, 1)
+
+
+def has_near_pool(cfg: Profile) -> bool:
+    """Whether ``cfg``'s data has the ``near`` pool: rendered characters fit single-channel
+    28 x 28 tasks (the embedded MNIST, MNIST, Fashion-MNIST), not the colour datasets."""
+    return _id_data_shape(cfg.dataset) == (1, 28, 28)
+
+
+def near_characters(cfg: Profile) -> list[str]:
+    """The character drawn in each image of ``query_pool(cfg, "near")`` (same order)."""
+    return [c for c, *_ in character_plan(_pool_size(cfg, "near"), _pool_seed("near", cfg.seed))]
+
+
 def query_pool(cfg: Profile, name: str) -> Tensor:
     """A pool of unlabelled images shaped like the ID data: ``outlier`` (OE training outliers),
-    ``knockoff`` (KnockoffNets queries), ``textures`` and ``noise`` (OOD test sets); (n, C, H, W)
-    float32 in [0, 1]. The embedded photo pools are cut crop by crop (seconds per pool), so they
-    are cached in ``<profile_dir>/cache/`` (:func:`_cached_pool`); the cache returns the same bits."""
+    ``knockoff`` (KnockoffNets queries), ``textures`` and ``noise`` (OOD test sets), ``near``
+    (rendered characters, :func:`render_characters`; single-channel 28 x 28 data only, else
+    ``ValueError``); (n, C, H, W) float32 in [0, 1]. The embedded photo pools and the rendered
+    characters are made image by image (seconds per pool), so they are cached in
+    ``<profile_dir>/cache/`` (:func:`_cached_pool`); the cache returns the same bits.
+    Raises ``ValueError`` for an unknown pool name."""
     n = _pool_size(cfg, name)
-    if cfg.dataset == "mnist_embedded" and name != "noise":
+    if name == "near" or (cfg.dataset == "mnist_embedded" and name != "noise"):
         return _cached_pool(str(cfg.profile_dir / "cache"), cfg.dataset, name, n, cfg.seed)
     return _query_pool(cfg.dataset, name, n, cfg.seed)
 
@@ -201,8 +296,13 @@ def _pool_code_sha256() -> str:
 
     import skimage
 
-    parts = [inspect.getsource(f) for f in (random_crops, _query_pool, _skimage_gray)]
-    parts += [repr((OE_PHOTOS, KNOCKOFF_PHOTOS, TEXTURE_PHOTOS, SPLIT_SEED, POOLS)), skimage.__version__]
+    import matplotlib
+    import PIL
+
+    parts = [inspect.getsource(f) for f in (random_crops, _query_pool, _skimage_gray, _pool_seed,
+                                            character_plan, mnist_frame, render_characters)]
+    parts += [repr((OE_PHOTOS, KNOCKOFF_PHOTOS, TEXTURE_PHOTOS, SPLIT_SEED, POOLS, NEAR_FONTS, NEAR_CHARACTERS)),
+              skimage.__version__, PIL.__version__, matplotlib.__version__]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -227,7 +327,7 @@ def _cached_pool(cache_dir: str, dataset: str, name: str, n: int, seed: int) -> 
 
 def _pool_size(cfg: Profile, name: str) -> int:
     sizes = {"outlier": cfg.n_outlier, "knockoff": cfg.n_knockoff, "textures": cfg.n_textures,
-             "noise": cfg.n_noise}
+             "noise": cfg.n_noise, "near": cfg.n_near}
     if name not in sizes:
         raise ValueError(f"unknown query pool {name!r}; choose one of {POOLS}")
     return sizes[name]
@@ -236,7 +336,13 @@ def _pool_size(cfg: Profile, name: str) -> int:
 @functools.lru_cache(maxsize=8)
 def _query_pool(dataset: str, name: str, n: int, seed: int) -> Tensor:
     c, h, _ = _id_data_shape(dataset)
-    pool_seed = SPLIT_SEED + POOLS.index(name) + 1000 * seed
+    pool_seed = _pool_seed(name, seed)
+    if name == "near":
+        if (c, h) != (1, 28):
+            raise ValueError(f"the 'near' pool (rendered characters) exists for single-channel 28 x 28 "
+                             f"data only; {dataset} images are {c} x {h} x {h}. Use the Knockoff pool, "
+                             f"or check data.has_near_pool(cfg) first")
+        return render_characters(n, h, pool_seed)
     if name == "noise":
         g = torch.Generator().manual_seed(pool_seed)
         return torch.rand(n, c, h, h, generator=g)
@@ -252,6 +358,10 @@ def _query_pool(dataset: str, name: str, n: int, seed: int) -> Tensor:
     from . import data_full
 
     return data_full.load_pool_array(name, data_root(), h, c, n, pool_seed).float().div_(255)
+
+
+def _pool_seed(name: str, seed: int) -> int:
+    return SPLIT_SEED + POOLS.index(name) + 1000 * seed
 
 
 def _id_data_shape(dataset: str) -> tuple[int, int, int]:

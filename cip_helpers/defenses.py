@@ -242,6 +242,16 @@ class NoDefense(Defense):
         return self.last_clean
 
 
+class OEOnly(NoDefense):
+    """The OE-tuned victim M'_V answering with its own softmax, with no poisoning at all: CIP's
+    detector without CIP's answers. An ablation the paper does not report; beside ``none`` and
+    ``cip`` it separates what outlier exposure alone does to an attack (M'_V's answers to
+    outliers are already nearly uniform) from what the poisoning adds. Wrap the OE-tuned
+    checkpoint (``pipeline.get_defense(cfg, "oe")``)."""
+
+    name = "oe"
+
+
 class DP(Defense):
     """Deceptive perturbation (Lee et al. 2019): reverse sigmoid on every answer
     (:func:`poisoning.reverse_sigmoid`; ``beta`` > 0, ``gamma`` > 0, else ``ValueError``)."""

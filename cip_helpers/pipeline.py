@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from . import data
 from .config import Profile
 from .models import build_model
-from .defenses import CIP, DAWN, DP, Defense, NoDefense, r1_from_scores, softmax
+from .defenses import CIP, DAWN, DP, Defense, NoDefense, OEOnly, r1_from_scores, softmax
 from .scores import energy_score, reliability_score, select_thresholds
 from .store import load_or_train, read_json, tensor_sha256, weights_sha256, write_json
 from .training import (finetune_oe, oe_in_batch, oe_recipe_spec, oe_train_kwargs, predict_logits,
@@ -102,12 +102,16 @@ def get_oe_victim(cfg: Profile, split: str = "all", verbose: bool = True) -> tup
 
 
 def query_sets(cfg: Profile) -> dict[str, Tensor]:
-    """The query sets notebooks 02/03 compare: ID test digits and the four unlabelled pools."""
-    return {"ID test": data.id_data(cfg).split("test")[0],
+    """The query sets notebooks 02/03 compare: ID test digits, the four unlabelled pools and,
+    where the data has it (:func:`data.has_near_pool`), the near-distribution pool."""
+    sets = {"ID test": data.id_data(cfg).split("test")[0],
             "Knockoff pool": data.query_pool(cfg, "knockoff"),
             "OE outliers": data.query_pool(cfg, "outlier"),
             "textures": data.query_pool(cfg, "textures"),
             "noise": data.query_pool(cfg, "noise")}
+    if data.has_near_pool(cfg):
+        sets["near-distribution"] = data.query_pool(cfg, "near")
+    return sets
 
 
 def energies(model: nn.Module, x: Tensor, temperature: float = 1.0) -> Tensor:
@@ -154,18 +158,20 @@ THRESHOLD_KEYS = ("weights_sha256", "data_sha256", "p1", "p2", "T", "r1_percenti
 data it was computed from, and the percentiles and temperature asked for."""
 
 
-def get_thresholds(cfg: Profile, split: str = "all", verbose: bool = True, p1: float | None = None) -> dict:
+def get_thresholds(cfg: Profile, split: str = "all", verbose: bool = True, p1: float | None = None,
+                   p2: float | None = None) -> dict:
     """Thresholds of the OE-tuned ``split`` victim from ``results/<profile>/seed-<k>/thresholds.json``
     (top level: the ``all`` victim; key ``half``: the half victim). The stored entry is reused only
     if it was computed from exactly this checkpoint's weights and this ID data (sha256) with the
     current p1, p2, T and R1 percentile; otherwise it is recomputed and rewritten (and, with
     ``verbose``, the reason is printed). Returns the entry (see :func:`compute_thresholds`).
 
-    ``p1`` other than the victim's own (:func:`split_p1`) is an ablation: computed, returned, never
-    stored (the stored entry stays the profile's)."""
+    ``p1`` other than the victim's own (:func:`split_p1`) or ``p2`` other than ``cfg.p2`` is an
+    ablation (notebook 03's trade-off grid): computed, returned, never stored (the stored entry
+    stays the profile's)."""
     _check_split(split)
-    if p1 is not None and p1 != split_p1(cfg, split):
-        return compute_thresholds(cfg, split, p1=p1)
+    if (p1 is not None and p1 != split_p1(cfg, split)) or (p2 is not None and p2 != cfg.p2):
+        return compute_thresholds(cfg, split, p1=p1, p2=p2)
     path = cfg.results_dir / "thresholds.json"
     stored = read_json(path) if path.exists() else {}
     entry = stored if split == "all" else stored.get("half", {})
@@ -188,26 +194,32 @@ def get_thresholds(cfg: Profile, split: str = "all", verbose: bool = True, p1: f
     return fresh
 
 
-DEFENSES = ("none", "dp", "dawn", "cip")
+DEFENSES = ("none", "oe", "dp", "dawn", "cip")
+"""Every defense :func:`get_defense` builds; ``oe`` (the OE-tuned victim, no poisoning) is the
+course's ablation between ``none`` and ``cip``."""
 
 
 def get_defense(cfg: Profile, name: str, split: str = "all", strong: str = "shuffle_noise",
-                pbd: str | None = "online", p1: float | None = None) -> Defense:
+                pbd: str | None = "online", p1: float | None = None, p2: float | None = None) -> Defense:
     """A fresh defended API around the ``split`` victim, configured from the profile.
 
     ``none``, ``dp`` and ``dawn`` wrap the plain victim M_V; ``cip`` wraps the OE-tuned victim
-    M'_V with the thresholds of :func:`get_thresholds` (as in the paper's code release).
+    M'_V with the thresholds of :func:`get_thresholds` (as in the paper's code release); ``oe``
+    answers with M'_V's own softmax (:class:`defenses.OEOnly`: outlier exposure without poisoning).
     ``strong`` picks CIP's strong PPD; ``pbd`` is ``"online"`` (the API default), ``"offline_top_T"``
     (evaluation device: one call = the whole transfer set) or ``None``; PBD answers with
-    ``cfg.pbd_answer``; ``p1`` overrides the victim's E1 percentile (an ablation, see
+    ``cfg.pbd_answer``; ``p1`` / ``p2`` override the victim's E1 / E2 percentiles (ablations, see
     :func:`get_thresholds`)."""
     shape = data.id_data(cfg).shape
     if name == "cip":
         model, _ = get_oe_victim(cfg, split, verbose=False)
-        t = get_thresholds(cfg, split, p1=p1)
+        t = get_thresholds(cfg, split, p1=p1, p2=p2)
         return CIP(model, shape, t["E1"], t["E2"], temperature=t["T"], strong=strong,
                    snr_db=cfg.snr_db, beta=cfg.rs_beta, gamma=cfg.rs_gamma, pbd=pbd, r1=t["R1"],
                    pbd_T=cfg.pbd_offline_T, seed=cfg.seed, pbd_answer=cfg.pbd_answer)
+    if name == "oe":
+        model, _ = get_oe_victim(cfg, split, verbose=False)
+        return OEOnly(model, shape)
     model, _ = get_victim(cfg, split, verbose=False)
     if name == "none":
         return NoDefense(model, shape)

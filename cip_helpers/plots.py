@@ -289,7 +289,7 @@ def attack_bars(table, x: str = "defense", hue: str = "label_type", value: str =
     table (a pandas DataFrame of attack records), with an optional dashed reference line (the
     victim's accuracy) and the value printed on each bar."""
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    order = [d for d in ("none", "dp", "dawn", "cip") if d in set(table[x])]
+    order = [d for d in DEFENSE_COLORS if d in set(table[x])]
     _sns().barplot(data=table, x=x, y=value, hue=hue if hue in table else None, order=order, ax=ax)
     for container in ax.containers:
         ax.bar_label(container, fmt="%.2f", fontsize=7)
@@ -339,6 +339,39 @@ def accuracy_vs_queries(curves: Mapping[str, Sequence[tuple[int, float]]],
         ax.axhline(reference, color="k", linestyle="--", linewidth=1, label=f"victim {reference:.2f}")
     ax.axhline(0.1, color="grey", linestyle=":", linewidth=1, label="chance")
     return _finish(fig, ax, "queries to the API", ylabel, title)
+
+
+TRADEOFF_KEYS = (("fidelity", "API fidelity on ID test digits", "-"),
+                 ("poisoned_share", "share of the mixed pool poisoned", "--"),
+                 ("surrogate_acc", "stolen surrogate accuracy", "-."),
+                 ("trigger_acc", "trigger accuracy", ":"))
+"""(key, legend label, line style) of :func:`threshold_tradeoff`'s lines."""
+
+
+def threshold_tradeoff(tradeoff: Mapping[str, object], p1: float | None = None,
+                       p2: float | None = None) -> plt.Figure:
+    """Notebook 03's trade-off figure from ``attacks.threshold_tradeoff``: left, the ``p1`` grid
+    (fidelity, poisoned share, mixed-pool KnockoffNets surrogate and trigger accuracy, all in
+    [0, 1]); right, the ``p2`` grid (fidelity and poisoned share only). Optional vertical lines
+    mark a slider setting. Every line is CIP's, in CIP's colour, told apart by line style."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4), sharey=True)
+    colour = DEFENSE_COLORS["cip"]
+    for ax, grid, mark in ((axes[0], "p1", p1), (axes[1], "p2", p2)):
+        rows = tradeoff[grid]
+        xs = [r[grid] for r in rows]
+        for key, label, style in TRADEOFF_KEYS:
+            pts = [(x, r.get(key)) for x, r in zip(xs, rows) if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", linestyle=style, color=colour, label=label)
+        if mark is not None:
+            ax.axvline(mark, color="k", linewidth=1, alpha=0.5)
+        other = "p2" if grid == "p1" else "p1"
+        _finish(fig, ax, f"{grid} (percentile of ID-train energies; {other} = {rows[0][other]:g})",
+                "fraction" if grid == "p1" else "", f"moving E{grid[1]}", ylim=(0, 1.05))
+    label = tradeoff.get("label_type", "")
+    fig.suptitle(f"CIP threshold trade-off (surrogates: mixed-pool KnockoffNets, {label} labels)", fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
 def history_curves(histories: Mapping[str, Sequence[Mapping[str, float]]],
@@ -395,7 +428,7 @@ def trigger_vs_ratio(table, title: str = "") -> plt.Figure:
 
 # --- across seeds (notebook 11) ---------------------------------------------------------------
 
-DEFENSE_COLORS = {"none": "#7f7f7f", "dp": "#1f77b4", "dawn": "#2ca02c", "cip": "#d62728"}
+DEFENSE_COLORS = {"none": "#7f7f7f", "oe": "#9467bd", "dp": "#1f77b4", "dawn": "#2ca02c", "cip": "#d62728"}
 """One colour per defense for the figures that compare defenses across seeds."""
 
 

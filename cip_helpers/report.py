@@ -19,7 +19,8 @@ PAPER_TABLE = Path(__file__).with_name("paper_table_iv.json")
 PAPER_TASK = {"knockoff": "CIFAR10/WRN28", "dfme": "MNIST/RN18", "ida": "CIFAR10/WRN28",
               "dqa": "CIFAR10/WRN28"}
 ATTACK_ORDER = ("knockoff", "dfme", "ida", "dqa")
-DEFENSE_ORDER = ("none", "dp", "dawn", "cip")
+DEFENSE_ORDER = ("none", "oe", "dp", "dawn", "cip")
+"""Row order of a setting; ``oe`` (the OE-tuned victim without poisoning) has no paper row."""
 
 
 def load_all_records(cfg: Profile, check: bool = True) -> list[dict]:
@@ -41,6 +42,8 @@ def _read_records(metrics: Path) -> list[dict]:
 def paper_row(attack: str, defense: str, setting: str | None) -> dict | None:
     """The paper's Table IV row for our (attack, defense), on :data:`PAPER_TASK`; DQA only at r=1."""
     key = attack
+    if defense == "oe" or (setting or "").startswith("mixed"):
+        return None  # the paper has neither an OE-only row nor a near-distribution pool
     if attack == "ida" and setting not in (None, "hard"):
         return None  # the paper's IDA trains on hard labels
     if attack == "dqa":
@@ -63,6 +66,17 @@ def _setting(r: dict) -> str:
     return r.get("setting") or r.get("label_type") or ""
 
 
+def _undefended_base(undefended: dict, attack: str, setting: str) -> float | None:
+    """The undefended accuracy of ``setting`` or of its longest ``_``-prefix that has one
+    (``mixed_soft_p1-50`` -> ``mixed_soft``; ``soft_cnn_plain`` -> ``soft_cnn_plain`` when run)."""
+    parts = setting.split("_")
+    for k in range(len(parts), 0, -1):
+        key = (attack, "_".join(parts[:k]))
+        if key in undefended:
+            return undefended[key]
+    return None
+
+
 def table_iv(records: list[dict], ablations: bool = False) -> pd.DataFrame:
     """One row per (attack, setting, defense): our numbers in percent beside the paper's.
 
@@ -81,7 +95,7 @@ def table_iv(records: list[dict], ablations: bool = False) -> pd.DataFrame:
         paper = (paper_row(r["attack"], r["defense"], r.get("setting")) or {}) if not ablations else {}
         pct = lambda v: None if v is None else round(100 * v, 2)  # noqa: E731
         setting = _setting(r)
-        base = undefended.get((r["attack"], setting), undefended.get((r["attack"], setting.split("_")[0])))
+        base = _undefended_base(undefended, r["attack"], setting)
         row = {"attack": r["attack"], "setting": setting, "defense": r["defense"]}
         if ablations:
             row["ablation"] = r.get("ablation")
@@ -142,7 +156,11 @@ def table_notes(df: pd.DataFrame, records: Sequence[dict] = ()) -> list[str]:
              "point of the query curve), the number the authors report. Trig(M_S) and T exist only "
              "for DAWN and CIP; DP keeps no trigger set; CIP uses no PBD against DFME (as the authors).",
              "The paper reports DQA at r = 1 only, and no MNIST task for KnockoffNets/IDA/DQA, so "
-             "those rows sit beside CIFAR10/WRN28; it gives Test(M'_V) for CIP only."]
+             "those rows sit beside CIFAR10/WRN28; it gives Test(M'_V) for CIP only.",
+             "oe (not in the paper): the OE-tuned victim answering with its own softmax, no poisoning; "
+             "between none and cip it separates what outlier exposure does from what the poisoning "
+             "adds. KnockoffNets mixed_*: the mixed pool of rendered printed characters (near-"
+             "distribution) and photo crops (notebook 07); the paper has no such pool."]
     if df.empty:
         return notes
     routes = {(r["attack"], _setting(r)): r.get("routes") for r in records if r.get("defense") == "cip"}
@@ -290,7 +308,7 @@ def seed_records(profile_dir: Path, seed: int) -> list[dict]:
     records = _read_records(metrics)
     seen: dict[tuple[str, str], set[str]] = {}
     for r in records:
-        stage = ("oe_victim" if r.get("defense") == "cip" else "victim", r.get("victim", "all"))
+        stage = (attacks.answering_checkpoint(r.get("defense")), r.get("victim", "all"))
         seen.setdefault(stage, set()).add(str(r.get("weights_sha256")))
     mixed = {f"{a}_{b}": sorted(h)[:3] for (a, b), h in seen.items() if len(h) > 1}
     if mixed:
@@ -520,12 +538,13 @@ def differences(summary: dict) -> pd.DataFrame:
          "4,000 embedded MNIST digits)", pp("dfme", "none", None, "victim_acc") + " (MNIST/RN18)",
          "scale", "notebook 01"),
         ("Undefended DFME student", o("dfme", "logits", "none"), pp("dfme", "none", None),
-         "scale: 36,000 queries vs the authors' 6 M (`DFME/main.py`)", "notebook 08"),
+         "scale: 24,000 queries vs the authors' 6 M (`DFME/main.py`)", "notebook 08"),
         ("CIP vs KnockoffNets: trigger set T", o("knockoff", "hard", "cip", "n_triggers", count=True) + routed,
          pp("knockoff", "cip", "hard", "n_triggers") + " (CIFAR-10)",
          "data: no photo crop looks like a digit to the OE-tuned victim, so nothing routes ID and "
-         "offline top-T PBD has nothing to flip; some ImageNet queries to a CIFAR-10 victim do",
-         "routing counts, notebook 07; issue 16 adds near-distribution queries"),
+         "offline top-T PBD has nothing to flip; some ImageNet queries to a CIFAR-10 victim do. With "
+         "near-distribution queries (mixed pool): T " + o("knockoff", "mixed_hard", "cip", "n_triggers", count=True),
+         "routing counts, notebook 07 (mixed pool)"),
         ("CIP vs KnockoffNets: surrogate", f"hard {o('knockoff', 'hard', 'cip')}, soft {o('knockoff', 'soft', 'cip')}",
          pp("knockoff", "cip", "hard"), "data: every query is high-ES, so every answer gets the strong poison",
          "notebook 07"),
@@ -537,7 +556,7 @@ def differences(summary: dict) -> pd.DataFrame:
         ("DP vs DFME", f"{o('dfme', 'logits', 'dp')}; gradient queries past the defense (authors): "
          f"{o('dfme', 'victim-grad', 'dp')}", pp("dfme", "dp", None),
          "the authors' DFME sends its gradient-estimation queries to the victim directly (`DFME/main.py`), "
-         "ours through the defense: " + _explains(summary, "dp") + "; the budget (36,000 vs 6 M "
+         "ours through the defense: " + _explains(summary, "dp") + "; the budget (24,000 vs 6 M "
          "queries) and the models remain", "ablation `dfme_dp_victim-grad`, notebook 08"),
         ("CIP vs DFME", f"{o('dfme', 'logits', 'cip')}; gradient queries past the defense: "
          f"{o('dfme', 'victim-grad', 'cip')}", pp("dfme", "cip", None),
@@ -623,6 +642,8 @@ def compare_runs(a: Path, b: Path) -> dict:
 README_BEGIN = "<!-- results:begin (written by python -m cip_helpers.report readme; do not edit) -->"
 README_END = "<!-- results:end -->"
 README_ROWS = (("knockoff", "soft", "KnockoffNets, soft labels"), ("knockoff", "hard", "KnockoffNets, hard labels"),
+               ("knockoff", "mixed_soft", "KnockoffNets, mixed pool, soft"),
+               ("knockoff", "mixed_hard", "KnockoffNets, mixed pool, hard"),
                ("dfme", "logits", "DFME"), ("ida", "hard", "IDA (attacker holds the other half)"))
 
 
@@ -640,15 +661,15 @@ def readme_block(summary: dict) -> str:
     out = [README_BEGIN, "",
            f"Mean ± sd over {summary['n_seeds']} seeds ({seeds}) of the quick profile, surrogate test "
            "accuracy in percent (ours: 4,000 MNIST digits, small CNNs; paper: its Table IV):", "",
-           "| attack | no defense | DP | DAWN | CIP | paper, no defense -> CIP |",
-           "| --- | --- | --- | --- | --- | --- |"]
+           "| attack | no defense | OE only | DP | DAWN | CIP | paper, no defense -> CIP |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
     for attack, setting, label in README_ROWS:
         cells = [_pct(rows.get((attack, setting, d), {}).get("surrogate_acc")) for d in DEFENSE_ORDER]
         cip = rows.get((attack, setting, "cip"), {})
         paper = cip.get("paper") or {}
         ref = (f"{paper['surrogate_acc_no_defense']} -> {paper['surrogate_acc']} ({PAPER_TASK[attack]})"
                if paper.get("surrogate_acc") is not None else "")
-        out.append(f"| {label} | " + " | ".join(cells[:3]) + f" | **{cells[3]}** | {ref} |")
+        out.append(f"| {label} | " + " | ".join(cells[:-1]) + f" | **{cells[-1]}** | {ref} |")
     victims = summary.get("victims", {})
     cip_ko = rows.get(("knockoff", "soft", "cip"), {})
     cip_ida = rows.get(("ida", "hard", "cip"), {})

@@ -18,7 +18,8 @@ list literal (``--set knockoff_curve=[500,1000]``). ``CIP_RESULTS_ROOT`` / ``CIP
 resolved once against the directory the command runs from and passed absolute to every kernel.
 
 **Scheduling.** Notebooks are jobs with dependencies (:data:`DEPENDS`): 01 -> 02, then 03-10 need
-only 02 (10 also 09), and 11 needs everything of every seed in the run. Each job is a separate
+only 02 (07 also 03, 10 also 09), and 11 needs everything of every seed in the run (and the
+``innocents`` task, :data:`TASKS`, which trains notebook 11's innocent models in a lane of its own). Each job is a separate
 process (a fresh kernel) with a FIXED number of torch threads (:data:`THREADS`: 2 for 01, 02 and
 11, which run alone in a one-seed run, 1 for the rest), and ``--jobs`` CPU slots are filled greedily. A notebook's
 numbers therefore never depend on how many jobs ran beside it: same machine, same seed, same
@@ -52,13 +53,20 @@ THREADS = {"01": 2, "02": 2, "11": 2}
 """torch threads per notebook (default 1). Fixed per notebook so results do not depend on --jobs:
 2 for the notebooks that run alone on the critical path of a one-seed run (01, 02 and 11)."""
 
-DEPENDS = {"02": ("01",), "10": ("09",)}
+DEPENDS = {"02": ("01",), "07": ("03",), "10": ("09",)}
 """Prerequisites within one seed; every other notebook from 03 on needs 02, which trains the
-OE-tuned victims and computes their thresholds (see :func:`prerequisites`)."""
+OE-tuned victims and computes their thresholds (see :func:`prerequisites`). 07 waits for 03,
+whose threshold trade-off grid trains the mixed-pool CIP surrogate that 07 then reuses."""
 
-PRIORITY = ("01", "02", "09", "08", "07", "10", "03", "06", "04", "05", "11")
-"""Order in which ready notebooks are started: 09 first (10 waits for it), then the longest, so
-the lanes finish together (on quick, one seed: 09 then 07 on one lane, 08 then 10 on the other)."""
+TASKS = {"innocents": "11"}
+"""Stages that run as jobs of their own, ahead of the notebook that needs them (task -> notebook):
+``innocents`` trains the innocent models of notebook 11 (``pipeline.get_innocent_models``; they
+need only the ID data), so that 11 (which waits for every other notebook) only loads them. A task
+is scheduled only when its notebook is in the run; the notebook still trains what is missing."""
+
+PRIORITY = ("01", "02", "09", "03", "07", "08", "10", "innocents", "06", "04", "05", "11")
+"""Order in which ready jobs are started: 09 first (10 waits for it), 03 (07 reuses its surrogates),
+then the longest, so the lanes finish together."""
 
 
 def list_notebooks(only: list[str] | None = None, notebook_dir: Path = NOTEBOOK_DIR) -> list[Path]:
@@ -143,9 +151,24 @@ def execute_one(path: Path, profile: str, out_path: Path, overrides: dict, cell_
         raise _mark_timed_out_cell(out_path, cell_timeout) from exc
 
 
+def run_task(task: str, profile: str, overrides: dict) -> None:
+    """Run one of :data:`TASKS` in THIS process (the worker side), with the thread count the
+    runner set (``OMP_NUM_THREADS``). Raises ``ValueError`` for an unknown task."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
+    import torch
+
+    from . import pipeline
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    cfg = get_profile(profile, **overrides)
+    pipeline.get_innocent_models(cfg, verbose=False)
+
+
 @dataclass
 class Job:
-    """One notebook of one seed."""
+    """One notebook of one seed, or one task (:data:`TASKS`) of one seed (``task`` set; ``book``
+    is then the notebook that needs it)."""
 
     seed: int
     book: Path
@@ -155,10 +178,21 @@ class Job:
     log: typing.IO[str] | None = None
     start: float = 0.0
     seconds: float | None = None
+    task: str | None = None
 
     @property
     def key(self) -> tuple[int, str]:
-        return self.seed, self.book.name[:2]
+        return self.seed, self.task or self.book.name[:2]
+
+    @property
+    def label(self) -> str:
+        """The notebook's file name, or ``<task> (task for <notebook>)``."""
+        return f"{self.task} (task for {self.book.name[:2]})" if self.task else self.book.name
+
+    @property
+    def stem(self) -> str:
+        """The key of this job in ``timings.json``: the notebook's stem or the task's name."""
+        return self.task or self.book.stem
 
 
 def _failed_cell(exc: Exception) -> str:
@@ -181,6 +215,10 @@ def schedule(books: list[Path], seeds: list[int], jobs: int) -> list[Job]:
                 needs |= {(s, p) for s in seeds for p in present - {"11"}}
                 if seed == seeds[0]:
                     needs |= {(s, "11") for s in seeds[1:]}
+            for task, user in TASKS.items():
+                if user == n:
+                    out.append(Job(seed, book, 1, set(), task=task))
+                    needs = needs | {(seed, task)}
             out.append(Job(seed, book, min(THREADS.get(n, 1), jobs), needs))
     return out
 
@@ -189,8 +227,8 @@ def run_jobs(job_list: list[Job], profile: str, overrides: dict, cfg_for: dict[i
              jobs: int, cell_timeout: int) -> tuple[bool, str]:
     """Run ``job_list`` on ``jobs`` CPU slots; returns ``(ok, failure message)``. On a failure no new
     job starts, the running ones are stopped, and the message names notebook, seed and cell."""
-    pending = sorted(job_list, key=lambda j: (PRIORITY.index(j.book.name[:2])
-                                              if j.book.name[:2] in PRIORITY else len(PRIORITY), j.seed))
+    pending = sorted(job_list, key=lambda j: (PRIORITY.index(j.key[1]) if j.key[1] in PRIORITY
+                                              else len(PRIORITY), j.seed))
     running: list[Job] = []
     try:
         return _run_loop(pending, running, profile, overrides, cfg_for, jobs, cell_timeout)
@@ -221,7 +259,8 @@ def _run_loop(pending: list[Job], running: list[Job], profile: str, overrides: d
                 env = {**os.environ, "OMP_NUM_THREADS": str(job.threads), "MKL_NUM_THREADS": str(job.threads),
                        "CIP_BATCH": "1"}  # slider cells draw their default view (plots.slider_view)
                 arg = json.dumps({"path": str(job.book), "profile": profile, "out": str(out),
-                                  "overrides": {**overrides, "seed": job.seed}, "cell_timeout": cell_timeout})
+                                  "overrides": {**overrides, "seed": job.seed}, "cell_timeout": cell_timeout,
+                                  "task": job.task})
                 job.log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: never blocks
                 # its own process group, so a stop reaches the worker and anything it forked; the
                 # kernel (jupyter_client gives it a session of its own) is shut down by the worker
@@ -233,7 +272,7 @@ def _run_loop(pending: list[Job], running: list[Job], profile: str, overrides: d
                 running.append(job)
                 pending.remove(job)
                 free -= job.threads
-                print(f"  start  seed {job.seed} {job.book.name} ({job.threads} thread"
+                print(f"  start  seed {job.seed} {job.label} ({job.threads} thread"
                       f"{'s' if job.threads > 1 else ''})", flush=True)
         time.sleep(0.2)
         for job in list(running):
@@ -255,10 +294,12 @@ def _run_loop(pending: list[Job], running: list[Job], profile: str, overrides: d
                 else:
                     why = f"an unknown cell (exit status {job.proc.returncode}): {err.strip()[-500:]}"
                 out = cfg_for[job.seed].results_dir / "executed" / job.book.name
+                if job.task:
+                    return False, f"{job.label} (seed {job.seed}) failed: {why}"
                 return False, (f"{job.book.name} (seed {job.seed}) failed in {why}\n"
                                f"the partly executed copy is {out}")
             done.add(job.key)
-            print(f"  done   seed {job.seed} {job.book.name} in {job.seconds:.1f} s "
+            print(f"  done   seed {job.seed} {job.label} in {job.seconds:.1f} s "
                   f"[{len(done)}/{total}]", flush=True)
     return True, ""
 
@@ -316,8 +357,11 @@ def _worker(arg: str) -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     spec = json.loads(arg)
     try:
-        execute_one(Path(spec["path"]), spec["profile"], Path(spec["out"]), spec["overrides"],
-                    spec["cell_timeout"])
+        if spec.get("task"):
+            run_task(spec["task"], spec["profile"], spec["overrides"])
+        else:
+            execute_one(Path(spec["path"]), spec["profile"], Path(spec["out"]), spec["overrides"],
+                        spec["cell_timeout"])
     except Exception as exc:  # noqa: BLE001 - reported to the parent as one line
         print("CIP-RUN-FAILED " + _failed_cell(exc).replace("\n", " "), file=sys.stderr, flush=True)
         return 1
@@ -395,10 +439,11 @@ def main(argv: list[str] | None = None, notebook_dir: Path = NOTEBOOK_DIR) -> in
     if not ok:
         print(f"\n{why}", file=sys.stderr)
         return 1
-    per_seed = {f"seed-{s}": {j.book.stem: j.seconds for j in job_list if j.seed == s} for s in seeds}
+    per_seed = {f"seed-{s}": {j.stem: j.seconds for j in job_list if j.seed == s} for s in seeds}
     print("\nwall time per notebook (seconds; parallel jobs overlap):")
     for s, times in per_seed.items():
-        print(f"  {s}: " + ", ".join(f"{name[:2]} {sec:.0f}" for name, sec in times.items()))
+        print(f"  {s}: " + ", ".join(f"{name[:2] if name[:2].isdigit() else name} {sec:.0f}"
+                                     for name, sec in times.items()))
     print(f"  total wall time {wall:.1f} s")
     if not args.only:  # a partial run must not overwrite the record of a full one
         record_timings(first, seeds, args.jobs, wall, per_seed, from_scratch)
