@@ -409,13 +409,22 @@ def _labels_kept(cfg: Profile, split: str, x: Tensor, answers: Tensor, routes: T
 
     if len(x) == 0:
         return {"labels_kept": None, "labels_kept_by_route": None}
-    model, _ = pipeline.get_victim(cfg, split, verbose=False)
-    same = answers.argmax(1) == training.predict_logits(model, x).argmax(1)
+    model, info = pipeline.get_victim(cfg, split, verbose=False)
+    key = (info["weights_sha256"], tensor_sha256(x))
+    if key not in _VICTIM_LABELS:  # the runs of a notebook on one transfer set share one forward pass
+        if len(_VICTIM_LABELS) >= 16:
+            _VICTIM_LABELS.clear()
+        _VICTIM_LABELS[key] = training.predict_logits(model, x).argmax(1)
+    same = answers.argmax(1) == _VICTIM_LABELS[key]
     by_route = None
     if routes is not None:
         by_route = {name: (float(same[routes == k].float().mean()) if bool((routes == k).any()) else None)
                     for k, name in enumerate(ROUTE_NAMES)}
     return {"labels_kept": float(same.float().mean()), "labels_kept_by_route": by_route}
+
+
+_VICTIM_LABELS: dict[tuple[str, str], Tensor] = {}
+"""The plain victim's top-1 per (weights sha256, queries sha256), for :func:`_labels_kept`."""
 
 
 def _routes_by_source(api: Defense, sources: Tensor | None) -> dict | None:
@@ -763,6 +772,7 @@ def run_dfme(cfg: Profile, defense: str, verbose: bool = True,
 # ----------------------------------------------------------------------------- threshold trade-off
 
 TRADEOFF_FILE = "threshold_tradeoff.json"
+TRADEOFF_VERSION = 2  # the rows' fields: a stored grid of another version is recomputed
 
 
 def _route_shares(routes: Tensor) -> dict:
@@ -781,10 +791,11 @@ def threshold_tradeoff(cfg: Profile, verbose: bool = True) -> dict:
     (:func:`run_knockoff` with ``pool="mixed"``, ``p1``; the profile's own p1 is the main run's
     record), giving ``fidelity`` (the defended API's top-1 accuracy on the ID test digits, in
     [0, 1]), ``poisoned_share`` (share of the mixed transfer set answered with weak or strong PPD or
-    flipped by PBD), ``surrogate_acc``, ``trigger_acc`` (``None`` without triggers), ``T`` and
+    flipped by PBD), ``strong_share`` (the part answered with strong PPD), ``surrogate_acc``, ``trigger_acc`` (``None`` without triggers), ``T`` and
     ``routes`` (counts), plus ``near_shares`` (branch shares of the ``near`` pool).
     ``p2`` rows, one per ``cfg.tradeoff_p2`` (E1 at ``cfg.p1``): ``fidelity`` (API without PBD),
-    ``poisoned_share`` of the mixed pool and ``near_shares``; no surrogate is trained for them.
+    ``poisoned_share`` and ``strong_share`` of the mixed pool (E2 only moves queries between weak
+    and strong PPD, so the poisoned share stays) and ``near_shares``; no surrogate is trained.
 
     The file records the sha256 of the OE victim's weights, of the mixed pool and of the test
     digits, the grids and the surrogate recipe; it is reused only when all match (else recomputed).
@@ -797,7 +808,8 @@ def threshold_tradeoff(cfg: Profile, verbose: bool = True) -> dict:
     _, oe_info = pipeline.get_oe_victim(cfg, "all", verbose=False)
     test_x, _ = data.id_data(cfg).split("test")
     label_type = cfg.knockoff_curve_label_type
-    key = {"weights_sha256": oe_info["weights_sha256"], "queries_sha256": tensor_sha256(queries),
+    key = {"version": TRADEOFF_VERSION, "weights_sha256": oe_info["weights_sha256"],
+           "queries_sha256": tensor_sha256(queries),
            "test_sha256": tensor_sha256(test_x), "p1_grid": list(cfg.tradeoff_p1),
            "p2_grid": list(cfg.tradeoff_p2), "p1": cfg.p1, "p2": cfg.p2, "T": cfg.temperature,
            "label_type": label_type, "knockoff_pbd_T": cfg.knockoff_pbd_T,
@@ -821,7 +833,8 @@ def threshold_tradeoff(cfg: Profile, verbose: bool = True) -> dict:
         routes = rec["routes"]
         poisoned = routes["low-ES OOD"] + routes["high-ES OOD"] + routes.get("PBD flipped", 0)
         p1_rows.append({"p1": p1, "p2": cfg.p2, "E1": t["E1"], "E2": t["E2"], "fidelity": rec["defended_acc"],
-                        "poisoned_share": poisoned / rec["queries"], "surrogate_acc": rec["surrogate_acc"],
+                        "poisoned_share": poisoned / rec["queries"],
+                        "strong_share": routes["high-ES OOD"] / rec["queries"], "surrogate_acc": rec["surrogate_acc"],
                         "trigger_acc": rec["trigger_acc"], "T": rec["n_triggers"], "routes": routes,
                         "near_shares": _route_shares(route(near_energy, t["E1"], t["E2"])),
                         "record": rec["name"]})
@@ -832,6 +845,7 @@ def threshold_tradeoff(cfg: Profile, verbose: bool = True) -> dict:
         routes = cip_routes_p2(cfg, queries, p2)
         p2_rows.append({"p1": cfg.p1, "p2": p2, "E1": t["E1"], "E2": t["E2"], "fidelity": fidelity,
                         "poisoned_share": float((routes > 0).float().mean()),
+                        "strong_share": float((routes == 2).float().mean()),
                         "routes": {k: int(v) for k, v in zip(("ID", "low-ES OOD", "high-ES OOD"),
                                                               torch.bincount(routes, minlength=3).tolist())},
                         "near_shares": _route_shares(route(near_energy, t["E1"], t["E2"]))})

@@ -215,7 +215,10 @@ def mnist_frame(a: np.ndarray, size: int = 28, box: int = 20) -> np.ndarray:
     """MNIST's framing of a white-on-black glyph ``a`` (H, W) float in [0, 1]: crop to the ink
     (values > 0.05), resize so the longer side is ``box`` pixels (aspect kept, Lanczos), and place
     it in a ``size`` x ``size`` black image with its centre of mass at the centre (LeCun et al.'s
-    description of MNIST). Raises ``ValueError`` for an image without ink."""
+    description of MNIST), shifted where needed so that no ink is cut (a one-pixel black border
+    stays). ``box`` must be at most ``size - 2``. Raises ``ValueError`` for an image without ink."""
+    if box > size - 2:
+        raise ValueError(f"mnist_frame: box {box} must be at most size - 2 = {size - 2}")
     from PIL import Image
 
     ys, xs = np.nonzero(a > 0.05)
@@ -230,11 +233,12 @@ def mnist_frame(a: np.ndarray, size: int = 28, box: int = 20) -> np.ndarray:
     mass = b.sum()
     cy = float((b.sum(1) * np.arange(nh)).sum() / mass)
     cx = float((b.sum(0) * np.arange(nw)).sum() / mass)
-    pad = box  # the glyph may be shifted partly outside the frame; crop after placing
-    out = np.zeros((size + 2 * pad, size + 2 * pad), dtype=np.float32)
-    top, left = pad + int(round(size / 2 - cy)), pad + int(round(size / 2 - cx))
+    # centre of mass at the centre, but never cut: the glyph stays one pixel inside the frame
+    top = min(max(int(round(size / 2 - cy)), 1), size - 1 - nh)
+    left = min(max(int(round(size / 2 - cx)), 1), size - 1 - nw)
+    out = np.zeros((size, size), dtype=np.float32)
     out[top:top + nh, left:left + nw] = b
-    return out[pad:pad + size, pad:pad + size]
+    return out
 
 
 def render_characters(n: int, size: int, seed: int) -> Tensor:

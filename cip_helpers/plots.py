@@ -343,6 +343,7 @@ def accuracy_vs_queries(curves: Mapping[str, Sequence[tuple[int, float]]],
 
 TRADEOFF_KEYS = (("fidelity", "API fidelity on ID test digits", "-"),
                  ("poisoned_share", "share of the mixed pool poisoned", "--"),
+                 ("strong_share", "... of it with strong PPD", (0, (5, 1, 1, 1))),
                  ("surrogate_acc", "stolen surrogate accuracy", "-."),
                  ("trigger_acc", "trigger accuracy", ":"))
 """(key, legend label, line style) of :func:`threshold_tradeoff`'s lines."""
@@ -351,8 +352,8 @@ TRADEOFF_KEYS = (("fidelity", "API fidelity on ID test digits", "-"),
 def threshold_tradeoff(tradeoff: Mapping[str, object], p1: float | None = None,
                        p2: float | None = None) -> plt.Figure:
     """Notebook 03's trade-off figure from ``attacks.threshold_tradeoff``: left, the ``p1`` grid
-    (fidelity, poisoned share, mixed-pool KnockoffNets surrogate and trigger accuracy, all in
-    [0, 1]); right, the ``p2`` grid (fidelity and poisoned share only). Optional vertical lines
+    (fidelity, poisoned and strongly poisoned share, mixed-pool KnockoffNets surrogate and trigger
+    accuracy, all in [0, 1]); right, the ``p2`` grid (fidelity and the two shares only). Optional vertical lines
     mark a slider setting. Every line is CIP's, in CIP's colour, told apart by line style."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.4), sharey=True)
     colour = DEFENSE_COLORS["cip"]
