@@ -78,17 +78,23 @@ def targets_from_answers(answers: Tensor, label_type: str) -> Tensor:
 # ----------------------------------------------------------------------------- surrogate training
 
 
+def surrogate_recipe(cfg: Profile, epochs: int, arch: str | None = None) -> dict:
+    """The data-independent part of a surrogate's checkpoint key: architecture, width, epochs,
+    lr, batch size, seed, the recipe of :func:`training.surrogate_recipe_spec` and the optimiser
+    kernel (``fused_adam``: Adam's fused kernel since issue 16, other bits than the loop before)."""
+    return {"arch": cfg.surrogate_arch if arch is None else arch, "width": cfg.surrogate_width,
+            "epochs": epochs, "lr": cfg.surrogate_lr, "batch_size": cfg.surrogate_batch, "seed": cfg.seed,
+            **training.surrogate_recipe_spec(cfg), "fused_adam": True}
+
+
 def surrogate_spec(cfg: Profile, x: Tensor, targets: Tensor, label_type: str, epochs: int,
                    arch: str | None = None) -> dict:
     """Everything that shapes a surrogate's weights: the data hashes and the training recipe
-    (``arch`` overrides ``cfg.surrogate_arch``)."""
+    (:func:`surrogate_recipe`; ``arch`` overrides ``cfg.surrogate_arch``)."""
     d = data.id_data(cfg)
-    return {"stage": "surrogate", "arch": cfg.surrogate_arch if arch is None else arch,
-            "width": cfg.surrogate_width,
-            "input_shape": list(d.shape), "n_classes": d.n_classes, "label_type": label_type,
-            "n_queries": len(x), "queries_sha256": tensor_sha256(x),
-            "targets_sha256": tensor_sha256(targets), "epochs": epochs, "lr": cfg.surrogate_lr,
-            "batch_size": cfg.surrogate_batch, "seed": cfg.seed}
+    return {"stage": "surrogate", "input_shape": list(d.shape), "n_classes": d.n_classes,
+            "label_type": label_type, "n_queries": len(x), "queries_sha256": tensor_sha256(x),
+            "targets_sha256": tensor_sha256(targets), **surrogate_recipe(cfg, epochs, arch)}
 
 
 def train_surrogate(cfg: Profile, x: Tensor, answers: Tensor, label_type: str, *,
@@ -111,8 +117,6 @@ def train_surrogate(cfg: Profile, x: Tensor, answers: Tensor, label_type: str, *
     sets = {"test": data.id_data(cfg).split("test"), **(eval_sets or {})}
     # evaluation changes no weight, but the logged history must belong to these sets
     spec["eval_per_epoch"] = {k: [tensor_sha256(ex), tensor_sha256(ey)] for k, (ex, ey) in sets.items()}
-    spec.update(training.surrogate_recipe_spec(cfg))
-    spec["fused_adam"] = True  # since issue 16: Adam's fused kernel (other bits than the loop before)
     path = cfg.checkpoint_dir / "surrogates" / f"surrogate_{pipeline.spec_hash(spec)}.pt"
 
     def train(model: nn.Module) -> dict:
@@ -798,7 +802,8 @@ def threshold_tradeoff(cfg: Profile, verbose: bool = True) -> dict:
     and strong PPD, so the poisoned share stays) and ``near_shares``; no surrogate is trained.
 
     The file records the sha256 of the OE victim's weights, of the mixed pool and of the test
-    digits, the grids and the surrogate recipe; it is reused only when all match (else recomputed).
+    digits, the grids, CIP's poisoning settings and the surrogate recipe; it is reused only when
+    all match (else recomputed).
     Returns ``{"key": ..., "p1": [rows], "p2": [rows], "label_type": ...}``."""
     from .scores import energy_score, route
 
@@ -813,10 +818,9 @@ def threshold_tradeoff(cfg: Profile, verbose: bool = True) -> dict:
            "test_sha256": tensor_sha256(test_x), "p1_grid": list(cfg.tradeoff_p1),
            "p2_grid": list(cfg.tradeoff_p2), "p1": cfg.p1, "p2": cfg.p2, "T": cfg.temperature,
            "label_type": label_type, "knockoff_pbd_T": cfg.knockoff_pbd_T,
-           "surrogate": {"arch": cfg.surrogate_arch, "width": cfg.surrogate_width,
-                         "epochs": cfg.surrogate_epochs, "lr": cfg.surrogate_lr,
-                         "batch_size": cfg.surrogate_batch, "seed": cfg.seed,
-                         **training.surrogate_recipe_spec(cfg), "fused_adam": True}}
+           "cip": {"snr_db": cfg.snr_db, "beta": cfg.rs_beta, "gamma": cfg.rs_gamma,
+                   "pbd_answer": cfg.pbd_answer},
+           "surrogate": surrogate_recipe(cfg, cfg.surrogate_epochs)}
     if path.exists():
         stored = read_json(path)
         if stored.get("key") == key:

@@ -588,6 +588,21 @@ def differences(summary: dict) -> pd.DataFrame:
         ("E1 for IDA/DQA", f"p1 = 80 as the authors; p1 = 95 (ablation): trigger accuracy "
          f"{o('ida', 'hard_p1-95', 'cip', 'trigger_acc')}, surrogate {o('ida', 'hard_p1-95', 'cip')}",
          "p1 = 80 (`ood_detection/detection_test.py`)", "follows the authors", "ablation `ida_cip_hard_p1-95`, notebook 09"),
+        ("OE alone vs CIP (not in the paper)",
+         f"KnockoffNets photos, soft: none {o('knockoff', 'soft', 'none')}, oe {o('knockoff', 'soft', 'oe')}, "
+         f"cip {o('knockoff', 'soft', 'cip')}; hard: none {o('knockoff', 'hard', 'none')}, "
+         f"oe {o('knockoff', 'hard', 'oe')}, cip {o('knockoff', 'hard', 'cip')}; DFME: none "
+         f"{o('dfme', 'logits', 'none')}, oe {o('dfme', 'logits', 'oe')}, cip {o('dfme', 'logits', 'cip')}",
+         "not reported", "ablation of ours: the OE-tuned victim answering honestly separates what "
+         "outlier exposure does from what the poisoning adds", "`oe` rows, notebooks 07 and 08"),
+        ("Near-distribution queries (not in the paper's tables)",
+         f"mixed pool, hard labels: none {o('knockoff', 'mixed_hard', 'none')}, "
+         f"cip {o('knockoff', 'mixed_hard', 'cip')} (T {o('knockoff', 'mixed_hard', 'cip', 'n_triggers', count=True)}, "
+         f"trigger accuracy {o('knockoff', 'mixed_hard', 'cip', 'trigger_acc')}); soft: none "
+         f"{o('knockoff', 'mixed_soft', 'none')}, cip {o('knockoff', 'mixed_soft', 'cip')}",
+         pp("knockoff", "none", "hard") + " -> " + pp("knockoff", "cip", "hard") + " (CIFAR-10, ImageNet queries)",
+         "data: printed characters route ID and low-ES, where CIP answers honestly or keeps the top-1",
+         "mixed pool, notebook 07; threshold trade-off, notebook 03"),
         ("PBD answer randomness", "a keyed hash of the query: the same query gets the same answer",
          "Python's global `random`, seeded once", "design: batch-invariant, repeat-consistent answers", "notebook 05"),
         ("PBD for a served API", "online (R < R1, batch-invariant); offline top-T only in the attack harness",

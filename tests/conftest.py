@@ -2,7 +2,9 @@
 pipeline stages or notebooks points CIP_RESULTS_ROOT at a temporary directory."""
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import matplotlib
 import pytest
@@ -28,3 +30,21 @@ def smoke_results_root(tmp_path_factory):
         os.environ.pop("CIP_RESULTS_ROOT", None)
     else:
         os.environ["CIP_RESULTS_ROOT"] = old
+
+
+@contextlib.contextmanager
+def one_thread_smoke(root) -> Iterator:
+    """The smoke profile with ``CIP_RESULTS_ROOT`` at ``root`` and one torch thread, for a module
+    whose tests share trained smoke victims (on a busy 2-core CPU, 2 threads ran up to 8x slower)."""
+    import torch
+
+    from cip_helpers import config
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("CIP_RESULTS_ROOT", str(root))
+            yield config.get_profile("smoke")
+    finally:
+        torch.set_num_threads(threads)

@@ -10,6 +10,7 @@ import torch
 
 from cip_helpers import attacks, config, data, pipeline, plots, report, run, scores, training
 from cip_helpers.defenses import OEOnly, softmax
+from conftest import one_thread_smoke
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = REPO / "results" / "quick"
@@ -19,14 +20,8 @@ QUICK = REPO / "results" / "quick"
 def smoke_cfg(tmp_path_factory):
     """The smoke profile in a temporary results root shared by this module (victims, OE victims
     and thresholds are trained on first use), on one torch thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("CIP_RESULTS_ROOT", str(tmp_path_factory.mktemp("traffic_results")))
-            yield config.get_profile("smoke")
-    finally:
-        torch.set_num_threads(threads)
+    with one_thread_smoke(tmp_path_factory.mktemp("traffic_results")) as cfg:
+        yield cfg
 
 
 # ------------------------------------------------------------------ the near-distribution pool

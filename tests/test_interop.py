@@ -16,6 +16,7 @@ from cip_helpers import attacks, config, data, pipeline
 from cip_helpers.defenses import NoDefense
 from cip_helpers.interop import art_classifier, numpy_predict
 from cip_helpers.models import build_model
+from conftest import one_thread_smoke
 
 SHAPE = (1, 28, 28)
 
@@ -26,14 +27,8 @@ def smoke_cfg(tmp_path_factory):
     OE victim and thresholds are trained on first use), on one torch thread (on a busy 2-core
     CPU, 2 threads ran up to 8x slower). Not ``smoke_results_root``: the notebook tests'
     reproducibility run must not load checkpoints trained in this process."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("CIP_RESULTS_ROOT", str(tmp_path_factory.mktemp("interop_results")))
-            yield config.get_profile("smoke")
-    finally:
-        torch.set_num_threads(threads)
+    with one_thread_smoke(tmp_path_factory.mktemp("interop_results")) as cfg:
+        yield cfg
 
 
 def smoke_queries(cfg: config.Profile, n: int = 100) -> torch.Tensor:
