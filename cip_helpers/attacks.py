@@ -80,11 +80,14 @@ def targets_from_answers(answers: Tensor, label_type: str) -> Tensor:
 
 def surrogate_recipe(cfg: Profile, epochs: int, arch: str | None = None) -> dict:
     """The data-independent part of a surrogate's checkpoint key: architecture, width, epochs,
-    lr, batch size, seed, the recipe of :func:`training.surrogate_recipe_spec` and the optimiser
+    lr, batch size, seed, the recipe of :func:`training.surrogate_recipe_spec` and, for Adam, the
     kernel (``fused_adam``: Adam's fused kernel since issue 16, other bits than the loop before)."""
-    return {"arch": cfg.surrogate_arch if arch is None else arch, "width": cfg.surrogate_width,
-            "epochs": epochs, "lr": cfg.surrogate_lr, "batch_size": cfg.surrogate_batch, "seed": cfg.seed,
-            **training.surrogate_recipe_spec(cfg), "fused_adam": True}
+    recipe = {"arch": cfg.surrogate_arch if arch is None else arch, "width": cfg.surrogate_width,
+              "epochs": epochs, "lr": cfg.surrogate_lr, "batch_size": cfg.surrogate_batch, "seed": cfg.seed,
+              **training.surrogate_recipe_spec(cfg)}
+    if training.resolve_optimizer(cfg.surrogate_optimizer, cfg.surrogate_lr) == "adam":
+        recipe["fused_adam"] = True
+    return recipe
 
 
 def surrogate_spec(cfg: Profile, x: Tensor, targets: Tensor, label_type: str, epochs: int,
@@ -386,7 +389,7 @@ def steal(cfg: Profile, attack: str, defense: str, queries: Tensor, label_type: 
         "dataset": cfg.dataset, "victim": split, "label_type": label_type,
         "queries": len(queries), "queries_trained": int(keep.sum()),
         "victim_acc": victim_accuracy(cfg, split),
-        "oe_victim_acc": oe_victim_accuracy(cfg, split) if defense in ("cip", "oe") else None,
+        "oe_victim_acc": oe_victim_accuracy(cfg, split) if defense in OE_DEFENSES else None,
         "defended_acc": defended_accuracy(cfg, split, name=defense, **defense_kwargs),
         "surrogate_acc": accuracy(model, test_x, test_y),
         "surrogate_best_acc": best_acc, "surrogate_best_epoch": best_ep,
@@ -535,10 +538,12 @@ def pool_size(cfg: Profile, pool: str) -> int:
     return cfg.knockoff_queries if pool == "photos" else cfg.n_near + cfg.mixed_photos
 
 
-def cip_routes(cfg: Profile, queries: Tensor, split: str = "all", p1: float | None = None) -> Tensor:
-    """The branch CIP routes each query to (0 ID, 1 low-ES, 2 high-ES; ``scores.ROUTE_NAMES``),
-    from a probe API that poisons nothing the attacker sees (the defender's view of a transfer set)."""
-    probe = make_defense(cfg, "cip", split, strong="reverse_rank", pbd=None, p1=p1)
+def cip_routes(cfg: Profile, queries: Tensor, split: str = "all", p1: float | None = None,
+               p2: float | None = None) -> Tensor:
+    """The branch CIP routes each query to, (n,) int64 in {0 ID, 1 low-ES, 2 high-ES}
+    (``scores.ROUTE_NAMES``), from a probe API that poisons nothing the attacker sees (the
+    defender's view of a transfer set); ``p1`` / ``p2`` move E1 / E2 (ablations)."""
+    probe = make_defense(cfg, "cip", split, strong="reverse_rank", pbd=None, p1=p1, p2=p2)
     probe(queries)
     return probe.last_routes.clone()
 
@@ -558,11 +563,20 @@ def run_knockoff(cfg: Profile, defense: str, label_type: str, n_queries: int | N
     ``cnn_plain``), ``_p1-<p1>`` CIP with E1 at another percentile (notebook 03's trade-off),
     ``_branch<k>`` an attacker whose transfer set is only the pool's queries CIP routes to branch
     ``k`` (``scores.ROUTE_NAMES``; e.g. 1 = low-ES, where weak PPD answers). Mixed-pool records carry
-    ``routes_by_source`` (CIP: routing counts per :data:`MIXED_SOURCES`)."""
+    ``routes_by_source`` (CIP: routing counts per :data:`MIXED_SOURCES`).
+
+    Raises ``ValueError`` for an unknown pool or branch, a pool the data does not have (``mixed``
+    needs :func:`data.has_near_pool`) and more queries than the pool holds."""
     from .scores import ROUTE_NAMES
 
+    if branch is not None and branch not in range(len(ROUTE_NAMES)):
+        raise ValueError(f"branch must be one of 0, 1, 2 ({', '.join(ROUTE_NAMES)}), got {branch!r}")
+    if p1 is not None and defense != "cip":
+        raise ValueError(f"p1 sets CIP's E1; defense {defense!r} has no thresholds (use defense='cip')")
     queries, source = pool_queries(cfg, pool)
     n = len(queries) if n_queries is None else n_queries
+    if not 1 <= n <= len(queries):
+        raise ValueError(f"n_queries must be in [1, {len(queries)}] (the {pool} pool's size), got {n}")
     curve = n != len(queries)
     queries, source = queries[:n], (source[:n] if source is not None else None)
     setting = ("mixed_" if pool == "mixed" else "") + label_type + (f"_q{n}" if curve else "")
@@ -575,6 +589,8 @@ def run_knockoff(cfg: Profile, defense: str, label_type: str, n_queries: int | N
         ablation = f"E1 at p1 = {p1:g}"
     if branch is not None:
         keep = cip_routes(cfg, queries, "all", p1) == branch
+        if not bool(keep.any()):
+            raise ValueError(f"no query of the {pool} pool routes {ROUTE_NAMES[branch]}: nothing to attack with")
         queries, source = queries[keep], (source[keep] if source is not None else None)
         setting += f"_branch{branch}"
         ablation = f"only the {int(keep.sum())} queries CIP routes {ROUTE_NAMES[branch]}"
@@ -599,9 +615,7 @@ def offline_pbd_T(cfg: Profile, queries: Tensor, split: str = "half", budget: fl
     budget = cfg.pbd_offline_T if budget is None else budget
     if budget >= 1:
         return float(budget)
-    probe = make_defense(cfg, "cip", split, strong="reverse_rank", pbd=None, p1=p1)
-    probe(queries)  # the defender routes the transfer set (nothing is flipped or returned)
-    n_id = int((probe.last_routes == 0).sum())
+    n_id = int((cip_routes(cfg, queries, split, p1) == 0).sum())  # nothing is flipped or returned
     return float(round(budget * n_id))
 
 
@@ -757,7 +771,7 @@ def run_dfme(cfg: Profile, defense: str, verbose: bool = True,
         "ablation": "gradient queries bypass the defense" if setting else None,
         "surrogate_arch": student_arch,
         "victim_acc": victim_accuracy(cfg), "defended_acc": defended_accuracy(cfg, name=defense, **kwargs),
-        "oe_victim_acc": oe_victim_accuracy(cfg) if defense in ("cip", "oe") else None,
+        "oe_victim_acc": oe_victim_accuracy(cfg) if defense in OE_DEFENSES else None,
         "surrogate_best_acc": best_acc, "surrogate_best_queries": best_queries,
         "surrogate_acc": accuracy(student, test_x, test_y),
         "trigger_acc": trigger_accuracy(student, triggers) if triggers is not None else None,
@@ -776,14 +790,7 @@ def run_dfme(cfg: Profile, defense: str, verbose: bool = True,
 # ----------------------------------------------------------------------------- threshold trade-off
 
 TRADEOFF_FILE = "threshold_tradeoff.json"
-TRADEOFF_VERSION = 2  # the rows' fields: a stored grid of another version is recomputed
-
-
-def _route_shares(routes: Tensor) -> dict:
-    from .scores import ROUTE_NAMES
-
-    n = max(len(routes), 1)
-    return {name: float((routes == k).sum()) / n for k, name in enumerate(ROUTE_NAMES)}
+TRADEOFF_VERSION = 3  # the rows' fields: a stored grid of another version is recomputed
 
 
 def threshold_tradeoff(cfg: Profile, verbose: bool = True) -> dict:
@@ -793,19 +800,20 @@ def threshold_tradeoff(cfg: Profile, verbose: bool = True) -> dict:
     ``p1`` rows, one per ``cfg.tradeoff_p1`` (E1 at that percentile, E2 at ``cfg.p2``): the
     mixed-pool KnockoffNets attack against CIP with ``cfg.knockoff_curve_label_type`` labels
     (:func:`run_knockoff` with ``pool="mixed"``, ``p1``; the profile's own p1 is the main run's
-    record), giving ``fidelity`` (the defended API's top-1 accuracy on the ID test digits, in
-    [0, 1]), ``poisoned_share`` (share of the mixed transfer set answered with weak or strong PPD or
+    record), giving ``fidelity`` (the top-1 accuracy of CIP's answers on the ID test digits, in
+    [0, 1], without PBD, which flips a handful of answers per call: one definition for both grids), ``poisoned_share`` (share of the mixed transfer set answered with weak or strong PPD or
     flipped by PBD), ``strong_share`` (the part answered with strong PPD), ``surrogate_acc``, ``trigger_acc`` (``None`` without triggers), ``T`` and
     ``routes`` (counts), plus ``near_shares`` (branch shares of the ``near`` pool).
-    ``p2`` rows, one per ``cfg.tradeoff_p2`` (E1 at ``cfg.p1``): ``fidelity`` (API without PBD),
+    ``p2`` rows, one per ``cfg.tradeoff_p2`` (E1 at ``cfg.p1``): ``fidelity``,
     ``poisoned_share`` and ``strong_share`` of the mixed pool (E2 only moves queries between weak
     and strong PPD, so the poisoned share stays) and ``near_shares``; no surrogate is trained.
 
     The file records the sha256 of the OE victim's weights, of the mixed pool and of the test
     digits, the grids, CIP's poisoning settings and the surrogate recipe; it is reused only when
     all match (else recomputed).
-    Returns ``{"key": ..., "p1": [rows], "p2": [rows], "label_type": ...}``."""
-    from .scores import energy_score, route
+    Returns ``{"key": ..., "p1": [rows], "p2": [rows], "label_type": ...}``. Raises ``ValueError``
+    when the data has no ``near`` pool (:func:`data.has_near_pool`: 28 x 28 grayscale only)."""
+    from .scores import ROUTE_NAMES, energy_score, route_fractions
 
     path = cfg.results_dir / TRADEOFF_FILE
     queries, _ = mixed_queries(cfg)
@@ -836,33 +844,26 @@ def threshold_tradeoff(cfg: Profile, verbose: bool = True) -> dict:
         t = pipeline.get_thresholds(cfg, "all", verbose=False, p1=p1)
         routes = rec["routes"]
         poisoned = routes["low-ES OOD"] + routes["high-ES OOD"] + routes.get("PBD flipped", 0)
-        p1_rows.append({"p1": p1, "p2": cfg.p2, "E1": t["E1"], "E2": t["E2"], "fidelity": rec["defended_acc"],
+        fidelity = defended_accuracy(cfg, "all", name="cip", pbd=None, p1=p1)
+        p1_rows.append({"p1": p1, "p2": cfg.p2, "E1": t["E1"], "E2": t["E2"], "fidelity": fidelity,
                         "poisoned_share": poisoned / rec["queries"],
                         "strong_share": routes["high-ES OOD"] / rec["queries"], "surrogate_acc": rec["surrogate_acc"],
                         "trigger_acc": rec["trigger_acc"], "T": rec["n_triggers"], "routes": routes,
-                        "near_shares": _route_shares(route(near_energy, t["E1"], t["E2"])),
+                        "near_shares": route_fractions(near_energy, t["E1"], t["E2"]),
                         "record": rec["name"]})
     p2_rows = []
     for p2 in cfg.tradeoff_p2:
         t = pipeline.get_thresholds(cfg, "all", verbose=False, p2=p2)
         fidelity = defended_accuracy(cfg, "all", name="cip", pbd=None, p2=p2)
-        routes = cip_routes_p2(cfg, queries, p2)
+        routes = cip_routes(cfg, queries, "all", p2=p2)
         p2_rows.append({"p1": cfg.p1, "p2": p2, "E1": t["E1"], "E2": t["E2"], "fidelity": fidelity,
                         "poisoned_share": float((routes > 0).float().mean()),
                         "strong_share": float((routes == 2).float().mean()),
-                        "routes": {k: int(v) for k, v in zip(("ID", "low-ES OOD", "high-ES OOD"),
-                                                              torch.bincount(routes, minlength=3).tolist())},
-                        "near_shares": _route_shares(route(near_energy, t["E1"], t["E2"]))})
+                        "routes": {k: int(v) for k, v in zip(ROUTE_NAMES, torch.bincount(routes, minlength=3).tolist())},
+                        "near_shares": route_fractions(near_energy, t["E1"], t["E2"])})
     out = {"key": key, "label_type": label_type, "p1": p1_rows, "p2": p2_rows}
     write_json(path, out)
     return out
-
-
-def cip_routes_p2(cfg: Profile, queries: Tensor, p2: float) -> Tensor:
-    """:func:`cip_routes` with E2 at the ``p2``-th percentile (E1 the profile's)."""
-    probe = make_defense(cfg, "cip", "all", strong="reverse_rank", pbd=None, p2=p2)
-    probe(queries)
-    return probe.last_routes.clone()
 
 
 def nearest_tradeoff(tradeoff: dict, p1: float, p2: float) -> dict:

@@ -90,7 +90,7 @@ class Profile:
     surrogate_milestones: tuple[int, ...] = (30, 60, 90)  # epochs after which "step" multiplies the lr
     surrogate_step_gamma: float = 0.2
     knockoff_queries: int = 8000
-    knockoff_curve: tuple[int, ...] = (1000, 2000, 4000, 8000)
+    knockoff_curve: tuple[int, ...] = (1000, 2000, 4000, 8000)  # photo pool: attacks.knockoff_curve(pool="photos")
     knockoff_gamma: float = 3.0  # attacker's contrast adaptation of the pool: stretch(x)**gamma; 0 = raw
     knockoff_curve_label_type: str = "soft"  # label type of the queries-vs-accuracy curve
     knockoff_pbd_T: float = 0.0035  # CIP vs KnockoffNets: offline top-T PBD (authors: T = 17 on CIFAR-10)
@@ -98,7 +98,7 @@ class Profile:
     mixed_curve: tuple[int, ...] = (1000, 2000)  # extra points of the mixed pool's queries-vs-accuracy curve
     tradeoff_p1: tuple[float, ...] = (50.0, 80.0, 95.0, 99.0)  # notebook 03's threshold trade-off grid (E1)
     tradeoff_p2: tuple[float, ...] = (97.5, 99.0, 99.9, 100.0)  # ... and its E2 grid (no surrogates)
-    # DFME on quick: 36,000 queries is ~500x fewer than the paper's budget, and the plain DFME
+    # DFME on quick: 36,000 queries (24,000 since issue 16) is far below the paper's budget, and the plain DFME
     # recipe (batch 128, 5 student steps, constant lr) was seed-fragile there: undefended student
     # 0.79 / 0.41 / 0.80 over seeds 0-2. Measured alternatives (seeds 0-2, same victims): cosine
     # lr 0.51 +- 0.23; replay 5 0.79 +- 0.14; replay 10 0.83 +- 0.06; batch 64 + replay 5
@@ -394,7 +394,8 @@ def check_ranges(p: Profile) -> list[str]:
     need(0 < p.alpha < 1, "alpha", "in (0, 1) (a significance level)")
     need(len(p.knockoff_curve) >= 1 and all(n >= 1 for n in p.knockoff_curve), "knockoff_curve",
          "a non-empty tuple of query counts >= 1")
-    need(all(n >= 1 for n in p.mixed_curve), "mixed_curve", "a tuple of query counts >= 1 (may be empty)")
+    need(all(1 <= n <= p.n_near + p.mixed_photos for n in p.mixed_curve), "mixed_curve, n_near, mixed_photos",
+         "a tuple (may be empty) of query counts in [1, n_near + mixed_photos] (the mixed pool's size)")
     need(len(p.tradeoff_p1) >= 1 and all(0 <= v < p.p2 for v in p.tradeoff_p1), "tradeoff_p1, p2",
          "a non-empty tuple of percentiles in [0, p2)")
     need(len(p.tradeoff_p2) >= 1 and all(p.p1 < v <= 100 for v in p.tradeoff_p2), "tradeoff_p2, p1",

@@ -246,7 +246,7 @@ def render_characters(n: int, size: int, seed: int) -> Tensor:
     :data:`NEAR_CHARACTERS` in one of :data:`NEAR_FONTS` (:func:`character_plan`), drawn white on
     black at 64 px with Pillow, optionally thickened (3 x 3 max filter), sheared and rotated, then
     framed like MNIST (:func:`mnist_frame`, box = 20/28 of ``size``). Deterministic for a given
-    Pillow/FreeType and matplotlib (font files); the pool cache key includes both versions."""
+    Pillow, FreeType and matplotlib (font files); the pool cache key includes their versions."""
     from PIL import Image, ImageDraw, ImageFilter, ImageFont
     import matplotlib
 
@@ -295,18 +295,20 @@ def query_pool(cfg: Profile, name: str) -> Tensor:
 @functools.lru_cache(maxsize=1)
 def _pool_code_sha256() -> str:
     """sha256 of everything that shapes an embedded pool: the generating functions' source, the
-    photo lists and scikit-image's version. A change to any of them gives new cache files."""
+    photo, font and character lists, and the versions of scikit-image (photos), Pillow and its
+    FreeType, and matplotlib (font files). A change to any of them gives new cache files."""
     import inspect
 
     import skimage
 
     import matplotlib
     import PIL
+    import PIL.features
 
     parts = [inspect.getsource(f) for f in (random_crops, _query_pool, _skimage_gray, _pool_seed,
                                             character_plan, mnist_frame, render_characters)]
     parts += [repr((OE_PHOTOS, KNOCKOFF_PHOTOS, TEXTURE_PHOTOS, SPLIT_SEED, POOLS, NEAR_FONTS, NEAR_CHARACTERS)),
-              skimage.__version__, PIL.__version__, matplotlib.__version__]
+              skimage.__version__, PIL.__version__, str(PIL.features.version("freetype2")), matplotlib.__version__]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 

@@ -83,15 +83,14 @@ def list_notebooks(only: list[str] | None = None, notebook_dir: Path = NOTEBOOK_
 
 def prerequisites(number: str, present: set[str]) -> set[str]:
     """The notebooks (numbers, among ``present``) that must finish before ``number`` of the SAME
-    seed starts: 02 needs 01, 10 needs 09, 03-10 need 02 (it writes the thresholds), and 11 needs
+    seed starts: 02 needs 01, 07 needs 03, 10 needs 09, 03-10 need 02 (it writes the thresholds), and 11 needs
     every other notebook (and, in :func:`schedule`, every seed)."""
     if number == "11":
         return present - {"11"}
-    if number in DEPENDS:
-        return set(DEPENDS[number]) & present
+    needs = set(DEPENDS.get(number, ()))
     if number > "02":
-        return {"02"} & present
-    return set()
+        needs.add("02")
+    return needs & present
 
 
 class CellTimeout(Exception):

@@ -209,6 +209,12 @@ def _require(name: str, value: Any, rule: str, test: Callable[[float], bool]) ->
         raise ValueError(f"{name}={value!r}: must be {rule}")
 
 
+def resolve_optimizer(name: str, lr: float) -> str:
+    """The optimiser ``make_optimizer`` builds for ``name`` at ``lr``: ``"auto"`` resolves to
+    ``"sgd"`` for ``lr >= SGD_MIN_LR``, else ``"adam"``; ``"adam"`` / ``"sgd"`` stay."""
+    return ("sgd" if lr >= SGD_MIN_LR else "adam") if name == "auto" else name
+
+
 def make_optimizer(params: Iterable[Any], name: str, lr: float, *, momentum: float = 0.9,
                    nesterov: bool = True, weight_decay: float = 0.0, fused: bool = False) -> torch.optim.Optimizer:
     """The optimiser of a training recipe over ``params`` (``model.parameters()``).
@@ -229,8 +235,7 @@ def make_optimizer(params: Iterable[Any], name: str, lr: float, *, momentum: flo
     _require("lr", lr, "a finite number > 0", lambda v: v > 0)
     _require("momentum", momentum, "in [0, 1)", lambda v: 0 <= v < 1)
     _require("weight_decay", weight_decay, "a finite number >= 0 (0 = no weight decay)", lambda v: v >= 0)
-    if name == "auto":
-        name = "sgd" if lr >= SGD_MIN_LR else "adam"
+    name = resolve_optimizer(name, lr)
     if name == "sgd":
         if nesterov and momentum == 0:
             raise ValueError("nesterov=True needs momentum > 0: pass momentum=0.9 (the authors' value) "

@@ -138,6 +138,13 @@ def test_issue16_mixed_knockoff_records_route_by_source_and_count_kept_labels(sm
     low = attacks.run_knockoff(cfg, "cip", "hard", pool="mixed", branch=1, verbose=False)
     assert low["queries"] == n_low > 0 and low["name"] == "knockoff_cip_mixed_hard_branch1"
     assert low["routes"]["low-ES OOD"] == n_low and "low-ES" in low["ablation"]
+    with pytest.raises(ValueError, match="branch must be one of 0, 1, 2"):
+        attacks.run_knockoff(cfg, "cip", "hard", pool="mixed", branch=3, verbose=False)
+    for bad in (0, len(queries) + 1, -5):
+        with pytest.raises(ValueError, match=r"n_queries must be in \[1, "):
+            attacks.run_knockoff(cfg, "none", "hard", n_queries=bad, pool="mixed", verbose=False)
+    with pytest.raises(ValueError, match="p1 sets CIP's E1"):
+        attacks.run_knockoff(cfg, "dp", "soft", pool="mixed", p1=80.0, verbose=False)
 
 
 # ------------------------------------------------------------------ notebook 03: redraw and trade-off
@@ -189,7 +196,8 @@ def test_issue16_threshold_tradeoff_is_cached_keyed_and_read_by_the_sliders(smok
 
 @pytest.mark.parametrize("overrides, message", [
     ({"tradeoff_p1": (99.95,)}, "tradeoff_p1"), ({"tradeoff_p2": (90.0,)}, "tradeoff_p2"),
-    ({"mixed_curve": (0,)}, "mixed_curve"), ({"n_near": -1}, "n_near")])
+    ({"mixed_curve": (0,)}, "mixed_curve"), ({"mixed_curve": (4001,)}, "mixed pool's size"),
+    ({"n_near": -1}, "n_near")])
 def test_issue16_new_profile_fields_are_range_checked(overrides, message):
     with pytest.raises(ValueError, match=message):
         config.get_profile("quick", **overrides)
@@ -206,7 +214,8 @@ def test_issue16_runner_trains_the_innocent_models_as_a_task_before_11():
     eleven = next(j for j in jobs if j.key == (0, "11"))
     assert (0, "innocents") in eleven.needs
     seven = next(j for j in jobs if j.key == (0, "07"))
-    assert seven.needs == {(0, "03")}  # 07 reuses the mixed-pool surrogate of 03's trade-off grid
+    assert seven.needs == {(0, "02"), (0, "03")}  # 07 reuses the mixed-pool surrogate of 03's grid
+    assert run.prerequisites("07", {"02", "07"}) == {"02"}  # without 03 in the run, still after 02
     only = run.schedule(run.list_notebooks(["07"]), [0], 2)
     assert [j.task for j in only] == [None]
     with pytest.raises(ValueError, match="unknown task"):

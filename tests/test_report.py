@@ -38,10 +38,10 @@ def test_trigger_counts_print_as_integers_and_empty_cip_trigger_sets_are_explain
     md = report.to_markdown(df)
     assert "| 38 |" in md and "38.00" not in md and "<NA>" not in md and "nan" not in md
     notes = report.table_notes(df, records)
-    assert len(notes) == 4 and "knockoff soft" in notes[-1] and "high-ES OOD 7984" in notes[-1]
+    assert len(notes) == 5 and "knockoff soft" in notes[-1] and "high-ES OOD 7984" in notes[-1]
     assert "every answer got performance-degradation poisoning" in notes[-1]
     records[0]["n_triggers"] = 5
-    assert len(report.table_notes(report.table_iv(records), records)) == 3
+    assert len(report.table_notes(report.table_iv(records), records)) == 4
 
 
 def test_a_run_on_cached_checkpoints_never_replaces_the_from_scratch_time(results_root):
