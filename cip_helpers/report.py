@@ -538,7 +538,7 @@ def differences(summary: dict) -> pd.DataFrame:
          "4,000 embedded MNIST digits)", pp("dfme", "none", None, "victim_acc") + " (MNIST/RN18)",
          "scale", "notebook 01"),
         ("Undefended DFME student", o("dfme", "logits", "none"), pp("dfme", "none", None),
-         "scale: 24,000 queries vs the authors' 6 M (`DFME/main.py`)", "notebook 08"),
+         "scale: 36,000 queries vs the authors' 6 M (`DFME/main.py`)", "notebook 08"),
         ("CIP vs KnockoffNets: trigger set T", o("knockoff", "hard", "cip", "n_triggers", count=True) + routed,
          pp("knockoff", "cip", "hard", "n_triggers") + " (CIFAR-10)",
          "data: no photo crop looks like a digit to the OE-tuned victim, so nothing routes ID and "
@@ -556,7 +556,7 @@ def differences(summary: dict) -> pd.DataFrame:
         ("DP vs DFME", f"{o('dfme', 'logits', 'dp')}; gradient queries past the defense (authors): "
          f"{o('dfme', 'victim-grad', 'dp')}", pp("dfme", "dp", None),
          "the authors' DFME sends its gradient-estimation queries to the victim directly (`DFME/main.py`), "
-         "ours through the defense: " + _explains(summary, "dp") + "; the budget (24,000 vs 6 M "
+         "ours through the defense: " + _explains(summary, "dp") + "; the budget (36,000 vs 6 M "
          "queries) and the models remain", "ablation `dfme_dp_victim-grad`, notebook 08"),
         ("CIP vs DFME", f"{o('dfme', 'logits', 'cip')}; gradient queries past the defense: "
          f"{o('dfme', 'victim-grad', 'cip')}", pp("dfme", "cip", None),
