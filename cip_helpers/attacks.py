@@ -593,7 +593,7 @@ def run_knockoff(cfg: Profile, defense: str, label_type: str, n_queries: int | N
             raise ValueError(f"no query of the {pool} pool routes {ROUTE_NAMES[branch]}: nothing to attack with")
         queries, source = queries[keep], (source[keep] if source is not None else None)
         setting += f"_branch{branch}"
-        ablation = f"only the {int(keep.sum())} queries CIP routes {ROUTE_NAMES[branch]}"
+        ablation = f"only the queries CIP routes {ROUTE_NAMES[branch]}"  # how many: the record's queries
     kwargs: dict = {}
     if defense == "cip":
         t = offline_pbd_T(cfg, queries, "all", cfg.knockoff_pbd_T, p1=p1)

@@ -82,7 +82,7 @@ def table_iv(records: list[dict], ablations: bool = False) -> pd.DataFrame:
 
     Columns (ours): ``Test(M_V)`` the plain victim; ``Test(M_S) no defense`` the undefended
     surrogate of the same setting; ``Test(M'_V)`` the paper's definition, the OE-tuned victim's own
-    test accuracy (CIP only); ``API acc`` the defended API's top-1 accuracy on the test digits;
+    test accuracy (CIP and OE only); ``API acc`` the defended API's top-1 accuracy on the test digits;
     ``Test(M_S)`` the surrogate's final epoch (our headline) and ``Test(M_S) best`` its best
     epoch (DFME: best curve point), as the authors report; ``Trig(M_S)`` and ``T``.
     ``ablations``: the runs marked as ablations (with an ``ablation`` column) instead of the
@@ -150,7 +150,7 @@ def table_notes(df: pd.DataFrame, records: Sequence[dict] = ()) -> list[str]:
     triggers."""
     notes = ["IDA and DQA use the victim trained on half of the ID training set (the attacker holds "
              "the other half), so their Test(M_V) differs from KnockoffNets/DFME.",
-             "Test(M'_V) is the paper's: the OE-tuned victim's own test accuracy (CIP only). API acc "
+             "Test(M'_V) is the paper's: the OE-tuned victim's own test accuracy (CIP and OE only). API acc "
              "is the top-1 accuracy of the defended API's answers on the ID test set. Test(M_S) is the "
              "surrogate's last epoch (our headline); Test(M_S) best its best test epoch (DFME: best "
              "point of the query curve), the number the authors report. Trig(M_S) and T exist only "
