@@ -813,12 +813,11 @@ def threshold_tradeoff(cfg: Profile, verbose: bool = True) -> dict:
     all match (else recomputed).
     Returns ``{"key": ..., "p1": [rows], "p2": [rows], "label_type": ...}``. Raises ``ValueError``
     when the data has no ``near`` pool (:func:`data.has_near_pool`: 28 x 28 grayscale only)."""
-    from .scores import ROUTE_NAMES, energy_score, route_fractions
+    from .scores import ROUTE_NAMES, route_fractions
 
     path = cfg.results_dir / TRADEOFF_FILE
     queries, _ = mixed_queries(cfg)
-    near = data.query_pool(cfg, "near")
-    _, oe_info = pipeline.get_oe_victim(cfg, "all", verbose=False)
+    oe_model, oe_info = pipeline.get_oe_victim(cfg, "all", verbose=False)
     test_x, _ = data.id_data(cfg).split("test")
     label_type = cfg.knockoff_curve_label_type
     key = {"version": TRADEOFF_VERSION, "weights_sha256": oe_info["weights_sha256"],
@@ -835,8 +834,7 @@ def threshold_tradeoff(cfg: Profile, verbose: bool = True) -> dict:
             return stored
         if verbose:
             print(f"{TRADEOFF_FILE} was computed for other weights, data or settings: recomputing")
-    oe_model, _ = pipeline.get_oe_victim(cfg, "all", verbose=False)
-    near_energy = energy_score(training.predict_logits(oe_model, near), cfg.temperature)
+    near_energy = pipeline.energies(oe_model, data.query_pool(cfg, "near"), cfg.temperature)
     p1_rows = []
     for p1 in cfg.tradeoff_p1:
         own = p1 == cfg.p1

@@ -158,6 +158,10 @@ THRESHOLD_KEYS = ("weights_sha256", "data_sha256", "p1", "p2", "T", "r1_percenti
 data it was computed from, and the percentiles and temperature asked for."""
 
 
+_ABLATION_THRESHOLDS: dict[tuple, dict] = {}
+"""Ablation thresholds of this process, keyed by the values of :data:`THRESHOLD_KEYS`."""
+
+
 def get_thresholds(cfg: Profile, split: str = "all", verbose: bool = True, p1: float | None = None,
                    p2: float | None = None) -> dict:
     """Thresholds of the OE-tuned ``split`` victim from ``results/<profile>/seed-<k>/thresholds.json``
@@ -168,18 +172,22 @@ def get_thresholds(cfg: Profile, split: str = "all", verbose: bool = True, p1: f
 
     ``p1`` other than the victim's own (:func:`split_p1`) or ``p2`` other than ``cfg.p2`` is an
     ablation (notebook 03's trade-off grid): computed, returned, never stored (the stored entry
-    stays the profile's)."""
+    stays the profile's); within a process it is kept in memory under the same keys a stored entry
+    must match (:data:`THRESHOLD_KEYS`), so the calls of one grid point compute it once."""
     _check_split(split)
-    if (p1 is not None and p1 != split_p1(cfg, split)) or (p2 is not None and p2 != cfg.p2):
-        return compute_thresholds(cfg, split, p1=p1, p2=p2)
-    path = cfg.results_dir / "thresholds.json"
-    stored = read_json(path) if path.exists() else {}
-    entry = stored if split == "all" else stored.get("half", {})
     model, info = get_oe_victim(cfg, split, verbose=False)
     x, _ = data.id_data(cfg).split(split)
     wanted = {"weights_sha256": info["weights_sha256"], "data_sha256": tensor_sha256(x),
-              "p1": split_p1(cfg, split), "p2": cfg.p2, "T": cfg.temperature,
-              "r1_percentile": cfg.pbd_r1_percentile}
+              "p1": split_p1(cfg, split) if p1 is None else p1, "p2": cfg.p2 if p2 is None else p2,
+              "T": cfg.temperature, "r1_percentile": cfg.pbd_r1_percentile}
+    if (wanted["p1"], wanted["p2"]) != (split_p1(cfg, split), cfg.p2):
+        key = tuple(wanted[k] for k in THRESHOLD_KEYS)
+        if key not in _ABLATION_THRESHOLDS:
+            _ABLATION_THRESHOLDS[key] = compute_thresholds(cfg, split, p1=p1, p2=p2, model=model)
+        return dict(_ABLATION_THRESHOLDS[key])
+    path = cfg.results_dir / "thresholds.json"
+    stored = read_json(path) if path.exists() else {}
+    entry = stored if split == "all" else stored.get("half", {})
     stale = [k for k in THRESHOLD_KEYS if entry.get(k) != wanted[k]]
     if not stale:
         return {k: v for k, v in entry.items() if k != "half"}
