@@ -42,7 +42,9 @@ class Profile:
     n_knockoff: int = 8000  # KnockoffNets query pool
     n_textures: int = 1000  # OOD test set (textures: the DTD stand-in)
     n_noise: int = 1000  # uniform-noise OOD test set
-    n_near: int = 3000  # near-distribution pool: rendered printed characters (data.render_characters)
+    n_near: int = 3000  # near-distribution pool size (data.query_pool(cfg, "near"))
+    pools: str = "embedded"  # photo pools (outlier, knockoff, textures): "embedded" skimage crops, "stored" data_prep's
+    near_source: str = "characters"  # near pool: "characters" (rendered, data.render_characters), "mnist_digits"
     # --- 01 victim training -----------------------------------------------------------
     victim_arch: str = "cnn"  # cnn (quick), resnet18 (MNIST/FMNIST), wrn28_10 (CIFAR/FOOD)
     victim_epochs: int = 8
@@ -200,6 +202,11 @@ OE_SCHEDULES = ("constant", "cosine_step")
 """``oe_schedule``: ``training.OE_SCHEDULES``."""
 OUTLIER_AUGMENTS = ("none", "crop_flip")
 """``oe_outlier_augment``: ``training.OUTLIER_AUGMENTS``."""
+POOL_SOURCES = ("embedded", "stored")
+"""``pools``: ``embedded`` = crops of the photographs bundled with scikit-image (any dataset),
+``stored`` = the pools ``data_prep`` laid out (``data_full.POOL_NAMES``; not on mnist_embedded)."""
+NEAR_SOURCES = ("characters", "mnist_digits")
+"""``near_source``: ``data.NEAR_SOURCES``."""
 
 
 @functools.cache
@@ -344,16 +351,23 @@ def check_ranges(p: Profile) -> list[str]:
     one_of("oe_outlier_augment", OUTLIER_AUGMENTS)
     one_of("surrogate_optimizer", SURROGATE_OPTIMIZERS)
     one_of("surrogate_schedule", SURROGATE_SCHEDULES)
+    one_of("pools", POOL_SOURCES)
+    one_of("near_source", NEAR_SOURCES)
+    need(not (p.pools == "stored" and p.dataset == "mnist_embedded"), "pools, dataset",
+         "'embedded' with dataset='mnist_embedded' (stored pools come with the data_prep datasets)")
+    need(p.near_source != "mnist_digits" or p.n_near <= 5000, "n_near, near_source",
+         "<= 5000 with near_source='mnist_digits' (the embedded MNIST holds 5,000 digits)")
+    need(p.near_source != "mnist_digits" or p.dataset not in ("mnist_embedded", "mnist"), "near_source, dataset",
+         "'characters' on MNIST data (MNIST digits are the ID data there, not near-distribution queries)")
     need(p.dfme_student_arch in ("", *ARCHS), "dfme_student_arch", f"'' (= surrogate_arch) or one of {list(ARCHS)}")
     for f in ("seed", "n_train", "n_test", "augment_shift", "dfme_replay", "cell_timeout", "n_near",
               "mixed_photos"):
         need(getattr(p, f) >= 0, f, ">= 0" + {"n_train": " (0 = the whole training set)",
                                               "n_test": " (0 = the whole test set)",
                                               "cell_timeout": " (0 = no limit)"}.get(f, ""))
-    embedded = p.dataset == "mnist_embedded"
     for f in ("n_outlier", "n_knockoff", "n_textures"):
-        if embedded:
-            need(getattr(p, f) >= 1, f, ">= 1 on mnist_embedded (0 = 'the whole pool' only for stored datasets)")
+        if p.pools == "embedded":
+            need(getattr(p, f) >= 1, f, ">= 1 with pools='embedded' (0 = 'the whole pool' only for stored pools)")
         else:
             need(getattr(p, f) >= 0, f, ">= 0 (0 = the whole stored pool)")
     for f in ("n_noise", "victim_epochs", "batch_size", "oe_epochs", "surrogate_epochs", "surrogate_width",
@@ -437,6 +451,10 @@ DEFAULT_PBD_FRACTION = 0.0035
 
 PROFILES: dict[str, Profile] = {
     "quick": Profile(name="quick"),
+    # Fashion-MNIST at the quick profile's sizes: a class-balanced 4,000 / 1,000 of the real data
+    # (python -m data_prep.fetch --dataset fashionmnist), the same photo-crop pools, and the
+    # embedded MNIST digits as the near-distribution source (clothes victim, digit queries).
+    "quick-fmnist": Profile(name="quick-fmnist", dataset="fashionmnist", near_source="mnist_digits"),
     "smoke": Profile(
         name="smoke",
         n_train=600,
@@ -469,6 +487,7 @@ PROFILES: dict[str, Profile] = {
     "full": Profile(
         name="full",
         dataset="cifar10",
+        pools="stored",
         n_train=0,  # 0 = the whole official training set
         n_test=0,
         n_outlier=300_000,

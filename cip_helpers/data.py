@@ -13,11 +13,15 @@ downloaded at run time:
   images, so sharing photographs would let the detector see the attacker's distribution during
   training and overstate CIP.
 * ``textures`` (brick, grass, gravel: a stand-in for DTD) and uniform ``noise`` are OOD test sets.
-* ``near`` is a near-distribution source (:func:`render_characters`): printed digits and letters
+* ``near`` is a near-distribution source (``cfg.near_source``). For digit victims
+  (:func:`render_characters`): printed digits and letters
   rendered from the DejaVu and STIX fonts that matplotlib ships, framed like MNIST (white on
   black, fitted into 20 x 20 pixels, centred by mass in 28 x 28). They share strokes, framing and
   contrast with the victim's digits, so an energy detector tuned on photo crops routes some of
-  them ID, some low-ES and some high-ES (notebooks 02, 03, 07).
+  them ID, some low-ES and some high-ES (notebooks 02, 03, 07). For a Fashion-MNIST victim
+  (profile ``quick-fmnist``, :func:`mnist_digit_pool`): the 5,000 embedded MNIST digits.
+* ``pools="embedded"`` makes the photo pools from scikit-image for any grayscale dataset (the
+  quick profiles); ``pools="stored"`` reads those ``data_prep`` laid out (the full profile).
 
 The ``full`` profile reads the datasets laid out by ``data_prep/`` (see :mod:`cip_helpers.data_full`).
 """
@@ -52,6 +56,12 @@ NEAR_FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf",
 rendered glyph images are used; no font file is copied into the course."""
 NEAR_CHARACTERS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 """Characters of the ``near`` pool, drawn uniformly: 10 digits (a sixth of the pool) and 52 letters."""
+NEAR_SOURCES = ("characters", "mnist_digits")
+"""Sources of the ``near`` pool (``cfg.near_source``): rendered printed characters
+(:func:`render_characters`, for digit victims) or the 5,000 embedded MNIST digits
+(:func:`mnist_digit_pool`, for a Fashion-MNIST victim: same framing, other objects)."""
+
+
 MNIST_CLASSES = tuple(str(i) for i in range(10))
 
 
@@ -268,14 +278,55 @@ def render_characters(n: int, size: int, seed: int) -> Tensor:
 
 
 def has_near_pool(cfg: Profile) -> bool:
-    """Whether ``cfg``'s data has the ``near`` pool: rendered characters fit single-channel
-    28 x 28 tasks (the embedded MNIST, MNIST, Fashion-MNIST), not the colour datasets."""
+    """Whether ``cfg``'s data has the ``near`` pool: rendered characters and MNIST digits fit
+    single-channel 28 x 28 tasks (the embedded MNIST, MNIST, Fashion-MNIST), not the colour
+    datasets."""
     return _id_data_shape(cfg.dataset) == (1, 28, 28)
 
 
 def near_characters(cfg: Profile) -> list[str]:
-    """The character drawn in each image of ``query_pool(cfg, "near")`` (same order)."""
-    return [c for c, *_ in character_plan(_pool_size(cfg, "near"), _pool_seed("near", cfg.seed))]
+    """What each image of ``query_pool(cfg, "near")`` shows (same order): the character drawn
+    (``near_source="characters"``) or the MNIST digit's label (``"mnist_digits"``)."""
+    n, seed = _pool_size(cfg, "near"), _pool_seed("near", cfg.seed)
+    if cfg.near_source == "mnist_digits":
+        _, y = _all_embedded_mnist()
+        return [str(int(y[i])) for i in _mnist_digit_index(n, seed)]
+    return [c for c, *_ in character_plan(n, seed)]
+
+
+def near_groups(cfg: Profile) -> dict[str, Tensor]:
+    """Named boolean masks (n_near,) over the ``near`` pool for notebook 02's routing table:
+    ``printed digits`` / ``printed letters`` (characters) or ``MNIST digits`` (all of them)."""
+    chars = near_characters(cfg)
+    if cfg.near_source == "mnist_digits":
+        return {"MNIST digits": torch.ones(len(chars), dtype=torch.bool)}
+    is_digit = torch.tensor([c.isdigit() for c in chars], dtype=torch.bool)
+    return {"printed digits": is_digit, "printed letters": ~is_digit}
+
+
+def _all_embedded_mnist() -> tuple[Tensor, Tensor]:
+    """All 5,000 embedded MNIST digits (train then test part): (5000, 1, 28, 28) in [0, 1], labels."""
+    tx, ty, vx, vy = _embedded_mnist()
+    return torch.cat([tx, vx]), torch.cat([ty, vy])
+
+
+def _mnist_digit_index(n: int, seed: int) -> np.ndarray:
+    """Which of the 5,000 embedded digits (seeded, without replacement) make a pool of ``n``."""
+    if not 0 <= n <= 5000:
+        raise ValueError(f"the embedded MNIST holds 5,000 digits; a near pool of {n} cannot be drawn "
+                         "(lower n_near)")
+    return np.random.default_rng(seed).permutation(5000)[:n]
+
+
+def mnist_digit_pool(n: int, size: int, seed: int) -> Tensor:
+    """``n`` embedded MNIST digits (seeded draw without replacement) as (n, 1, size, size) float32
+    in [0, 1]: the ``near`` pool of a clothes victim. Raises ``ValueError`` for n > 5000."""
+    x, _ = _all_embedded_mnist()
+    out = x[torch.from_numpy(_mnist_digit_index(n, seed))]
+    if size != 28:
+        out = torch.nn.functional.interpolate(out, size=(size, size), mode="bilinear", antialias=True,
+                                              align_corners=False).clamp_(0, 1)
+    return out.contiguous()
 
 
 def query_pool(cfg: Profile, name: str) -> Tensor:
@@ -287,9 +338,17 @@ def query_pool(cfg: Profile, name: str) -> Tensor:
     ``<profile_dir>/cache/`` (:func:`_cached_pool`); the cache returns the same bits.
     Raises ``ValueError`` for an unknown pool name."""
     n = _pool_size(cfg, name)
-    if name == "near" or (cfg.dataset == "mnist_embedded" and name != "noise"):
-        return _cached_pool(str(cfg.profile_dir / "cache"), cfg.dataset, name, n, cfg.seed)
-    return _query_pool(cfg.dataset, name, n, cfg.seed)
+    source = _pool_source(cfg, name)
+    if source in ("embedded", "characters", "mnist_digits"):
+        return _cached_pool(str(cfg.profile_dir / "cache"), cfg.dataset, name, n, cfg.seed, source)
+    return _query_pool(cfg.dataset, name, n, cfg.seed, source)
+
+
+def _pool_source(cfg: Profile, name: str) -> str:
+    """Where pool ``name`` of ``cfg`` comes from: ``cfg.near_source`` for ``near``, ``generated``
+    for ``noise``, else ``cfg.pools`` (``embedded`` photo crops or ``stored`` data_prep files)."""
+    _pool_size(cfg, name)  # unknown names raise here
+    return {"near": cfg.near_source, "noise": "generated"}.get(name, cfg.pools)
 
 
 @functools.lru_cache(maxsize=1)
@@ -306,19 +365,21 @@ def _pool_code_sha256() -> str:
     import PIL.features
 
     parts = [inspect.getsource(f) for f in (random_crops, _query_pool, _skimage_gray, _pool_seed,
-                                            character_plan, mnist_frame, render_characters)]
+                                            character_plan, mnist_frame, render_characters,
+                                            _mnist_digit_index, mnist_digit_pool)]
     parts += [repr((OE_PHOTOS, KNOCKOFF_PHOTOS, TEXTURE_PHOTOS, SPLIT_SEED, POOLS, NEAR_FONTS, NEAR_CHARACTERS)),
               skimage.__version__, PIL.__version__, str(PIL.features.version("freetype2")), matplotlib.__version__]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_pool(cache_dir: str, dataset: str, name: str, n: int, seed: int) -> Tensor:
-    """:func:`_query_pool`, stored once per (pool, size, seed, code) in ``cache_dir``. A cache file
-    that is unreadable or whose stored sha256 does not match its tensor is regenerated."""
+def _cached_pool(cache_dir: str, dataset: str, name: str, n: int, seed: int, source: str) -> Tensor:
+    """:func:`_query_pool`, stored once per (pool, source, size, seed, code) in ``cache_dir``. A
+    cache file that is unreadable or whose stored sha256 does not match its tensor is regenerated."""
     from .store import _atomic_write, tensor_sha256
 
-    path = Path(cache_dir) / f"pool_{dataset}_{name}_{n}_seed{seed}_{_pool_code_sha256()[:16]}.pt"
+    tag = name if source in ("embedded", "characters") else f"{name}-{source}"
+    path = Path(cache_dir) / f"pool_{dataset}_{tag}_{n}_seed{seed}_{_pool_code_sha256()[:16]}.pt"
     if path.exists():
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -326,7 +387,7 @@ def _cached_pool(cache_dir: str, dataset: str, name: str, n: int, seed: int) -> 
                 return saved["x"]
         except Exception:  # noqa: BLE001 - a broken cache file is simply rebuilt
             pass
-    x = _query_pool(dataset, name, n, seed)
+    x = _query_pool(dataset, name, n, seed, source)
     _atomic_write(path, lambda tmp: torch.save({"x": x, "sha256": tensor_sha256(x)}, tmp))
     return x
 
@@ -340,19 +401,26 @@ def _pool_size(cfg: Profile, name: str) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def _query_pool(dataset: str, name: str, n: int, seed: int) -> Tensor:
+def _query_pool(dataset: str, name: str, n: int, seed: int, source: str) -> Tensor:
     c, h, _ = _id_data_shape(dataset)
     pool_seed = _pool_seed(name, seed)
     if name == "near":
         if (c, h) != (1, 28):
-            raise ValueError(f"the 'near' pool (rendered characters) exists for single-channel 28 x 28 "
-                             f"data only; {dataset} images are {c} x {h} x {h}. Use the Knockoff pool, "
-                             f"or check data.has_near_pool(cfg) first")
+            raise ValueError(f"the 'near' pool (rendered characters or MNIST digits) exists for "
+                             f"single-channel 28 x 28 data only; {dataset} images are {c} x {h} x {h}. "
+                             f"Use the Knockoff pool, or check data.has_near_pool(cfg) first")
+        if source == "mnist_digits":
+            return mnist_digit_pool(n, h, pool_seed)
+        if source != "characters":
+            raise ValueError(f"unknown near_source {source!r}; choose one of {NEAR_SOURCES}")
         return render_characters(n, h, pool_seed)
     if name == "noise":
         g = torch.Generator().manual_seed(pool_seed)
         return torch.rand(n, c, h, h, generator=g)
-    if dataset == "mnist_embedded":
+    if source == "embedded":
+        if c != 1:
+            raise ValueError(f"embedded photo pools are grayscale; {dataset} images have {c} channels. "
+                             "Use pools='stored' (python -m data_prep.fetch)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if name == "outlier":
@@ -361,6 +429,8 @@ def _query_pool(dataset: str, name: str, n: int, seed: int) -> Tensor:
                 return random_crops([_skimage_gray(p) for p in KNOCKOFF_PHOTOS], n, h, pool_seed)
             return random_crops([_skimage_gray(p) for p in TEXTURE_PHOTOS], n, h, pool_seed,
                                 scale=(0.1, 0.5), invert=False)
+    if source != "stored":
+        raise ValueError(f"unknown pool source {source!r}; choose 'embedded' or 'stored'")
     from . import data_full
 
     return data_full.load_pool_array(name, data_root(), h, c, n, pool_seed).float().div_(255)

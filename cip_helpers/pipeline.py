@@ -54,7 +54,8 @@ def oe_spec(cfg: Profile, split: str) -> dict:
     so the quick and smoke OE checkpoints keep the spec hash they had before these fields existed."""
     return {"stage": "oe", "victim": victim_spec(cfg, split), "n_outlier": cfg.n_outlier,
             "epochs": cfg.oe_epochs, "lr": cfg.oe_lr, "lambda": cfg.oe_lambda,
-            "m_in": cfg.oe_m_in, "m_out": cfg.oe_m_out, **oe_recipe_spec(cfg)}
+            "m_in": cfg.oe_m_in, "m_out": cfg.oe_m_out, **oe_recipe_spec(cfg),
+            **({"pools": cfg.pools} if cfg.pools != "embedded" else {})}
 
 
 def new_model(cfg: Profile, arch: str | None = None) -> nn.Module:

@@ -18,6 +18,10 @@ PAPER_TABLE = Path(__file__).with_name("paper_table_iv.json")
 # the paper task we put next to each of our attacks (Table IV has no MNIST row for Knockoff/IDA/DQA)
 PAPER_TASK = {"knockoff": "CIFAR10/WRN28", "dfme": "MNIST/RN18", "ida": "CIFAR10/WRN28",
               "dqa": "CIFAR10/WRN28"}
+PAPER_TASK_BY_DATASET: dict[str, dict[str, str]] = {"fashionmnist": {"dfme": "FMNIST/RN18"}}
+"""Where the paper has a row for our dataset itself, it replaces :data:`PAPER_TASK`'s choice
+(Table IV runs DFME on MNIST, FMNIST and CIFAR-10, the other attacks on CIFAR-10/100 and FOOD-101)."""
+DATASET_LABELS = {"mnist_embedded": "4,000 embedded MNIST digits", "fashionmnist": "Fashion-MNIST"}
 ATTACK_ORDER = ("knockoff", "dfme", "ida", "dqa")
 DEFENSE_ORDER = ("none", "oe", "dp", "dawn", "cip")
 """Row order of a setting; ``oe`` (the OE-tuned victim without poisoning) has no paper row."""
@@ -39,8 +43,16 @@ def _read_records(metrics: Path) -> list[dict]:
     return [r for r in attacks.read_records(metrics) if not r.get("curve_point")]
 
 
-def paper_row(attack: str, defense: str, setting: str | None) -> dict | None:
-    """The paper's Table IV row for our (attack, defense), on :data:`PAPER_TASK`; DQA only at r=1."""
+def paper_task(attack: str, dataset: str | None = None) -> str:
+    """The paper's task (Table IV) our ``attack`` on ``dataset`` is compared with: the dataset's
+    own row where the paper has one (:data:`PAPER_TASK_BY_DATASET`, e.g. DFME on Fashion-MNIST ->
+    ``FMNIST/RN18``), else :data:`PAPER_TASK`. Raises ``KeyError`` for an unknown attack."""
+    return PAPER_TASK_BY_DATASET.get(dataset or "", {}).get(attack) or PAPER_TASK[attack]
+
+
+def paper_row(attack: str, defense: str, setting: str | None, dataset: str | None = None) -> dict | None:
+    """The paper's Table IV row for our (attack, defense) on :func:`paper_task` of ``dataset``;
+    DQA only at r=1."""
     key = attack
     if defense == "oe" or (setting or "").startswith("mixed"):
         return None  # the paper has neither an OE-only row nor a near-distribution pool
@@ -52,11 +64,11 @@ def paper_row(attack: str, defense: str, setting: str | None) -> dict | None:
         key = "dqa_r1"
     rows = json.loads(PAPER_TABLE.read_text())["rows"]
     for row in rows:
-        if row["attack"] == key and row["defense"] == defense and row["task"] == PAPER_TASK[attack]:
+        if row["attack"] == key and row["defense"] == defense and row["task"] == paper_task(attack, dataset):
             return row
     if defense == "none":  # the paper's "no defense" numbers live in every row of the task
         for row in rows:
-            if row["attack"] == key and row["task"] == PAPER_TASK[attack]:
+            if row["attack"] == key and row["task"] == paper_task(attack, dataset):
                 return {"victim_acc": row["victim_acc"], "surrogate_acc": row["surrogate_acc_no_defense"],
                         "trigger_acc": None, "n_triggers": None, "defended_victim_acc": None}
     return None
@@ -92,7 +104,8 @@ def table_iv(records: list[dict], ablations: bool = False) -> pd.DataFrame:
     records = [r for r in records if bool(r.get("ablation")) == ablations]
     rows = []
     for r in records:
-        paper = (paper_row(r["attack"], r["defense"], r.get("setting")) or {}) if not ablations else {}
+        paper = ((paper_row(r["attack"], r["defense"], r.get("setting"), r.get("dataset")) or {})
+                 if not ablations else {})
         pct = lambda v: None if v is None else round(100 * v, 2)  # noqa: E731
         setting = _setting(r)
         base = _undefended_base(undefended, r["attack"], setting)
@@ -109,7 +122,7 @@ def table_iv(records: list[dict], ablations: bool = False) -> pd.DataFrame:
             "Test(M_S) best": pct(r.get("surrogate_best_acc")),
             "Trig(M_S)": pct(r["trigger_acc"]),
             "T": r["n_triggers"],
-            "paper task": PAPER_TASK[r["attack"]] if paper else None,
+            "paper task": paper_task(r["attack"], r.get("dataset")) if paper else None,
             "paper Test(M_V)": paper.get("victim_acc"),
             "paper Test(M_S) no defense": paper.get("surrogate_acc_no_defense", paper.get("surrogate_acc")
                                                     if r["defense"] == "none" else None),
@@ -148,6 +161,10 @@ def table_notes(df: pd.DataFrame, records: Sequence[dict] = ()) -> list[str]:
     """Footnotes that explain the empty and surprising cells of :func:`table_iv`'s output;
     ``records`` (optional) supply the per-branch routing counts quoted for CIP runs without
     triggers."""
+    datasets = {r.get("dataset") for r in records} or {"mnist_embedded"}
+    fashion = datasets == {"fashionmnist"}
+    task = "Fashion-MNIST" if fashion else "MNIST"
+    near = "MNIST digits" if fashion else "rendered printed characters"
     notes = ["IDA and DQA use the victim trained on half of the ID training set (the attacker holds "
              "the other half), so their Test(M_V) differs from KnockoffNets/DFME.",
              "Test(M'_V) is the paper's: the OE-tuned victim's own test accuracy (CIP and OE only). API acc "
@@ -155,11 +172,11 @@ def table_notes(df: pd.DataFrame, records: Sequence[dict] = ()) -> list[str]:
              "surrogate's last epoch (our headline); Test(M_S) best its best test epoch (DFME: best "
              "point of the query curve), the number the authors report. Trig(M_S) and T exist only "
              "for DAWN and CIP; DP keeps no trigger set; CIP uses no PBD against DFME (as the authors).",
-             "The paper reports DQA at r = 1 only, and no MNIST task for KnockoffNets/IDA/DQA, so "
+             f"The paper reports DQA at r = 1 only, and no {task} task for KnockoffNets/IDA/DQA, so "
              "those rows sit beside CIFAR10/WRN28; it gives Test(M'_V) for CIP only.",
              "oe (not in the paper): the OE-tuned victim answering with its own softmax, no poisoning; "
              "between none and cip it separates what outlier exposure does from what the poisoning "
-             "adds. KnockoffNets mixed_*: the mixed pool of rendered printed characters (near-"
+             f"adds. KnockoffNets mixed_*: the mixed pool of {near} (near-"
              "distribution) and photo crops (notebook 07); the paper has no such pool."]
     if df.empty:
         return notes
@@ -391,7 +408,9 @@ def seed_summary(profile_dir: Path, seeds: Sequence[int]) -> dict:
         if r.get("routes"):
             row["routes_id"] = stat([(per_seed[s][n].get("routes") or {}).get("ID") if n in per_seed[s] else None
                                      for s in seeds])
-        row["paper"] = None if r.get("ablation") else paper_row(r["attack"], r["defense"], r.get("setting"))
+        row["paper"] = (None if r.get("ablation") else
+                        paper_row(r["attack"], r["defense"], r.get("setting"), r.get("dataset")))
+        row["paper_task"] = paper_task(r["attack"], r.get("dataset")) if row["paper"] else None
         rows.append(row)
 
     def per_seed_json(name: str, pick) -> dict:
@@ -408,7 +427,12 @@ def seed_summary(profile_dir: Path, seeds: Sequence[int]) -> dict:
         extra["reproducibility"] = read_json(profile_dir / "reproducibility.json")
     if (profile_dir / "timings.json").exists():
         extra["timings"] = read_json(profile_dir / "timings.json")
-    return {**extra, "profile": profile_dir.name, "seeds": list(seeds), "n_seeds": len(seeds),
+    datasets = sorted({str(r.get("dataset")) for recs in per_seed.values() for r in recs.values()})
+    if len(datasets) > 1:
+        raise ValueError(f"the records under {profile_dir} come from several datasets {datasets}; "
+                         "one profile directory holds one dataset")
+    return {**extra, "profile": profile_dir.name, "dataset": datasets[0] if datasets else None,
+            "seeds": list(seeds), "n_seeds": len(seeds),
             "about": "mean, sample sd (ddof 1) and n over seeds; values lists each seed's number in "
                      "seed order (fractions; n_triggers a count). Per-seed records: seed-<k>/metrics/.",
             "victims": {split: per_seed_json("victims.json", lambda d, split=split: d.get(split))
@@ -527,21 +551,26 @@ def differences(summary: dict) -> pd.DataFrame:
     from ``summary`` or the paper's table; none is typed here."""
     o = lambda *a, **k: _ours(summary, *a, **k)  # noqa: E731
 
+    dataset = summary.get("dataset") or "mnist_embedded"
+    data_label = DATASET_LABELS.get(dataset, dataset)
+    near = "MNIST digits" if dataset == "fashionmnist" else "printed characters"
+
     def pp(attack: str, defense: str, setting: str | None, field: str = "surrogate_acc") -> str:
-        v = (paper_row(attack, defense, setting) or {}).get(field)
+        v = (paper_row(attack, defense, setting, dataset) or {}).get(field)
         return "n/a" if v is None else (f"{v:g}" if isinstance(v, int) else f"{v:.2f}")
 
     ids = _row(summary, "knockoff", "hard", "cip").get("routes_id", {}).get("values", [])
     routed = f" (queries routed ID per seed: {', '.join(map(str, ids))})" if ids else ""
     rows = [
         ("Scale: victim test accuracy", f"{o('knockoff', 'hard', 'none', 'victim_acc')} (2-conv CNN, "
-         "4,000 embedded MNIST digits)", pp("dfme", "none", None, "victim_acc") + " (MNIST/RN18)",
+         f"{data_label}, 4,000 training images)", pp("dfme", "none", None, "victim_acc")
+         + f" ({paper_task('dfme', dataset)})",
          "scale", "notebook 01"),
         ("Undefended DFME student", o("dfme", "logits", "none"), pp("dfme", "none", None),
          "scale: 36,000 queries vs the authors' 6 M (`DFME/main.py`)", "notebook 08"),
         ("CIP vs KnockoffNets: trigger set T", o("knockoff", "hard", "cip", "n_triggers", count=True) + routed,
          pp("knockoff", "cip", "hard", "n_triggers") + " (CIFAR-10)",
-         "data: no photo crop looks like a digit to the OE-tuned victim, so nothing routes ID and "
+         "data: no photo crop looks in-distribution to the OE-tuned victim, so nothing routes ID and "
          "offline top-T PBD has nothing to flip; some ImageNet queries to a CIFAR-10 victim do. With "
          "near-distribution queries (mixed pool): T " + o("knockoff", "mixed_hard", "cip", "n_triggers", count=True),
          "routing counts, notebook 07 (mixed pool)"),
@@ -601,7 +630,7 @@ def differences(summary: dict) -> pd.DataFrame:
          f"trigger accuracy {o('knockoff', 'mixed_hard', 'cip', 'trigger_acc')}); soft: none "
          f"{o('knockoff', 'mixed_soft', 'none')}, cip {o('knockoff', 'mixed_soft', 'cip')}",
          pp("knockoff", "none", "hard") + " -> " + pp("knockoff", "cip", "hard") + " (CIFAR-10, ImageNet queries)",
-         "data: printed characters route ID and low-ES, where CIP answers honestly or keeps the top-1",
+         f"data: {near} route ID and low-ES, where CIP answers honestly or keeps the top-1",
          "mixed pool, notebook 07; threshold trade-off, notebook 03"),
         ("PBD answer randomness", "a keyed hash of the query: the same query gets the same answer",
          "Python's global `random`, seeded once", "design: batch-invariant, repeat-consistent answers", "notebook 05"),
@@ -656,6 +685,15 @@ def compare_runs(a: Path, b: Path) -> dict:
 
 README_BEGIN = "<!-- results:begin (written by python -m cip_helpers.report readme; do not edit) -->"
 README_END = "<!-- results:end -->"
+
+
+def readme_markers(profile: str) -> tuple[str, str]:
+    """The README's begin/end markers of ``profile``'s results block (``quick``: :data:`README_BEGIN`
+    / :data:`README_END`; another profile ``P``: ``results:P:begin`` / ``results:P:end``)."""
+    if profile == "quick":
+        return README_BEGIN, README_END
+    return (f"<!-- results:{profile}:begin (written by python -m cip_helpers.report readme "
+            f"--profile-dir results/{profile}; do not edit) -->", f"<!-- results:{profile}:end -->")
 README_ROWS = (("knockoff", "soft", "KnockoffNets, soft labels"), ("knockoff", "hard", "KnockoffNets, hard labels"),
                ("knockoff", "mixed_soft", "KnockoffNets, mixed pool, soft"),
                ("knockoff", "mixed_hard", "KnockoffNets, mixed pool, hard"),
@@ -673,26 +711,31 @@ def readme_block(summary: dict) -> str:
     ``reproducibility.json``): no number in it is typed by hand."""
     rows = {(r["attack"], _setting(r), r["defense"]): r for r in summary["rows"]}
     seeds = ", ".join(map(str, summary["seeds"]))
-    out = [README_BEGIN, "",
-           f"Mean ± sd over {summary['n_seeds']} seeds ({seeds}) of the quick profile, surrogate test "
-           "accuracy in percent (ours: 4,000 MNIST digits, small CNNs; paper: its Table IV):", "",
+    begin, end = readme_markers(summary["profile"])
+    dataset = summary.get("dataset") or "mnist_embedded"
+    images = "digits" if dataset in ("mnist_embedded", "mnist") else "images"
+    out = [begin, "",
+           f"Mean ± sd over {summary['n_seeds']} seeds ({seeds}) of the {summary['profile']} profile, "
+           f"surrogate test accuracy in percent (ours: {DATASET_LABELS.get(dataset, dataset)}"
+           f"{', 4,000 training images' if dataset != 'mnist_embedded' else ''}, small CNNs; paper: "
+           "its Table IV):", "",
            "| attack | no defense | OE only | DP | DAWN | CIP | paper, no defense -> CIP |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
     for attack, setting, label in README_ROWS:
         cells = [_pct(rows.get((attack, setting, d), {}).get("surrogate_acc")) for d in DEFENSE_ORDER]
         cip = rows.get((attack, setting, "cip"), {})
         paper = cip.get("paper") or {}
-        ref = (f"{paper['surrogate_acc_no_defense']} -> {paper['surrogate_acc']} ({PAPER_TASK[attack]})"
+        ref = (f"{paper['surrogate_acc_no_defense']} -> {paper['surrogate_acc']} ({paper_task(attack, dataset)})"
                if paper.get("surrogate_acc") is not None else "")
         out.append(f"| {label} | " + " | ".join(cells[:-1]) + f" | **{cells[-1]}** | {ref} |")
     victims = summary.get("victims", {})
     cip_ko = rows.get(("knockoff", "soft", "cip"), {})
     cip_ida = rows.get(("ida", "hard", "cip"), {})
     out += ["",
-            f"* **Fidelity.** The `all` victim answers its own test digits at {_pct(victims.get('all'))} %; "
+            f"* **Fidelity.** The `all` victim answers its own test {images} at {_pct(victims.get('all'))} %; "
             f"behind CIP, {_pct(cip_ko.get('defended_acc'))} % (the `half` victim of IDA/DQA: "
             f"{_pct(victims.get('half'))} % -> {_pct(cip_ida.get('defended_acc'))} %). CIP answers "
-            f"{_pct(summary.get('id_test_answered_unpoisoned'))} % of the ID test digits unpoisoned."]
+            f"{_pct(summary.get('id_test_answered_unpoisoned'))} % of the ID test {images} unpoisoned."]
     trig = []
     for r in summary["rows"]:
         if r["defense"] in ("dawn", "cip") and r["attack"] in ("ida", "dqa") and not r.get("ablation"):
@@ -738,7 +781,7 @@ def readme_block(summary: dict) -> str:
                  for r in sorted(runs.values(), key=lambda r: len(r["seeds"]))]
         out.append("* **Run time** from scratch on this course's 2-core machine (`results/"
                    f"{summary['profile']}/timings.json` when this was written): " + "; ".join(parts) + ".")
-    out += ["", README_END]
+    out += ["", end]
     return "\n".join(out)
 
 
@@ -746,11 +789,13 @@ def update_readme(readme: Path, summary_path: Path) -> bool:
     """Replace the block between the markers of ``readme`` by :func:`readme_block` of
     ``summary_path``; returns whether the file changed. Raises ``ValueError`` without markers."""
     text = Path(readme).read_text()
-    if README_BEGIN not in text or README_END not in text:
-        raise ValueError(f"{readme} lacks the markers {README_BEGIN!r} ... {README_END!r}")
-    head, rest = text.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    new = head + readme_block(read_json(summary_path)) + tail
+    summary = read_json(summary_path)
+    begin, end = readme_markers(summary["profile"])
+    if begin not in text or end not in text:
+        raise ValueError(f"{readme} lacks the markers {begin!r} ... {end!r}")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    new = head + readme_block(summary) + tail
     if new != text:
         write_text(Path(readme), new)
     return new != text

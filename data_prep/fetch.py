@@ -5,6 +5,7 @@
     python -m data_prep.fetch --outlier-file ~/Downloads/300K_random_images.npy
     python -m data_prep.fetch --knockoff-dir /data/imagenet_subset --knockoff-max 100000
     python -m data_prep.fetch --textures
+    python -m data_prep.fetch --dataset fashionmnist --offline   # from Debian's dataset-fashion-mnist
 
 Every step skips files that already exist and read back correctly, writes atomically and records
 each file's sha256 in ``<root>/manifest.json``. Downloads go through torchvision, which checks
@@ -14,8 +15,10 @@ message that says what to download by hand and where to put it. See ``data_prep/
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,7 @@ from cip_helpers.config import data_root
 from cip_helpers.data_full import (DATASETS, OUTLIER_SOURCE_NAME, fetch_command, id_path,
                                    open_pool_file, pool_path, read_id_file)
 
-from .build import (FittedLoader, build_dataset_pool, build_image_folder_pool,
+from .build import (FittedLoader, atomic_path, build_dataset_pool, build_image_folder_pool,
                     convert_torchvision_split, copy_outlier_file, log, read_manifest,
                     record_in_manifest)
 
@@ -47,6 +50,27 @@ MANUAL_DOWNLOADS: dict[str, tuple[str, str]] = {
 MNIST_CLASSES = [str(i) for i in range(10)]  # torchvision's are "0 - zero", ...
 
 
+@dataclass(frozen=True)
+class LocalSource:
+    """Where a distribution package installs a dataset's original files on disk: used when
+    torchvision cannot download (no network). The files must match torchvision's published MD5s."""
+
+    package: str  # the package that installs them, e.g. Debian's ``dataset-fashion-mnist``
+    install: str  # the command that installs it
+    folders: tuple[str, ...]  # where its files lie (``dpkg -L <package>``)
+    raw_subdir: str  # where torchvision looks for the archives, relative to <root>/raw
+
+
+LOCAL_SOURCES: dict[str, LocalSource] = {
+    "fashionmnist": LocalSource(
+        package="dataset-fashion-mnist", install="apt-get install dataset-fashion-mnist",
+        folders=("/usr/share/datasets/fashion-mnist",), raw_subdir="FashionMNIST/raw"),
+}
+"""Offline sources of the ID datasets, tried in this order after torchvision's download fails.
+Debian's ``dataset-fashion-mnist`` holds the four original IDX archives (train/t10k images and
+labels, .gz, 30 MB): the files torchvision downloads, checked here against the same MD5s."""
+
+
 class FetchError(RuntimeError):
     """A step could not complete; the message says what to do by hand."""
 
@@ -63,11 +87,16 @@ def manual_dir(root: Path) -> Path:
 
 def _manual_hint(what: str, root: Path, err: BaseException) -> FetchError:
     source, where = MANUAL_DOWNLOADS[what]
+    local = LOCAL_SOURCES.get(what)
+    offline = ""
+    if local is not None:
+        offline = (f"\n  Or, without network: {local.install} (as root; Debian's package "
+                   f"{local.package} puts the same files in {' or '.join(local.folders)}), then rerun.")
     return FetchError(
         f"{what}: torchvision could not download or verify the data "
         f"({type(err).__name__}: {err}).\n  Download by hand: {source}\n"
         f"  Put the file(s) in: {Path(root) / where}\n  Then rerun: {fetch_command(what, root)}\n"
-        "  (torchvision checks the archive's MD5 and extracts it.)")
+        "  (torchvision checks the archive's MD5 and extracts it.)" + offline)
 
 
 def _skip_or_record(root: Path, path: Path, **info: Any) -> None:
@@ -75,6 +104,82 @@ def _skip_or_record(root: Path, path: Path, **info: Any) -> None:
     rel = path.relative_to(root).as_posix()
     if rel not in read_manifest(root)["files"]:
         record_in_manifest(root, path, **info)
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _torchvision_resources(name: str) -> list[tuple[str, str]]:
+    """``[(archive name, md5), ...]`` that torchvision's dataset class of ``name`` downloads."""
+    import torchvision.datasets as tvd
+
+    cls = {"mnist": tvd.MNIST, "fashionmnist": tvd.FashionMNIST}[name]
+    return [(filename, md5) for filename, md5 in cls.resources]
+
+
+IDX_MD5: dict[str, dict[str, str]] = {
+    "fashionmnist": {"train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+                     "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+                     "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+                     "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965"},
+}
+"""MD5 of the *decompressed* content of each original archive (what gunzip makes of the file
+torchvision checks), as published beside the archive MD5s by other loaders of the same files.
+A distribution package may recompress the archives (Debian's ``dataset-fashion-mnist`` did: new
+gzip headers, so other archive MD5s, same bytes inside); its files are accepted when either the
+archive matches torchvision's MD5 or its content matches these."""
+
+
+def stage_local_copy(name: str, root: Path) -> Path | None:
+    """Lay out ``name``'s original IDX files from an installed package (:data:`LOCAL_SOURCES`)
+    where torchvision reads its extracted downloads (``<root>/raw/<raw_subdir>/``, decompressed).
+
+    Each archive must match torchvision's published MD5, or its decompressed content the original
+    content's MD5 (:data:`IDX_MD5`). Returns the package folder used, or ``None`` when no folder
+    holds all the files. Raises :class:`FetchError` when a file is present but fails both
+    checks (a damaged or different file is never used); nothing is written then."""
+    import gzip
+
+    local = LOCAL_SOURCES.get(name)
+    if local is None:
+        return None
+    resources = _torchvision_resources(name)
+    for folder in map(Path, local.folders):
+        if not all((folder / filename).is_file() for filename, _ in resources):
+            continue
+        contents = {}
+        for filename, md5 in resources:
+            src = folder / filename
+            base = filename.removesuffix(".gz")
+            try:
+                data = gzip.decompress(src.read_bytes())
+            except (OSError, EOFError) as err:
+                data, err_text = None, f"{type(err).__name__}: {err}"
+            if data is not None:
+                got_gz = _md5(src)
+                got_raw = hashlib.md5(data, usedforsecurity=False).hexdigest()
+                if md5 in (got_gz,) or got_raw == IDX_MD5.get(name, {}).get(base):
+                    contents[base] = data
+                    continue
+                err_text = (f"archive md5 {got_gz}, torchvision expects {md5}; content md5 "
+                            f"{got_raw}, the original's is {IDX_MD5.get(name, {}).get(base)}")
+            raise FetchError(
+                f"{name}: {src} fails its checksum ({err_text}); it is damaged or not the original "
+                f"file. Reinstall it (apt-get install --reinstall {local.package}) or download by "
+                f"hand: {MANUAL_DOWNLOADS[name][0]}, into {Path(root) / MANUAL_DOWNLOADS[name][1]}")
+        dest = raw_dir(root) / local.raw_subdir
+        for base, data in contents.items():
+            with atomic_path(dest / base) as tmp:
+                tmp.write_bytes(data)
+        log(f"[{name}] no download; using package {local.package} in {folder} (checksums match "
+            "the original files)")
+        return folder
+    return None
 
 
 # --- steps -------------------------------------------------------------------------------------
@@ -101,12 +206,18 @@ def _torchvision_split(name: str, root: Path, train: bool, download: bool) -> tu
 
 def fetch_id_dataset(name: str, root: Path, force: bool = False, download: bool = True) -> list[Path]:
     """Download ``name`` through torchvision (into ``<root>/raw``) and write
-    ``<root>/id/<name>/{train,test}.npz``; splits that already read back correctly are skipped."""
+    ``<root>/id/<name>/{train,test}.npz``; splits that already read back correctly are skipped.
+
+    When torchvision cannot download (no network, or ``download=False``) and an installed
+    package holds the original files (:data:`LOCAL_SOURCES`, e.g. Debian's
+    ``dataset-fashion-mnist``), those are checked against torchvision's MD5s and used instead.
+    Raises :class:`FetchError` saying what to install or download by hand otherwise."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
     root = Path(root)
     c, h, _ = DATASETS[name]["shape"]
     written = []
+    source = "torchvision.datasets"
     for split in ("train", "test"):
         out = id_path(root, name, split)
         if out.exists() and not force:
@@ -122,12 +233,19 @@ def fetch_id_dataset(name: str, root: Path, force: bool = False, download: bool 
         try:
             ds, classes = _torchvision_split(name, root, split == "train", download)
         except (OSError, RuntimeError) as err:  # URLError is an OSError; bad MD5 a RuntimeError
-            raise _manual_hint(name, root, err) from err
+            folder = stage_local_copy(name, root)
+            if folder is None:
+                raise _manual_hint(name, root, err) from err
+            try:  # torchvision reads the extracted files in place, no download
+                ds, classes = _torchvision_split(name, root, split == "train", False)
+            except (OSError, RuntimeError) as err2:
+                raise _manual_hint(name, root, err2) from err2
+            source = f"package {LOCAL_SOURCES[name].package} ({folder}), via torchvision.datasets"
         log(f"[{name}] converting {split} ({len(ds)} images) -> {out}")
         convert_torchvision_split(ds, out, size=h, channels=c, classes=classes)
         x, _, _ = read_id_file(out, name, root)
         record_in_manifest(root, out, dataset=name, split=split, shape=list(x.shape),
-                           source=f"torchvision.datasets ({type(ds).__name__})")
+                           source=f"{source} ({type(ds).__name__})")
         written.append(out)
     return written
 
@@ -253,6 +371,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="keep a seeded random subset of N knockoff images (default: all)")
     p.add_argument("--textures", action="store_true", help="fetch DTD for the textures pool")
     p.add_argument("--force", action="store_true", help="rebuild files that already exist")
+    p.add_argument("--offline", action="store_true",
+                   help="never try the network: use files already in <root>/raw or an installed "
+                        "package (e.g. Debian's dataset-fashion-mnist)")
     return p.parse_args(argv)
 
 
@@ -262,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = (args.root.expanduser().resolve() if args.root else data_root())
     everything = not (args.dataset or args.outlier_file or args.knockoff_dir or args.textures)
     datasets = sorted(DATASETS) if everything or "all" in (args.dataset or []) else args.dataset
-    steps = [(name, lambda n=name: fetch_id_dataset(n, root, force=args.force))
+    steps = [(name, lambda n=name: fetch_id_dataset(n, root, force=args.force, download=not args.offline))
              for name in datasets or []]
     if everything or args.outlier_file:
         steps.append(("outlier", lambda: fetch_outlier(root, args.outlier_file, force=args.force)))
@@ -270,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps.append(("knockoff", lambda: fetch_knockoff(root, args.knockoff_dir, force=args.force,
                                                          max_images=args.knockoff_max)))
     if everything or args.textures:
-        steps.append(("textures", lambda: fetch_textures(root, force=args.force)))
+        steps.append(("textures", lambda: fetch_textures(root, force=args.force, download=not args.offline)))
     log(f"data root: {root}")
     failed = []
     for name, step in steps:

@@ -175,19 +175,21 @@ def test_undefended_quick_dfme_is_robust_over_seeds():
     assert dfme["n"] >= 3 and dfme["mean"] >= 0.70 and dfme["sd"] <= 0.05, dfme
 
 
-def test_readme_numbers_are_the_committed_summary():
+@pytest.mark.parametrize("profile", run.README_PROFILES)
+def test_readme_numbers_are_the_committed_summary(profile):
     readme = (REPO_ROOT / "README.md").read_text()
-    block = readme.split(report.README_BEGIN, 1)[1].split(report.README_END, 1)[0]
-    summary = json.loads((REPO_ROOT / "results" / "quick" / "summary.json").read_text())
+    begin, end = report.readme_markers(profile)
+    block = readme.split(begin, 1)[1].split(end, 1)[0]
+    summary = json.loads((REPO_ROOT / "results" / profile / "summary.json").read_text())
     expected = report.readme_block(summary)
-    assert report.README_BEGIN + block + report.README_END == expected, \
-        "README results block is stale: python -m cip_helpers.report readme"
+    assert begin + block + end == expected, \
+        f"README results block is stale: python -m cip_helpers.report readme --profile-dir results/{profile}"
     assert re.search(r"\d+\.\d ± \d+\.\d", block)
 
 
 def test_pool_cache_returns_the_same_bits_and_rebuilds_a_broken_file(results_root):
     cfg = config.get_profile("smoke")
-    fresh = data._query_pool(cfg.dataset, "knockoff", cfg.n_knockoff, cfg.seed)
+    fresh = data._query_pool(cfg.dataset, "knockoff", cfg.n_knockoff, cfg.seed, "embedded")
     first = data.query_pool(cfg, "knockoff")
     assert torch.equal(first, fresh)
     (path,) = (cfg.profile_dir / "cache").glob("pool_mnist_embedded_knockoff_*.pt")

@@ -32,7 +32,7 @@ def test_issue16_near_pool_is_reproducible_framed_and_disjoint(smoke_cfg):
     near = data.query_pool(cfg, "near")
     assert near.shape == (cfg.n_near, 1, 28, 28) and near.dtype == torch.float32
     assert float(near.min()) >= 0 and float(near.max()) <= 1
-    again = data._query_pool.__wrapped__(cfg.dataset, "near", cfg.n_near, cfg.seed)
+    again = data._query_pool.__wrapped__(cfg.dataset, "near", cfg.n_near, cfg.seed, "characters")
     assert torch.equal(near, again)  # rendered twice (no cache): the same bits
     other_seed = data.render_characters(cfg.n_near, 28, data._pool_seed("near", cfg.seed + 1))
     assert not torch.equal(near, other_seed)
@@ -57,7 +57,7 @@ def test_issue16_near_pool_is_reproducible_framed_and_disjoint(smoke_cfg):
 
 def test_issue16_near_pool_is_refused_for_colour_data_with_the_fix():
     with pytest.raises(ValueError, match="single-channel 28 x 28.*has_near_pool"):
-        data._query_pool("cifar10", "near", 10, 0)
+        data._query_pool("cifar10", "near", 10, 0, "characters")
     assert not data.has_near_pool(config.get_profile("full"))
     assert data.has_near_pool(config.get_profile("quick"))
 

@@ -151,7 +151,12 @@ RANGE_CASES = [
     ({"victim_epochs": 0}, r"victim_epochs=0: must be >= 1"),
     ({"batch_size": 0}, r"batch_size=0: must be >= 1"),
     ({"n_noise": 0}, r"n_noise=0: must be >= 1"),
-    ({"n_knockoff": 0}, r"n_knockoff=0: must be >= 1 on mnist_embedded"),
+    ({"n_knockoff": 0}, r"n_knockoff=0: must be >= 1 with pools='embedded'"),
+    ({"pools": "stored"}, r"pools='stored', dataset='mnist_embedded': must be 'embedded' with dataset='mnist_embedded'"),
+    ({"near_source": "mnist_digits"}, r"near_source='mnist_digits', dataset='mnist_embedded': must be 'characters' on MNIST"),
+    ({"dataset": "fashionmnist", "near_source": "mnist_digits", "n_near": 5001},
+     r"n_near=5001, near_source='mnist_digits': must be <= 5000"),
+    ({"near_source": "emnist"}, r"near_source='emnist': must be one of \['characters', 'mnist_digits'\]"),
     ({"cell_timeout": -5}, r"cell_timeout=-5: must be >= 0 \(0 = no limit\)"),
     ({"knockoff_gamma": -1}, r"knockoff_gamma=-1.0: must be >= 0"),
     ({"oe_m_in": -3.0, "oe_m_out": -20.0}, r"oe_m_in=-3.0, oe_m_out=-20.0: must be oe_m_in < oe_m_out"),
@@ -206,12 +211,13 @@ def test_case7_every_profile_validates_and_meaningful_zeros_are_accepted():
 
 
 def test_case7_allowed_value_sets_match_the_modules_that_use_them():
-    from cip_helpers import attacks, data_full, dfme, models
+    from cip_helpers import attacks, data, data_full, dfme, models
 
     assert config.LABEL_TYPES == attacks.LABEL_TYPES
     assert config.LR_SCHEDULES == dfme.LR_SCHEDULES
     assert config.ARCHS == models.ARCHS
     assert set(config.DATASETS) == {"mnist_embedded", *data_full.DATASETS}
+    assert config.NEAR_SOURCES == data.NEAR_SOURCES
 
 
 def test_case7_set_values_reach_the_kernel_typed(tmp_path, results_root):

@@ -380,3 +380,108 @@ def test_full_profile_dispatch_reads_layout(root):
     assert q.shape == (12, 1, 28, 28) and q.dtype == torch.float32 and q.max().item() <= 1.0
     with pytest.raises(FileNotFoundError, match="--outlier-file"):
         data.query_pool(cfg, "outlier")
+
+
+# --- an installed package as the offline source (issue 17) --------------------------------------
+def _fake_package(folder: Path, recompress: bool, n_train: int = 20, n_test: int = 10) -> dict[str, bytes]:
+    """Fake Fashion-MNIST archives in a package folder; returns the decompressed IDX bytes."""
+    import gzip
+
+    rng = np.random.default_rng(3)
+    contents = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        for kind, arr in (("images-idx3", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)),
+                          ("labels-idx1", (np.arange(n) % 10).astype(np.uint8))):
+            raw = struct.pack(f">{1 + arr.ndim}i", {3: 2051, 1: 2049}[arr.ndim], *arr.shape) + arr.tobytes()
+            contents[f"{prefix}-{kind}-ubyte"] = raw
+            folder.mkdir(parents=True, exist_ok=True)
+            # mtime differs between "original" and "recompressed": other archive bytes, same content
+            (folder / f"{prefix}-{kind}-ubyte.gz").write_bytes(gzip.compress(raw, mtime=7 if recompress else 1))
+    return contents
+
+
+@pytest.fixture()
+def fake_fmnist_package(tmp_path, monkeypatch):
+    """Point LOCAL_SOURCES / IDX_MD5 / torchvision's MD5s at a fake package folder (original
+    archives: torchvision's MD5 matches; the package's recompressed copies: only the content's)."""
+    import hashlib
+
+    import torchvision.datasets as tvd
+
+    folder = tmp_path / "usr_share_datasets_fashion-mnist"
+    contents = _fake_package(tmp_path / "original", recompress=False)
+    _fake_package(folder, recompress=True)
+    md5 = lambda b: hashlib.md5(b).hexdigest()  # noqa: E731
+    monkeypatch.setattr(tvd.FashionMNIST, "resources",
+                        [(f"{k}.gz", md5((tmp_path / "original" / f"{k}.gz").read_bytes())) for k in contents])
+    monkeypatch.setattr(fetch, "IDX_MD5", {"fashionmnist": {k: md5(v) for k, v in contents.items()}})
+    monkeypatch.setattr(fetch, "LOCAL_SOURCES", {"fashionmnist": fetch.LocalSource(
+        package="dataset-fashion-mnist", install="apt-get install dataset-fashion-mnist",
+        folders=(str(tmp_path / "nowhere"), str(folder)), raw_subdir="FashionMNIST/raw")})
+    return folder, contents
+
+
+def test_issue17_fashionmnist_from_a_recompressed_package_offline_then_skip(root, fake_fmnist_package, capsys):
+    """No network: the package's archives (other gzip bytes, same content) are checked and laid out
+    as torchvision's extracted files; the rerun skips both splits."""
+    folder, contents = fake_fmnist_package
+    paths = fetch.fetch_id_dataset("fashionmnist", root, download=False)
+    assert paths == [root / "id/fashionmnist/train.npz", root / "id/fashionmnist/test.npz"]
+    raw = fetch.raw_dir(root) / "FashionMNIST" / "raw"
+    assert {p.name: p.read_bytes() for p in raw.iterdir()} == contents
+    tx, ty, vx, vy, classes = data_full.load_id_arrays("fashionmnist", root)
+    assert tx.shape == (20, 1, 28, 28) and vx.shape == (10, 1, 28, 28)
+    assert classes[0] == "T-shirt/top" and ty.tolist() == [i % 10 for i in range(20)]
+    manifest = json.loads((root / "manifest.json").read_text())["files"]
+    assert all(str(folder) in manifest[f"id/fashionmnist/{s}.npz"]["source"] for s in ("train", "test"))
+    out = capsys.readouterr().out
+    assert "dataset-fashion-mnist" in out
+    fetch.fetch_id_dataset("fashionmnist", root, download=False)
+    assert capsys.readouterr().out.count("skip") == 2
+
+
+def test_issue17_original_archives_pass_by_torchvision_md5(root, fake_fmnist_package, tmp_path, monkeypatch):
+    folder, contents = fake_fmnist_package
+    import shutil
+
+    shutil.rmtree(folder)
+    shutil.copytree(tmp_path / "original", folder)
+    monkeypatch.setattr(fetch, "IDX_MD5", {})  # only the archive MD5s can vouch for them now
+    fetch.fetch_id_dataset("fashionmnist", root, download=False)
+    assert data_full.load_id_arrays("fashionmnist", root)[0].shape == (20, 1, 28, 28)
+
+
+@pytest.mark.parametrize("damage", ["flip_a_byte", "truncate", "not_gzip"])
+def test_issue17_damaged_package_file_fails_closed(root, fake_fmnist_package, damage):
+    """A package file that matches neither checksum is refused, named, and nothing is written."""
+    import gzip
+
+    folder, contents = fake_fmnist_package
+    target = folder / "t10k-labels-idx1-ubyte.gz"
+    if damage == "flip_a_byte":
+        raw = bytearray(contents["t10k-labels-idx1-ubyte"])
+        raw[-1] ^= 1
+        target.write_bytes(gzip.compress(bytes(raw)))
+    elif damage == "truncate":
+        target.write_bytes(target.read_bytes()[:20])
+    else:
+        target.write_bytes(b"plain text, not a gzip archive")
+    with pytest.raises(fetch.FetchError) as info:
+        fetch.fetch_id_dataset("fashionmnist", root, download=False)
+    msg = str(info.value)
+    assert str(target) in msg and "checksum" in msg and "apt-get install --reinstall dataset-fashion-mnist" in msg
+    assert not (fetch.raw_dir(root) / "FashionMNIST").exists() or not any((fetch.raw_dir(root) / "FashionMNIST").rglob("*ubyte"))
+    assert not (root / "id" / "fashionmnist").exists()
+
+
+def test_issue17_no_network_and_no_package_names_both_ways(root, fake_fmnist_package, monkeypatch):
+    monkeypatch.setattr(fetch, "LOCAL_SOURCES", {"fashionmnist": fetch.LocalSource(
+        package="dataset-fashion-mnist", install="apt-get install dataset-fashion-mnist",
+        folders=("/nonexistent/fashion-mnist",), raw_subdir="FashionMNIST/raw")})
+    status = fetch.main(["--root", str(root), "--dataset", "fashionmnist", "--offline"])
+    assert status == 1
+    with pytest.raises(fetch.FetchError) as info:
+        fetch.fetch_id_dataset("fashionmnist", root, download=False)
+    msg = str(info.value)
+    assert "apt-get install dataset-fashion-mnist" in msg  # way 1: the Debian package
+    assert "fashion-mnist.s3-website" in msg and str(root / "raw" / "FashionMNIST" / "raw") in msg  # way 2
