@@ -32,7 +32,8 @@ from . import data, dfme, pipeline, training
 from .config import Profile
 from .defenses import CIP, DAWN, Defense, TriggerSet
 from .models import build_model, small_cnn
-from .store import load_checkpoint, load_or_train, read_json, tensor_sha256, weights_sha256, write_json
+from .store import (CheckpointError, load_checkpoint, load_or_train, read_json, tensor_sha256, weights_sha256,
+                    write_json)
 from .training import accuracy, set_seed, train_classifier
 
 LABEL_TYPES = ("hard", "soft")
@@ -810,7 +811,8 @@ def threshold_tradeoff(cfg: Profile, verbose: bool = True) -> dict:
 
     The file records the sha256 of the OE victim's weights, of the mixed pool and of the test
     digits, the grids, CIP's poisoning settings and the surrogate recipe; it is reused only when
-    all match (else recomputed).
+    all match and every p1 row's surrogate is on disk with the weights its record names (else
+    recomputed: a fresh clone has the JSON but no checkpoints).
     Returns ``{"key": ..., "p1": [rows], "p2": [rows], "label_type": ...}``. Raises ``ValueError``
     when the data has no ``near`` pool (:func:`data.has_near_pool`: 28 x 28 grayscale only)."""
     from .scores import ROUTE_NAMES, route_fractions
@@ -830,10 +832,13 @@ def threshold_tradeoff(cfg: Profile, verbose: bool = True) -> dict:
            "surrogate": surrogate_recipe(cfg, cfg.surrogate_epochs)}
     if path.exists():
         stored = read_json(path)
-        if stored.get("key") == key:
+        missing = _tradeoff_surrogates_missing(cfg, stored) if stored.get("key") == key else []
+        if stored.get("key") == key and not missing:
             return stored
         if verbose:
-            print(f"{TRADEOFF_FILE} was computed for other weights, data or settings: recomputing")
+            print(f"{TRADEOFF_FILE}: the surrogates of {', '.join(missing)} are not on disk (a fresh "
+                  "clone keeps the JSON, not the checkpoints): recomputing" if missing else
+                  f"{TRADEOFF_FILE} was computed for other weights, data or settings: recomputing")
     near_energy = pipeline.energies(oe_model, data.query_pool(cfg, "near"), cfg.temperature)
     p1_rows = []
     for p1 in cfg.tradeoff_p1:
@@ -862,6 +867,19 @@ def threshold_tradeoff(cfg: Profile, verbose: bool = True) -> dict:
     out = {"key": key, "label_type": label_type, "p1": p1_rows, "p2": p2_rows}
     write_json(path, out)
     return out
+
+
+def _tradeoff_surrogates_missing(cfg: Profile, stored: dict) -> list[str]:
+    """The records of a stored trade-off grid's p1 rows whose surrogate cannot be loaded with the
+    weights the record names (:func:`load_surrogate`): the grid is an expensive stage whose
+    artifacts are the surrogates too, and notebook 11 verifies every record's surrogate."""
+    missing = []
+    for row in stored.get("p1", []):
+        try:
+            load_surrogate(cfg, row["record"])
+        except (OSError, KeyError, ValueError, CheckpointError):
+            missing.append(str(row.get("record")))
+    return missing
 
 
 def nearest_tradeoff(tradeoff: dict, p1: float, p2: float) -> dict:

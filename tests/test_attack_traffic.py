@@ -10,6 +10,7 @@ import torch
 
 from cip_helpers import attacks, config, data, pipeline, plots, report, run, scores, training
 from cip_helpers.defenses import OEOnly, softmax
+from cip_helpers.store import CheckpointError
 from conftest import one_thread_smoke
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,6 +193,25 @@ def test_issue16_threshold_tradeoff_is_cached_keyed_and_read_by_the_sliders(smok
     near = attacks.nearest_tradeoff(first, cfg.tradeoff_p1[0] + 1, 100.0)
     assert near["p1"]["p1"] == cfg.tradeoff_p1[0] and near["p2"]["p2"] == cfg.tradeoff_p2[-1]
     plots.plt.close(plots.threshold_tradeoff(first, cfg.p1, cfg.p2))
+
+
+def test_fresh_clone_course_retrains_the_tradeoff_grids_missing_surrogates(smoke_cfg, capsys):
+    """Found on a fresh clone of 6f2dec0: notebook 03 reused the committed grid (its key matched),
+    so the p1 rows' surrogates were never trained and notebook 11 failed loading
+    ``knockoff_cip_mixed_soft_p1-50``'s checkpoint. A grid whose surrogates are not all on disk
+    with the recorded weights is recomputed."""
+    cfg = smoke_cfg
+    first = attacks.threshold_tradeoff(cfg, verbose=False)
+    for row in first["p1"]:  # the committed JSON of a fresh clone, without the checkpoints
+        rec = json.loads((cfg.metrics_dir / f"{row['record']}.json").read_text())
+        (cfg.results_dir / rec["surrogate_checkpoint"]).unlink(missing_ok=True)
+    with pytest.raises(CheckpointError):
+        attacks.load_surrogate(cfg, first["p1"][0]["record"])  # what notebook 11 hit
+    capsys.readouterr()
+    fresh = attacks.threshold_tradeoff(cfg, verbose=True)
+    assert "not on disk" in capsys.readouterr().out and fresh["key"] == first["key"]
+    for row in fresh["p1"]:  # every surrogate of the grid loads again
+        attacks.load_surrogate(cfg, row["record"])
 
 
 @pytest.mark.parametrize("overrides, message", [
