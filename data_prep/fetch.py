@@ -53,7 +53,7 @@ MNIST_CLASSES = [str(i) for i in range(10)]  # torchvision's are "0 - zero", ...
 @dataclass(frozen=True)
 class LocalSource:
     """Where a distribution package installs a dataset's original files on disk: used when
-    torchvision cannot download (no network). The files must match torchvision's published MD5s."""
+    torchvision cannot download (no network). :func:`stage_local_copy` checks every file."""
 
     package: str  # the package that installs them, e.g. Debian's ``dataset-fashion-mnist``
     install: str  # the command that installs it
@@ -66,9 +66,9 @@ LOCAL_SOURCES: dict[str, LocalSource] = {
         package="dataset-fashion-mnist", install="apt-get install dataset-fashion-mnist",
         folders=("/usr/share/datasets/fashion-mnist",), raw_subdir="FashionMNIST/raw"),
 }
-"""Offline sources of the ID datasets, tried in this order after torchvision's download fails.
-Debian's ``dataset-fashion-mnist`` holds the four original IDX archives (train/t10k images and
-labels, .gz, 30 MB): the files torchvision downloads, checked here against the same MD5s."""
+"""Offline sources of the ID datasets, tried after torchvision's download fails (folders in
+order). Debian's ``dataset-fashion-mnist`` holds the four original IDX files (train/t10k images
+and labels, .gz, 30 MB), recompressed by Debian: same content, other archive bytes (:data:`IDX_MD5`)."""
 
 
 class FetchError(RuntimeError):
@@ -163,7 +163,7 @@ def stage_local_copy(name: str, root: Path) -> Path | None:
             if data is not None:
                 got_gz = _md5(src)
                 got_raw = hashlib.md5(data, usedforsecurity=False).hexdigest()
-                if md5 in (got_gz,) or got_raw == IDX_MD5.get(name, {}).get(base):
+                if got_gz == md5 or got_raw == IDX_MD5.get(name, {}).get(base):
                     contents[base] = data
                     continue
                 err_text = (f"archive md5 {got_gz}, torchvision expects {md5}; content md5 "
@@ -210,7 +210,7 @@ def fetch_id_dataset(name: str, root: Path, force: bool = False, download: bool 
 
     When torchvision cannot download (no network, or ``download=False``) and an installed
     package holds the original files (:data:`LOCAL_SOURCES`, e.g. Debian's
-    ``dataset-fashion-mnist``), those are checked against torchvision's MD5s and used instead.
+    ``dataset-fashion-mnist``), those are checked and used instead (:func:`stage_local_copy`).
     Raises :class:`FetchError` saying what to install or download by hand otherwise."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
