@@ -563,7 +563,8 @@ def differences(summary: dict) -> pd.DataFrame:
     routed = f" (queries routed ID per seed: {', '.join(map(str, ids))})" if ids else ""
     rows = [
         ("Scale: victim test accuracy", f"{o('knockoff', 'hard', 'none', 'victim_acc')} (2-conv CNN, "
-         f"{data_label}, 4,000 training images)", pp("dfme", "none", None, "victim_acc")
+         f"{data_label}{'' if dataset == 'mnist_embedded' else ', 4,000 training images'})",
+         pp("dfme", "none", None, "victim_acc")
          + f" ({paper_task('dfme', dataset)})",
          "scale", "notebook 01"),
         ("Undefended DFME student", o("dfme", "logits", "none"), pp("dfme", "none", None),
