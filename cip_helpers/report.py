@@ -22,6 +22,19 @@ PAPER_TASK_BY_DATASET: dict[str, dict[str, str]] = {"fashionmnist": {"dfme": "FM
 """Where the paper has a row for our dataset itself, it replaces :data:`PAPER_TASK`'s choice
 (Table IV runs DFME on MNIST, FMNIST and CIFAR-10, the other attacks on CIFAR-10/100 and FOOD-101)."""
 DATASET_LABELS = {"mnist_embedded": "4,000 embedded MNIST digits", "fashionmnist": "Fashion-MNIST"}
+
+
+def _data_label(dataset: str) -> str:
+    """What our victims train on, for prose: ``"4,000 embedded MNIST digits"``, ``"Fashion-MNIST,
+    4,000 training images"`` (both quick profiles train on 4,000 images)."""
+    label = DATASET_LABELS.get(dataset, dataset)
+    return label if dataset == "mnist_embedded" else f"{label}, 4,000 training images"
+
+
+def _near_label(dataset: str | None) -> str:
+    """The near-distribution queries of ``dataset``'s mixed pool, for prose (``data.NEAR_SOURCES``:
+    MNIST digits for a Fashion-MNIST victim, printed characters for digit victims)."""
+    return "MNIST digits" if dataset == "fashionmnist" else "printed characters"
 ATTACK_ORDER = ("knockoff", "dfme", "ida", "dqa")
 DEFENSE_ORDER = ("none", "oe", "dp", "dawn", "cip")
 """Row order of a setting; ``oe`` (the OE-tuned victim without poisoning) has no paper row."""
@@ -161,10 +174,9 @@ def table_notes(df: pd.DataFrame, records: Sequence[dict] = ()) -> list[str]:
     """Footnotes that explain the empty and surprising cells of :func:`table_iv`'s output;
     ``records`` (optional) supply the per-branch routing counts quoted for CIP runs without
     triggers."""
-    datasets = {r.get("dataset") for r in records} or {"mnist_embedded"}
-    fashion = datasets == {"fashionmnist"}
-    task = "Fashion-MNIST" if fashion else "MNIST"
-    near = "MNIST digits" if fashion else "rendered printed characters"
+    datasets = {r.get("dataset") for r in records}
+    dataset = datasets.pop() if len(datasets) == 1 else "mnist_embedded"
+    task = "Fashion-MNIST" if dataset == "fashionmnist" else "MNIST"
     notes = ["IDA and DQA use the victim trained on half of the ID training set (the attacker holds "
              "the other half), so their Test(M_V) differs from KnockoffNets/DFME.",
              "Test(M'_V) is the paper's: the OE-tuned victim's own test accuracy (CIP and OE only). API acc "
@@ -176,7 +188,7 @@ def table_notes(df: pd.DataFrame, records: Sequence[dict] = ()) -> list[str]:
              "those rows sit beside CIFAR10/WRN28; it gives Test(M'_V) for CIP only.",
              "oe (not in the paper): the OE-tuned victim answering with its own softmax, no poisoning; "
              "between none and cip it separates what outlier exposure does from what the poisoning "
-             f"adds. KnockoffNets mixed_*: the mixed pool of {near} (near-"
+             f"adds. KnockoffNets mixed_*: the mixed pool of {_near_label(dataset)} (near-"
              "distribution) and photo crops (notebook 07); the paper has no such pool."]
     if df.empty:
         return notes
@@ -552,8 +564,6 @@ def differences(summary: dict) -> pd.DataFrame:
     o = lambda *a, **k: _ours(summary, *a, **k)  # noqa: E731
 
     dataset = summary.get("dataset") or "mnist_embedded"
-    data_label = DATASET_LABELS.get(dataset, dataset)
-    near = "MNIST digits" if dataset == "fashionmnist" else "printed characters"
 
     def pp(attack: str, defense: str, setting: str | None, field: str = "surrogate_acc") -> str:
         v = (paper_row(attack, defense, setting, dataset) or {}).get(field)
@@ -563,7 +573,7 @@ def differences(summary: dict) -> pd.DataFrame:
     routed = f" (queries routed ID per seed: {', '.join(map(str, ids))})" if ids else ""
     rows = [
         ("Scale: victim test accuracy", f"{o('knockoff', 'hard', 'none', 'victim_acc')} (2-conv CNN, "
-         f"{data_label}{'' if dataset == 'mnist_embedded' else ', 4,000 training images'})",
+         f"{_data_label(dataset)})",
          pp("dfme", "none", None, "victim_acc")
          + f" ({paper_task('dfme', dataset)})",
          "scale", "notebook 01"),
@@ -631,7 +641,7 @@ def differences(summary: dict) -> pd.DataFrame:
          f"trigger accuracy {o('knockoff', 'mixed_hard', 'cip', 'trigger_acc')}); soft: none "
          f"{o('knockoff', 'mixed_soft', 'none')}, cip {o('knockoff', 'mixed_soft', 'cip')}",
          pp("knockoff", "none", "hard") + " -> " + pp("knockoff", "cip", "hard") + " (CIFAR-10, ImageNet queries)",
-         f"data: {near} route ID and low-ES, where CIP answers honestly or keeps the top-1",
+         f"data: {_near_label(dataset)} route ID and low-ES, where CIP answers honestly or keeps the top-1",
          "mixed pool, notebook 07; threshold trade-off, notebook 03"),
         ("PBD answer randomness", "a keyed hash of the query: the same query gets the same answer",
          "Python's global `random`, seeded once", "design: batch-invariant, repeat-consistent answers", "notebook 05"),
@@ -717,8 +727,7 @@ def readme_block(summary: dict) -> str:
     images = "digits" if dataset in ("mnist_embedded", "mnist") else "images"
     out = [begin, "",
            f"Mean ± sd over {summary['n_seeds']} seeds ({seeds}) of the {summary['profile']} profile, "
-           f"surrogate test accuracy in percent (ours: {DATASET_LABELS.get(dataset, dataset)}"
-           f"{', 4,000 training images' if dataset != 'mnist_embedded' else ''}, small CNNs; paper: "
+           f"surrogate test accuracy in percent (ours: {_data_label(dataset)}, small CNNs; paper: "
            "its Table IV):", "",
            "| attack | no defense | OE only | DP | DAWN | CIP | paper, no defense -> CIP |",
            "| --- | --- | --- | --- | --- | --- | --- |"]

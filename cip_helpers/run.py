@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None, notebook_dir: Path = NOTEBOOK_DIR) -> in
             paths = report.write_seed_aggregate(first.profile_dir, seeds)
             print("aggregate over seeds " + ",".join(map(str, seeds)) + ": "
                   + ", ".join(str(p) for p in paths))
-            if first.profile_dir.parent == REPO_ROOT / "results" and first.name in README_PROFILES:
+            if first.profile_dir in {REPO_ROOT / "results" / name for name in README_PROFILES}:
                 changed = report.update_readme(REPO_ROOT / "README.md", first.profile_dir / "summary.json")
                 print("README.md results block " + ("rewritten" if changed else "unchanged"))
     return 0

@@ -106,14 +106,6 @@ def _skip_or_record(root: Path, path: Path, **info: Any) -> None:
         record_in_manifest(root, path, **info)
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _torchvision_resources(name: str) -> list[tuple[str, str]]:
     """``[(archive name, md5), ...]`` that torchvision's dataset class of ``name`` downloads."""
     import torchvision.datasets as tvd
@@ -156,12 +148,13 @@ def stage_local_copy(name: str, root: Path) -> Path | None:
         for filename, md5 in resources:
             src = folder / filename
             base = filename.removesuffix(".gz")
+            archive = src.read_bytes()
             try:
-                data = gzip.decompress(src.read_bytes())
+                data = gzip.decompress(archive)
             except (OSError, EOFError) as err:
                 data, err_text = None, f"{type(err).__name__}: {err}"
             if data is not None:
-                got_gz = _md5(src)
+                got_gz = hashlib.md5(archive, usedforsecurity=False).hexdigest()
                 got_raw = hashlib.md5(data, usedforsecurity=False).hexdigest()
                 if got_gz == md5 or got_raw == IDX_MD5.get(name, {}).get(base):
                     contents[base] = data
