@@ -4,10 +4,13 @@
     python3 tasks.py course            # create .venv if missing, install, run every notebook (quick)
     python3 tasks.py test              # create .venv if missing, install, run the test suite
     python3 tasks.py course --profile quick-fmnist   # Fashion-MNIST (lays out the data first)
+    python3 tasks.py lab               # same set-up, then JupyterLab on notebooks/ (sliders live)
 
 Options: ``course --profile smoke|quick|full --only 01,03``; ``test`` passes extra args to pytest.
 The virtual environment lives in ``.venv/`` at the repository root and is (re)installed whenever
-``pyproject.toml`` changed since the last install.
+``pyproject.toml`` changed since the last install. In a git checkout every command also installs
+the nbstripout filter for ``notebooks/*.ipynb`` (``.gitattributes``), so a notebook saved by
+JupyterLab with outputs is committed without them.
 """
 from __future__ import annotations
 
@@ -42,6 +45,36 @@ def ensure_venv() -> None:
     STAMP.write_text(want + "\n")
 
 
+def install_notebook_filter(root: Path = ROOT, python: Path = PYTHON) -> bool:
+    """Configure git's ``nbstripout`` filter (named in ``.gitattributes`` for ``notebooks/*.ipynb``)
+    to strip outputs with this venv's nbstripout when a notebook is staged; the files on disk keep
+    their outputs. ``--keep-id`` keeps the committed cell ids. Returns False (and changes nothing)
+    outside a git checkout or without git."""
+    if not (root / ".git").exists():
+        return False
+    clean = f'"{python}" -m nbstripout --keep-id'
+    settings = {"filter.nbstripout.clean": clean, "filter.nbstripout.smudge": "cat",
+                "diff.ipynb.textconv": f'"{python}" -m nbstripout --keep-id -t'}
+    try:
+        for key, value in settings.items():
+            subprocess.run(["git", "config", "--local", key, value], cwd=root, check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except (OSError, subprocess.CalledProcessError):
+        return False
+    return True
+
+
+def lab_command(argv: list[str], uid: int | None = None) -> list[str]:
+    """``python -m jupyterlab`` on ``notebooks/`` with ``argv`` appended; adds ``--allow-root``
+    when running as root (``uid`` 0; Jupyter refuses root without it) unless already given."""
+    uid = os.getuid() if uid is None and hasattr(os, "getuid") else uid
+    cmd = [str(PYTHON), "-m", "jupyterlab", f"--notebook-dir={ROOT / 'notebooks'}", *argv]
+    if uid == 0 and "--allow-root" not in argv:
+        print("running as root: adding --allow-root (Jupyter refuses root without it)", flush=True)
+        cmd.append("--allow-root")
+    return cmd
+
+
 DATA_PROFILES = {"quick-fmnist": "fashionmnist"}
 """Profiles on data that ``python -m data_prep.fetch --dataset <name>`` lays out before the run."""
 
@@ -57,10 +90,15 @@ def _profile_of(args: list[str]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("course", "test"):
+    if not argv or argv[0] not in ("course", "test", "lab"):
         print(__doc__)
         return 2
     ensure_venv()
+    install_notebook_filter()
+    if argv[0] == "lab":
+        print("JupyterLab on notebooks/ (open the URL it prints; Ctrl-C twice stops it). Results of "
+              "interactive runs go to results/<profile>/seed-<k>/, like the course's.", flush=True)
+        return subprocess.run(lab_command(argv[1:]), cwd=ROOT).returncode
     if argv[0] == "course":
         args = argv[1:] if any(a.startswith("--profile") for a in argv[1:]) else ["--profile", "quick", *argv[1:]]
         dataset = DATA_PROFILES.get(_profile_of(args))

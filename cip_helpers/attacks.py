@@ -129,7 +129,7 @@ def train_surrogate(cfg: Profile, x: Tensor, answers: Tensor, label_type: str, *
                                    eval_sets=sets, fused=True, **training.surrogate_train_kwargs(cfg))
         return {"history": history}
 
-    model, info = load_or_train(path, spec, lambda: _model_from_spec(spec), train, verbose)
+    model, info = load_or_train(path, spec, lambda: _model_from_spec(spec), train, verbose, name=desc)
     return model, {**info, "checkpoint": str(path.relative_to(cfg.results_dir))}
 
 

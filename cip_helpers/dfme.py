@@ -22,11 +22,11 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from . import data, pipeline
 from .config import Profile
 from .defenses import NoDefense, TriggerSet
+from .progress import progress as progress_bar
 from .store import load_checkpoint, load_or_train, save_checkpoint
 from .training import accuracy, set_seed
 
@@ -201,7 +201,7 @@ def dfme_train(cfg: Profile, api: CountingAPI, student: nn.Module, gen: Generato
         with torch.no_grad():
             return l1_disagreement(student(x), recovered_logits(grad_api(x)))
 
-    bar = tqdm(range(n_iters), desc=desc, disable=not progress)
+    bar = progress_bar(range(n_iters), desc=desc, disable=not progress, unit="round")
     for _ in bar:
         for _ in range(cfg.dfme_g_iter):  # generator: ascend the estimated disagreement gradient
             gen.train()
@@ -272,7 +272,7 @@ def run_dfme_attack(cfg: Profile, api_factory: Callable[[], object], defense_spe
         return {"curve": curve, "n_queries": counted.n_queries, "n_calls": counted.n_calls,
                 "has_triggers": triggers is not None, "seconds": round(time.perf_counter() - start, 2)}
 
-    student, info = load_or_train(path, spec, build_student, train, verbose)
+    student, info = load_or_train(path, spec, build_student, train, verbose, name=desc)
     if info["loaded"]:
         gen.load_state_dict(load_checkpoint(gen_path)[2])
         state["triggers"] = TriggerSet.load(trig_path) if info["has_triggers"] else None

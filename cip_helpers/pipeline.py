@@ -12,11 +12,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from . import data
 from .config import Profile
 from .models import build_model
+from .progress import progress as progress_bar
 from .defenses import CIP, DAWN, DP, Defense, NoDefense, OEOnly, r1_from_scores, softmax
 from .scores import energy_score, reliability_score, select_thresholds
 from .store import load_or_train, read_json, tensor_sha256, weights_sha256, write_json
@@ -79,7 +79,8 @@ def get_victim(cfg: Profile, split: str = "all", verbose: bool = True) -> tuple[
         return {"history": history}
 
     path = cfg.checkpoint_dir / f"victim_{split}.pt"
-    return load_or_train(path, victim_spec(cfg, split), lambda: new_model(cfg), train, verbose)
+    return load_or_train(path, victim_spec(cfg, split), lambda: new_model(cfg), train, verbose,
+                         name=f"victim ({split})")
 
 
 def get_oe_victim(cfg: Profile, split: str = "all", verbose: bool = True) -> tuple[nn.Module, dict]:
@@ -99,7 +100,8 @@ def get_oe_victim(cfg: Profile, split: str = "all", verbose: bool = True) -> tup
         return {"history": history}
 
     path = cfg.checkpoint_dir / f"oe_victim_{split}.pt"
-    return load_or_train(path, oe_spec(cfg, split), lambda: new_model(cfg), train, verbose)
+    return load_or_train(path, oe_spec(cfg, split), lambda: new_model(cfg), train, verbose,
+                         name=f"OE fine-tuning ({split})")
 
 
 def query_sets(cfg: Profile) -> dict[str, Tensor]:
@@ -297,7 +299,7 @@ def get_innocent_models(cfg: Profile, verbose: bool = True) -> dict[str, nn.Modu
     Returns ``{name: model}`` in the pool's order."""
     d = data.id_data(cfg)
     models = {}
-    for i in tqdm(range(cfg.n_innocent), desc="innocent pool", disable=not verbose):
+    for i in progress_bar(range(cfg.n_innocent), desc="innocent pool", disable=not verbose, unit="model"):
         recipe = INNOCENT_RECIPES[i % len(INNOCENT_RECIPES)]
         seed = 101 * (i + 1) + 10_000 * cfg.seed
         x, y = _innocent_data(cfg, recipe, seed)
@@ -319,5 +321,6 @@ def get_innocent_models(cfg: Profile, verbose: bool = True) -> dict[str, nn.Modu
             c, h, _ = d.shape
             return build_model(arch, c, d.n_classes, h)
 
-        models[name], _ = load_or_train(cfg.checkpoint_dir / f"{name}.pt", spec, build, train, verbose)
+        models[name], _ = load_or_train(cfg.checkpoint_dir / f"{name}.pt", spec, build, train, verbose,
+                                        name=name)
     return models

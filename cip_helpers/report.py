@@ -2,7 +2,10 @@
 verification verdicts, built from the JSON records that notebooks 07-10 write."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -87,6 +90,28 @@ def paper_row(attack: str, defense: str, setting: str | None, dataset: str | Non
     return None
 
 
+def paper_targets(dataset: str | None = None) -> pd.DataFrame:
+    """The paper's Table IV numbers this course compares with (notebook 00): per attack (in
+    :data:`ATTACK_ORDER`, DQA at r = 1) and defense (none, DP, DAWN, CIP), on the task
+    :func:`paper_task` picks for ``dataset``. Columns ``attack``, ``task``, ``defense``,
+    ``Test(M_V)``, ``Test(M_S)``, ``Trig(M_S)``, ``T`` (percent; ``T`` a count; empty where the
+    paper gives no number). Source: ``paper_table_iv.json`` (Zhang et al., IEEE TIFS 2023)."""
+    rows = []
+    for attack in ATTACK_ORDER:
+        setting = {"dqa": "r1", "ida": "hard"}.get(attack)
+        for defense in (d for d in DEFENSE_ORDER if d != "oe"):
+            row = paper_row(attack, defense, setting, dataset)
+            if row is None:
+                continue
+            rows.append({"attack": attack + (" (r = 1)" if attack == "dqa" else ""),
+                         "task": paper_task(attack, dataset), "defense": defense,
+                         "Test(M_V)": row["victim_acc"], "Test(M_S)": row["surrogate_acc"],
+                         "Trig(M_S)": row.get("trigger_acc"), "T": row.get("n_triggers")})
+    df = pd.DataFrame(rows)
+    df["T"] = df["T"].astype("Int64")
+    return df
+
+
 def _setting(r: dict) -> str:
     return r.get("setting") or r.get("label_type") or ""
 
@@ -154,6 +179,25 @@ def table_iv(records: list[dict], ablations: bool = False) -> pd.DataFrame:
     df["_a"] = df["attack"].map(ATTACK_ORDER.index)
     df["_d"] = df["defense"].map(DEFENSE_ORDER.index)
     return df.sort_values(["_a", "setting", "_d"]).drop(columns=["_a", "_d"]).reset_index(drop=True)
+
+
+def compact(df: pd.DataFrame, digits: int = 3, keep: Sequence[str] = ("defense",)) -> pd.DataFrame:
+    """``df`` for people (issue 18): columns empty in every row are dropped, columns with one value
+    in every row (``keep`` excepted) are printed once above the table ("same in every row: ...")
+    and dropped, floats are rounded to ``digits``. Returns the reduced table (a copy); ``df`` is
+    not changed. An empty ``df`` is returned as it is."""
+    if df.empty:
+        return df
+    out = df.dropna(axis=1, how="all")
+    constant = [c for c in out.columns if c not in keep and len(out) > 1
+                and out[c].astype(str).nunique(dropna=False) == 1]
+    if constant:
+        def fmt(v: object) -> str:
+            return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+
+        print("same in every row: " + ", ".join(f"{c} = {fmt(out[c].iloc[0])}" for c in constant))
+        out = out.drop(columns=constant)
+    return out.round(digits)
 
 
 def to_markdown(df: pd.DataFrame) -> str:
@@ -519,9 +563,45 @@ def write_seed_aggregate(profile_dir: Path, seeds: Sequence[int]) -> list[Path]:
     single = long.drop_duplicates(list(KEYS)) if not long.empty else long
     notes = "\n".join(f"{i}. {n}" for i, n in enumerate(table_notes(single, per_seed_records), 1))
     ablation = aggregate_table(seed_table(profile_dir, seeds, ablations=True))
-    return [write_json(profile_dir / "summary.json", summary),
-            write_text(profile_dir / "table.md", header + to_markdown(table) + "\nNotes:\n\n" + notes + "\n"
-                       + (ABLATION_HEADER + to_markdown(ablation) if not ablation.empty else ""))]
+    written = [write_json(profile_dir / "summary.json", summary),
+               write_text(profile_dir / "table.md", header + to_markdown(table) + "\nNotes:\n\n" + notes + "\n"
+                          + (ABLATION_HEADER + to_markdown(ablation) if not ablation.empty else ""))]
+    return written + [write_overview(profile_dir)]
+
+
+OVERVIEW_KEY = "Source"
+"""PNG text key of ``overview.png`` that names the summary it was drawn from (its sha256)."""
+
+
+def summary_digest(profile_dir: Path) -> str:
+    """``"summary.json sha256 <hex>"`` of ``<profile_dir>/summary.json``: what ``overview.png``
+    records, so a figure drawn from another summary is recognised as stale (a test checks it)."""
+    return "summary.json sha256 " + hashlib.sha256((Path(profile_dir) / "summary.json").read_bytes()).hexdigest()
+
+
+def write_overview(profile_dir: Path) -> Path:
+    """Draw :func:`cip_helpers.plots.overview` from ``<profile_dir>/summary.json`` into
+    ``<profile_dir>/overview.png`` (atomically; the README's opening figure for ``quick``), with
+    :func:`summary_digest` stored under the PNG text key :data:`OVERVIEW_KEY`. Raises
+    ``FileNotFoundError`` when the summary is missing (run the aggregate first)."""
+    import matplotlib.pyplot as plt
+
+    from . import plots
+
+    profile_dir = Path(profile_dir)
+    summary = read_json(profile_dir / "summary.json")
+    fig = plots.overview(summary)
+    path = profile_dir / "overview.png"
+    fd, tmp = tempfile.mkstemp(dir=profile_dir, suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, bbox_inches="tight", dpi=100, metadata={OVERVIEW_KEY: summary_digest(profile_dir)})
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
 
 
 # ----------------------------------------------------------------------------- differences

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import PROFILES, REPO_ROOT, Profile, coerce_field, get_profile
+from .progress import BATCH_ENV
 from .store import read_json, write_json
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
@@ -64,7 +65,7 @@ TASKS = {"innocents": "11"}
 need only the ID data), so that 11 (which waits for every other notebook) only loads them. A task
 is scheduled only when its notebook is in the run; the notebook still trains what is missing."""
 
-PRIORITY = ("01", "02", "09", "03", "07", "08", "10", "innocents", "06", "04", "05", "11")
+PRIORITY = ("01", "02", "09", "03", "07", "08", "10", "innocents", "06", "04", "05", "00", "11")
 """Order in which ready jobs are started: 09 first (10 waits for it), 03 (07 reuses its surrogates),
 then the longest, so the lanes finish together."""
 
@@ -256,7 +257,7 @@ def _run_loop(pending: list[Job], running: list[Job], profile: str, overrides: d
                 cfg = cfg_for[job.seed]
                 out = cfg.results_dir / "executed" / job.book.name
                 env = {**os.environ, "OMP_NUM_THREADS": str(job.threads), "MKL_NUM_THREADS": str(job.threads),
-                       "CIP_BATCH": "1"}  # slider cells draw their default view (plots.slider_view)
+                       BATCH_ENV: "1"}  # one-line progress, default slider views (cip_helpers.progress)
                 arg = json.dumps({"path": str(job.book), "profile": profile, "out": str(out),
                                   "overrides": {**overrides, "seed": job.seed}, "cell_timeout": cell_timeout,
                                   "task": job.task})

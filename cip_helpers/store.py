@@ -14,12 +14,15 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from . import progress
 
 CHECKPOINT_FORMAT = 1
 
@@ -128,11 +131,21 @@ def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
 
 
 def load_or_train(path: Path, spec: dict, build: Callable[[], nn.Module],
-                  train: Callable[[nn.Module], dict], verbose: bool = True) -> tuple[nn.Module, dict]:
+                  train: Callable[[nn.Module], dict], verbose: bool = True,
+                  name: str | None = None) -> tuple[nn.Module, dict]:
     """Load the model at ``path`` if it was trained with exactly ``spec``; otherwise build it,
-    call ``train(model) -> extra`` and save. Returns ``(model, {"loaded": bool, **extra})``."""
+    call ``train(model) -> extra`` and save. Returns ``(model, {"loaded": bool, **extra})``.
+
+    With ``verbose`` the stage says what happened in ONE line starting with ``name`` (default: the
+    file's stem): ``name: loaded checkpoint X.pt (same settings; delete it to retrain)``, printed
+    once per checkpoint file per process (a kernel that loads it again stays quiet,
+    :func:`progress.announce_once`), or, for a training, the progress bar's line in a batch run
+    (``name: trained 6/6 epochs in 12.3 s (...) -> X.pt``, :class:`progress.BatchBar`; with a
+    retraining, which settings changed); interactively the line comes before the live bar."""
     path, spec = Path(path), _jsonable(spec)
+    name = name or path.stem
     model = build()
+    changed: list[str] = []
     if path.exists():
         saved_spec, extra, state = load_checkpoint(path)
         if saved_spec == spec:
@@ -143,14 +156,22 @@ def load_or_train(path: Path, spec: dict, build: Callable[[], nn.Module],
                                       f"({exc}). Delete it to retrain: rm '{path}'") from exc
             model.eval()
             if verbose:
-                print(f"loaded checkpoint {path.name} (spec matches; delete the file to retrain)")
+                stat = path.stat()
+                progress.announce_once((str(path.resolve()), stat.st_mtime_ns, stat.st_size),
+                                       f"{name}: loaded checkpoint {path.name} (same settings; "
+                                       "delete it to retrain)")
             return model, {"loaded": True, **extra, "weights_sha256": weights_sha256(state)}
         changed = sorted(k for k in set(spec) | set(saved_spec) if spec.get(k) != saved_spec.get(k))
-        if verbose:
-            print(f"checkpoint {path.name} was trained with other settings ({', '.join(changed)}): retraining")
-    elif verbose:
-        print(f"no checkpoint at {path.name}: training")
-    extra = train(model) or {}
+    batch = progress.batch_mode()
+    if verbose and not batch:  # interactively: say it before the live bar
+        print(f"{name}: checkpoint {path.name} was trained with other settings ({', '.join(changed)}): "
+              "retraining" if changed else f"{name}: no checkpoint {path.name} yet: training", flush=True)
+    start = time.perf_counter()
+    with progress.stage(name, path.name, changed) as current:
+        extra = train(model) or {}
     model.eval()
     save_checkpoint(path, model, spec, extra)
+    if verbose and batch and not current.reported:  # no bar said it: one line all the same
+        print(f"{name}: {'retrained' if changed else 'trained'} in {time.perf_counter() - start:.1f} s "
+              f"{current.destination()}", flush=True)
     return model, {"loaded": False, **extra, "weights_sha256": weights_sha256(model)}

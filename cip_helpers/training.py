@@ -12,9 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .data import make_loader
+from .progress import progress as progress_bar
 from .scores import energy_score, oe_energy_loss
 
 
@@ -369,7 +369,7 @@ def train_classifier(model: nn.Module, x: Tensor, target: Tensor, *, epochs: int
     loader = make_loader(x, target, batch_size, shuffle=True, seed=seed)
     g = torch.Generator().manual_seed(seed + 7)
     history = []
-    bar = tqdm(range(epochs), desc=desc, disable=not progress)
+    bar = progress_bar(range(epochs), desc=desc, disable=not progress)
     for epoch in bar:
         model.train()
         total, correct, loss_sum = 0, 0, 0.0
@@ -450,7 +450,7 @@ def finetune_oe(model: nn.Module, x_in: Tensor, y_in: Tensor, x_out: Tensor, *, 
     stride = out_batch_size or batch_size  # outliers consumed per step
     g = torch.Generator().manual_seed(seed + 1)
     history = []
-    bar = tqdm(range(epochs), desc=desc, disable=not progress)
+    bar = progress_bar(range(epochs), desc=desc, disable=not progress)
     for epoch in bar:
         model.train()
         out_order = torch.randperm(len(x_out), generator=g)

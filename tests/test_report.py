@@ -1,6 +1,8 @@
 """The Table IV analog: our records beside the paper's numbers."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from cip_helpers import report
 
 
@@ -92,3 +94,62 @@ def test_verification_summary_counts_distinct_pairs_with_their_bound_and_power_p
     assert s["min_innocent_p"] == 0.3
     assert s["ablations"]["one_rate"]["innocent"]["flagged"] == 16
     assert s["ablations"]["drop_agreed"]["stolen"]["ida/cip"]["flagged"] == 0
+
+
+def test_readme_opens_with_the_overview_figure_of_the_committed_summary():
+    """Issue 18: the README's opening figure is results/quick/overview.png, drawn from the
+    committed summary.json (its sha256 is stored in the PNG); a figure of another summary fails."""
+    from PIL import Image
+
+    from cip_helpers import report
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    first_image = readme.index("![")
+    assert "results/quick/overview.png" in readme[first_image:first_image + 200]
+    assert first_image < readme.index("## Quick start")
+    assert "What CIP adds over DP" in readme[:readme.index("## Quick start")]
+    profile = root / "results" / "quick"
+    stored = Image.open(profile / "overview.png").text.get(report.OVERVIEW_KEY)
+    assert stored == report.summary_digest(profile), (
+        "results/quick/overview.png was drawn from another summary.json: "
+        "python -m cip_helpers.report aggregate --profile-dir results/quick --seeds 0,1,2")
+
+
+def test_write_overview_records_the_summary_it_was_drawn_from(tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    from cip_helpers import report
+
+    shutil.copy(Path(__file__).resolve().parents[1] / "results" / "quick" / "summary.json", tmp_path)
+    path = report.write_overview(tmp_path)
+    assert Image.open(path).text[report.OVERVIEW_KEY] == report.summary_digest(tmp_path)
+    (tmp_path / "summary.json").write_text((tmp_path / "summary.json").read_text() + " ")
+    assert Image.open(path).text[report.OVERVIEW_KEY] != report.summary_digest(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["overview.png", "summary.json"]  # no temp file left
+
+
+def test_compact_drops_empty_and_constant_columns_and_rounds(capsys):
+    """Issue 18: result tables without redundant or empty columns; floats rounded for people."""
+    import pandas as pd
+
+    df = pd.DataFrame({"defense": ["cip", "dp"], "queries": [8000, 8000], "oe_victim_acc": [None, None],
+                       "surrogate_acc": [0.100000001490116, 0.4379999935]})
+    out = report.compact(df)
+    assert list(out.columns) == ["defense", "surrogate_acc"] and out["surrogate_acc"].tolist() == [0.1, 0.438]
+    assert capsys.readouterr().out == "same in every row: queries = 8000\n"
+    assert list(df.columns) == ["defense", "queries", "oe_victim_acc", "surrogate_acc"]  # input unchanged
+    one = report.compact(df.iloc[:1])  # one row: nothing is "the same in every row"
+    assert "queries" in one and capsys.readouterr().out == ""
+
+
+def test_paper_targets_are_table_iv_for_the_tasks_the_course_compares_with():
+    t = report.paper_targets()
+    cip = t[t["defense"] == "cip"].set_index("attack")
+    assert cip.loc["knockoff", "Test(M_S)"] == 49.85 and cip.loc["knockoff", "T"] == 17
+    assert cip.loc["dfme", "task"] == "MNIST/RN18" and cip.loc["dfme", "Test(M_S)"] == 11.91
+    assert cip.loc["dqa (r = 1)", "Trig(M_S)"] == 98.85
+    assert set(t["defense"]) == {"none", "dp", "dawn", "cip"} and len(t) == 16
+    assert report.paper_targets("fashionmnist").set_index(["attack", "defense"]).loc[("dfme", "dp"), "Test(M_S)"] == 42.09
