@@ -111,3 +111,20 @@ def test_runner_names_the_failing_notebook_and_cell(tmp_path, results_root, caps
     assert status == 1
     assert "02_bad.ipynb (seed 0) failed" in err and "ValueError: broken on purpose" in err
     assert not (results_root / "smoke" / "seed-0" / "executed" / "03_never.ipynb").exists()
+
+
+def test_every_notebook_ends_with_takeaways_and_try_it():
+    """Issue 18: the last cell of every notebook is "## Takeaways" (at most three) and "## Try it"
+    (two or three prompts, each naming an override or a concrete action), and 00 exists."""
+    import re
+
+    assert NOTEBOOKS[0].name == "00_orientation.ipynb"
+    for path in NOTEBOOKS:
+        last = nbformat.read(path, as_version=4).cells[-1]
+        assert last.cell_type == "markdown", f"{path.name} ends on a code cell"
+        text = last.source
+        assert "## Takeaways" in text and "## Try it" in text, f"{path.name}: no Takeaways / Try it"
+        take, tries = text.split("## Takeaways", 1)[1].split("## Try it", 1)
+        n_take = len(re.findall(r"^- ", take, re.M))
+        n_try = len(re.findall(r"^- ", tries, re.M))
+        assert 1 <= n_take <= 3 and 2 <= n_try <= 3, f"{path.name}: {n_take} takeaways, {n_try} prompts"
