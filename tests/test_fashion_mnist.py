@@ -152,6 +152,7 @@ def test_issue17_tasks_course_lays_out_the_data_of_a_data_profile(monkeypatch):
             self.returncode = code
 
     monkeypatch.setattr(tasks, "ensure_venv", lambda: None)
+    monkeypatch.setattr(tasks, "install_notebook_filter", lambda *a, **k: False)  # git config: not this test's
     monkeypatch.setattr(tasks.subprocess, "run", lambda cmd, cwd: calls.append(cmd[1:]) or Done(3))
     assert tasks.main(["course", "--profile", "quick-fmnist"]) == 3  # data_prep failed: no course
     assert calls == [["-m", "data_prep.fetch", "--dataset", "fashionmnist"]]
