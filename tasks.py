@@ -6,7 +6,8 @@
     python3 tasks.py course --profile quick-fmnist   # Fashion-MNIST (lays out the data first)
     python3 tasks.py lab               # same set-up, then JupyterLab on notebooks/ (sliders live)
 
-Options: ``course --profile smoke|quick|full --only 01,03``; ``test`` passes extra args to pytest.
+Options: ``course --profile smoke|quick|quick-fmnist|full --seeds 0,1,2 --only 01,03`` (passed to
+``python -m cip_helpers.run``); ``test`` passes extra args to pytest; ``lab`` to JupyterLab.
 The virtual environment lives in ``.venv/`` at the repository root and is (re)installed whenever
 ``pyproject.toml`` changed since the last install. In a git checkout every command also installs
 the nbstripout filter for ``notebooks/*.ipynb`` (``.gitattributes``), so a notebook saved by
@@ -34,7 +35,11 @@ def ensure_venv() -> None:
         sys.exit(f"Python >= 3.10 is required, this is {sys.version.split()[0]}")
     if not PYTHON.exists():
         print(f"creating virtual environment {VENV}", flush=True)
-        venv.EnvBuilder(with_pip=True).create(VENV)
+        try:
+            venv.EnvBuilder(with_pip=True).create(VENV)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            sys.exit(f"could not create {VENV} ({exc}). On Debian/Ubuntu the venv module needs its "
+                     f"package: apt-get install python3-venv; then remove {VENV} and run this again")
     want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
     if STAMP.exists() and STAMP.read_text().strip() == want:
         return

@@ -22,6 +22,17 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parent
 
 
+def shown_path(path: Path | str) -> str:
+    """``path`` for printing in a notebook: relative to the repository root when inside it
+    (``results/quick/seed-0``, the same on every machine), else absolute (e.g. a test's temporary
+    ``CIP_RESULTS_ROOT``)."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(REPO_ROOT.resolve()))
+    except ValueError:
+        return str(path)
+
+
 @dataclass(frozen=True)
 class Profile:
     """All knobs of one run. Fields are grouped by the notebook that uses them first.

@@ -527,11 +527,12 @@ def defense_comparison(rows: Sequence[Mapping], metrics: Sequence[str] = (
         _tag(bars, row["defense"])
         for x, h in zip(xs, heights):
             ax.annotate("n/a" if np.isnan(h) else f"{h:.3f}", (x, 0 if np.isnan(h) else h),
-                        ha="center", va="bottom", fontsize=6)
+                        ha="center", va="bottom", fontsize=6, rotation=90 if len(rows) > 3 else 0)
     ax.set_xticks(np.arange(len(metrics)), [m.replace("_", " ") for m in metrics], fontsize=8)
-    ax.set_ylim(0, 1.1)
+    ax.set_ylim(0, 1.25)  # room for the (rotated) value labels above a bar at 1.0
     ax.set_ylabel("fraction")
-    ax.legend(fontsize=7, ncol=max(len(rows), 1))
+    ax.legend(fontsize=7, ncol=max(len(rows), 1), loc="upper center", bbox_to_anchor=(0.5, -0.12),
+              frameon=False)  # below the axes: never over a bar or its label
     fig.tight_layout()
     return fig
 
@@ -665,8 +666,9 @@ def accuracy_vs_queries(curves: Mapping[str, Sequence[tuple[int, float]]],
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
     for (name, points), colour in zip(curves.items(), _series_colors(list(curves))):
         q, a = zip(*points) if points else ((), ())
-        (line,) = ax.plot(q, a, marker="o", label=name, color=colour,
-                          linestyle="--" if name in dashed else "-")
+        hollow = name in dashed  # dashed curves get hollow markers: a filled dot hides the dashes
+        (line,) = ax.plot(q, a, marker="o", label=name, color=colour, linestyle="--" if hollow else "-",
+                          markerfacecolor="white" if hollow else colour, markersize=5 if hollow else 6)
         if _defense_key(name):
             _tag(line, name)
     if reference is not None:
@@ -676,12 +678,13 @@ def accuracy_vs_queries(curves: Mapping[str, Sequence[tuple[int, float]]],
     return _finish(fig, ax, "queries to the API", ylabel, title)
 
 
-TRADEOFF_KEYS = (("fidelity", "API fidelity on ID test digits", "-"),
-                 ("poisoned_share", "share of the mixed pool poisoned", "--"),
-                 ("strong_share", "... of it with strong PPD", (0, (5, 1, 1, 1))),
-                 ("surrogate_acc", "stolen surrogate accuracy", "-."),
-                 ("trigger_acc", "trigger accuracy", ":"))
-"""(key, legend label, line style) of :func:`threshold_tradeoff`'s lines."""
+TRADEOFF_KEYS = (("fidelity", "API fidelity on ID test digits", "-", "o"),
+                 ("poisoned_share", "share of the mixed pool poisoned", "--", "s"),
+                 ("strong_share", "... of it with strong PPD", (0, (5, 1, 1, 1)), "^"),
+                 ("surrogate_acc", "stolen surrogate accuracy", "-.", "D"),
+                 ("trigger_acc", "trigger accuracy", ":", "v"))
+"""(key, legend label, line style, marker) of :func:`threshold_tradeoff`'s lines: all CIP's, so
+one colour, told apart by line style AND marker (two dash patterns alone look alike in a legend)."""
 
 
 def threshold_tradeoff(tradeoff: Mapping[str, object], p1: float | None = None,
@@ -689,16 +692,16 @@ def threshold_tradeoff(tradeoff: Mapping[str, object], p1: float | None = None,
     """Notebook 03's trade-off figure from ``attacks.threshold_tradeoff``: left, the ``p1`` grid
     (fidelity, poisoned and strongly poisoned share, mixed-pool KnockoffNets surrogate and trigger
     accuracy, all in [0, 1]); right, the ``p2`` grid (fidelity and the two shares only). Optional vertical lines
-    mark a slider setting. Every line is CIP's, in CIP's colour, told apart by line style."""
+    mark a slider setting. Every line is CIP's, in CIP's colour, told apart by line style and marker."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.4), sharey=True)
     colour = DEFENSE_COLORS["cip"]
     for ax, grid, mark in ((axes[0], "p1", p1), (axes[1], "p2", p2)):
         rows = tradeoff[grid]
         xs = [r[grid] for r in rows]
-        for key, label, style in TRADEOFF_KEYS:
+        for key, label, style, marker in TRADEOFF_KEYS:
             pts = [(x, r.get(key)) for x, r in zip(xs, rows) if r.get(key) is not None]
             if pts:
-                _tag(ax.plot(*zip(*pts), marker="o", linestyle=style, color=colour, label=label), "cip")
+                _tag(ax.plot(*zip(*pts), marker=marker, linestyle=style, color=colour, label=label), "cip")
         if mark is not None:
             ax.axvline(mark, color=NEUTRAL["reference"], linewidth=1, alpha=0.5)
         other = "p2" if grid == "p1" else "p1"
@@ -825,10 +828,11 @@ def run_order(runs: Sequence[str]) -> list[str]:
 
 
 def _spread_bars(ax: plt.Axes, runs: Sequence, defenses: Sequence[str],
-                 values: Callable[[Any, str], Sequence[float | None]]) -> None:
-    """Per run (x slot) and defense: the mean over ``values(run, defense)`` as a bar in the
-    defense's colour with a ± sd error bar (sample sd; none for one value) and every value as a
-    dot; "n/a" where there is no value."""
+                 values: Callable[[Any, str], Sequence[float | None]],
+                 bounds: tuple[float, float] = (0.0, 100.0)) -> None:
+    """Per run (x slot) and defense: the mean over ``values(run, defense)`` (percent) as a bar in
+    the defense's colour with a ± sd error bar (sample sd; none for one value) cut at ``bounds``
+    (an accuracy cannot leave [0, 100]) and every value as a dot; "n/a" where there is no value."""
     width = 0.8 / max(len(defenses), 1)
     for j, d in enumerate(defenses):
         colour = defense_color(d)
@@ -841,7 +845,9 @@ def _spread_bars(ax: plt.Axes, runs: Sequence, defenses: Sequence[str],
                             ha="center", va="bottom", fontsize=7, color=NEUTRAL["reference"])
                 continue
             sd = float(vals.std(ddof=1)) if vals.size > 1 else 0.0
-            bars = ax.bar(x, float(vals.mean()), width * 0.9, color=colour, alpha=0.4, yerr=sd, capsize=2,
+            mean = float(vals.mean())
+            yerr = [[min(sd, mean - bounds[0])], [min(sd, bounds[1] - mean)]]  # mean ± sd, cut at the bounds
+            bars = ax.bar(x, mean, width * 0.9, color=colour, alpha=0.4, yerr=yerr, capsize=2,
                           error_kw={"ecolor": NEUTRAL["reference"], "elinewidth": 1},
                           label=None if labelled else d)
             _tag(bars, d)
@@ -999,20 +1005,21 @@ def agreement_matrix(rows: Mapping[str, np.ndarray], ood: np.ndarray, labels: np
 def trigger_counts_by_call_size(counts: Mapping[str, Mapping[str, int]], title: str = "") -> plt.Figure:
     """Grouped bars: trigger-set size per call-size setting (x axis, the keys of each inner
     mapping, e.g. from :func:`defenses.triggers_by_call_size`) for each PBD mode (the outer
-    keys); the online mode in CIP's colour, others in grey shades."""
+    keys). Every mode is CIP's, so every bar is in CIP's colour; modes after the online one are
+    hatched in white (``//``, ``xx``, ``..``)."""
     fig, ax = plt.subplots(figsize=(7, 3.2))
     modes = list(counts)
     labels = list(next(iter(counts.values()))) if counts else []
     width = 0.8 / max(len(modes), 1)
-    greys = ["#525252", "#bdbdbd", "#969696"]
+    hatches = ["//", "xx", ".."]
+    colour = DEFENSE_COLORS["cip"]
     for j, mode in enumerate(modes):
         online = mode.startswith("online")
-        colour = DEFENSE_COLORS["cip"] if online else greys[j % len(greys)]
         xs = np.arange(len(labels)) + (j - (len(modes) - 1) / 2) * width
         values = [counts[mode][k] for k in labels]
-        bars = ax.bar(xs, values, width * 0.9, color=colour, label=mode)
-        if online:
-            _tag(bars, "cip")
+        bars = ax.bar(xs, values, width * 0.9, color=colour, edgecolor="white" if not online else colour,
+                      hatch=None if online else hatches[j % len(hatches)], label=mode)
+        _tag(bars, "cip")
         ax.bar_label(bars, fontsize=8)
     ax.set_xticks(np.arange(len(labels)), labels)
     ax.set_ylabel("triggers (flipped answers)")
@@ -1110,7 +1117,7 @@ def cip_pipeline(ax: plt.Axes | None = None) -> plt.Figure:
                  "the ID-train energies", cip, cip_fill)
     energy = box(2.05, 1.95, 2.35, 1.05, "[02] energy score\nE(x) = −T·logsumexp(f(x)/T)\n"
              "(f fine-tuned with OE)", cip, cip_fill)
-    route_id = box(4.8, 3.65, 2.45, 1.5, "E < E1: \"ID\"\n[05] reliability R(x) < R1 ?\n"
+    route_id = box(4.8, 3.65, 2.45, 1.5, "E < E1: \"ID\"\n[05] hardest (lowest R)?\n"
                "yes: PBD flips the answer,\nlogs it in the trigger set\nno: clean answer", cip, cip_fill)
     route_low = box(4.8, 1.95, 2.45, 1.05, "E1 ≤ E < E2: \"low-ES OOD\"\n[04] weak PPD\n"
                 "(reverse sigmoid)", cip, cip_fill)
@@ -1123,7 +1130,7 @@ def cip_pipeline(ax: plt.Axes | None = None) -> plt.Figure:
              "the flipped\nlabels?", cip, cip_fill)
     box(7.6, 0.15, 1.6, 0.95, "[06] baseline DP:\nreverse sigmoid\non every answer",
         DEFENSE_COLORS["dp"], _tint(DEFENSE_COLORS["dp"]))
-    box(9.35, 0.15, 1.6, 0.95, "[06] baseline\nDAWN: watermarks\na share r of queries",
+    box(9.35, 0.15, 1.6, 0.95, "[06] baseline\nDAWN: watermarks a\nkeyed-hash share",
         DEFENSE_COLORS["dawn"], _tint(DEFENSE_COLORS["dawn"]))
 
     arrow(query["r"], energy["l"])

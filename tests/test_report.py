@@ -150,6 +150,6 @@ def test_paper_targets_are_table_iv_for_the_tasks_the_course_compares_with():
     cip = t[t["defense"] == "cip"].set_index("attack")
     assert cip.loc["knockoff", "Test(M_S)"] == 49.85 and cip.loc["knockoff", "T"] == 17
     assert cip.loc["dfme", "task"] == "MNIST/RN18" and cip.loc["dfme", "Test(M_S)"] == 11.91
-    assert cip.loc["dqa (r = 1)", "Trig(M_S)"] == 98.85
+    assert cip.loc["dqa (r = 1)", "Trig(M_S)"] == 98.85 and cip.loc["ida", "Test(M'_V)"] == 94.97
     assert set(t["defense"]) == {"none", "dp", "dawn", "cip"} and len(t) == 16
     assert report.paper_targets("fashionmnist").set_index(["attack", "defense"]).loc[("dfme", "dp"), "Test(M_S)"] == 42.09
