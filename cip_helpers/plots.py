@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -23,6 +22,7 @@ from torch import Tensor
 
 from .config import Profile
 from .progress import BATCH_ENV  # the runner's batch flag: sliders draw their default view
+from .store import write_png
 
 DEFENSE_COLORS: dict[str, str] = {"none": "#7f7f7f", "oe": "#9467bd", "dp": "#1f77b4",
                                   "dawn": "#2ca02c", "cip": "#d62728"}
@@ -98,16 +98,7 @@ def save_figure(fig: plt.Figure, cfg: Profile, name: str) -> None:
     a temporary file and renamed (atomic). Returns ``None``, so a notebook cell that ends with this
     call echoes nothing; the path is ``cfg.figures_dir / f"{name}.png"``. It displays nothing
     itself: in a notebook the inline backend shows the (still open) figure once when the cell ends."""
-    path = cfg.figures_dir / f"{name}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, bbox_inches="tight", dpi=110)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_png(cfg.figures_dir / f"{name}.png", fig, dpi=110)
 
 
 def sample_indices(n_total: int, k: int, seed: int) -> Tensor:
@@ -756,42 +747,32 @@ def generated_images(x: Tensor, energies: Tensor, e1: float, e2: float, ncols: i
     return image_grid(x, titles, ncols=ncols, title=title, size=1.4)
 
 
-def trigger_vs_ratio(table, title: str = "", *, ax: plt.Axes | None = None, value: str = "trigger_acc",
-                     ratio: str = "dqa_ratio", count: str | None = "n_triggers", scale: float = 1.0,
-                     ylabel: str = "trigger accuracy") -> plt.Figure:
+def trigger_vs_ratio(table, title: str = "") -> plt.Figure:
     """DQA: trigger accuracy of DAWN and CIP (in their colours) against the ratio
     r = (ID queries) / (noise queries) on a log2 axis read with MORE NOISE TO THE RIGHT (r falls
-    from left to right), with the mean number of triggers T next to every point. ``table`` needs
-    columns ``defense``, ``ratio`` and ``value`` (and ``count`` unless None); several rows of one
-    (defense, r), e.g. seeds, are averaged. ``scale``: 1 for fractions, 100 for percent (y range
-    0 .. 1.12 * scale). Draws on ``ax`` if given (notebook 11's DQA panel) and returns its figure."""
+    from left to right), with the mean number of triggers T next to every point. ``table`` is an
+    ``attacks.results_table`` of DQA (columns ``defense``, ``dqa_ratio``, ``trigger_acc`` and
+    ``n_triggers``, fractions); several rows of one (defense, r), e.g. seeds, are averaged."""
     import pandas as pd
 
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(5.5, 3.2))
-    else:
-        fig = ax.figure
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
     for name in ("dawn", "cip"):
-        rows = table[(table["defense"] == name) & table[ratio].notna() & table[value].notna()]
+        rows = table[(table["defense"] == name) & table["dqa_ratio"].notna() & table["trigger_acc"].notna()]
         if rows.empty:
             continue
-        cols = [value] + ([count] if count else [])
-        agg = rows.groupby(ratio)[cols].mean().sort_index(ascending=False)
-        (line,) = ax.plot(agg.index, agg[value], marker="o", label=name, color=DEFENSE_COLORS[name])
+        agg = rows.groupby("dqa_ratio")[["trigger_acc", "n_triggers"]].mean().sort_index(ascending=False)
+        (line,) = ax.plot(agg.index, agg["trigger_acc"], marker="o", label=name, color=DEFENSE_COLORS[name])
         _tag(line, name)
-        if count:
-            for r, acc, t in zip(agg.index, agg[value], agg[count]):
-                if not pd.isna(t):
-                    ax.annotate(f"T={float(t):.3g}", (r, acc), textcoords="offset points", xytext=(4, 4),
-                                fontsize=7)
+        for r, acc, t in zip(agg.index, agg["trigger_acc"], agg["n_triggers"]):
+            if not pd.isna(t):
+                ax.annotate(f"T={float(t):.3g}", (r, acc), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log", base=2)
-    ratios = sorted(set(table[ratio].dropna()), reverse=True)
+    ratios = sorted(set(table["dqa_ratio"].dropna()), reverse=True)
     ax.set_xticks(ratios, [f"{r:g}" for r in ratios])
     ax.minorticks_off()
-    if not ax.xaxis_inverted():
-        ax.invert_xaxis()
-    return _finish(fig, ax, "r = ID queries / noise queries  (more noise to the right)", ylabel,
-                   title, ylim=(0, 1.12 * scale))
+    ax.invert_xaxis()
+    return _finish(fig, ax, "r = ID queries / noise queries  (more noise to the right)", "trigger accuracy",
+                   title, ylim=(0, 1.12))
 
 
 # --- across seeds (notebook 11, README) -----------------------------------------------------------
@@ -815,16 +796,6 @@ def _more_noise_right(runs: list[tuple[str, str]]) -> list[tuple[str, str]]:
     for i, run in zip(slots, ordered):
         out[i] = run
     return out
-
-
-def run_order(runs: Sequence[str]) -> list[str]:
-    """The distinct run labels ``"<attack> <setting>"`` of ``runs`` (e.g. notebook 11's ``run``
-    column) in order of first appearance, except that DQA runs ("dqa r0.25", "dqa r1") are sorted
-    by falling r = ID / noise queries within their slots: more noise to the right, as in
-    :func:`trigger_vs_ratio` and :func:`seed_spread`. Pass it as seaborn's ``order=``."""
-    labels = list(dict.fromkeys(str(r) for r in runs))
-    pairs = [tuple(label.split(" ", 1)) if " " in label else (label, "") for label in labels]
-    return [" ".join(p).strip() for p in _more_noise_right(pairs)]
 
 
 def _spread_bars(ax: plt.Axes, runs: Sequence, defenses: Sequence[str],

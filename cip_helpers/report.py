@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,7 +13,7 @@ from torch import nn
 
 from . import attacks, pipeline, verification
 from .config import Profile
-from .store import read_json, weights_sha256, write_json, write_text
+from .store import read_json, weights_sha256, write_json, write_png, write_text
 
 PAPER_TABLE = Path(__file__).with_name("paper_table_iv.json")
 # the paper task we put next to each of our attacks (Table IV has no MNIST row for Knockoff/IDA/DQA)
@@ -592,17 +590,11 @@ def write_overview(profile_dir: Path) -> Path:
     profile_dir = Path(profile_dir)
     summary = read_json(profile_dir / "summary.json")
     fig = plots.overview(summary)
-    path = profile_dir / "overview.png"
-    fd, tmp = tempfile.mkstemp(dir=profile_dir, suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, bbox_inches="tight", dpi=100, metadata={OVERVIEW_KEY: summary_digest(profile_dir)})
-        os.replace(tmp, path)
+        return write_png(profile_dir / "overview.png", fig, dpi=100,
+                         metadata={OVERVIEW_KEY: summary_digest(profile_dir)})
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 # ----------------------------------------------------------------------------- differences

@@ -57,6 +57,14 @@ def write_text(path: Path, text: str) -> Path:
     return Path(path)
 
 
+def write_png(path: Path, fig: Any, dpi: int = 110, metadata: dict[str, str] | None = None) -> Path:
+    """Save a matplotlib figure as PNG (tight bounding box, ``dpi``; ``metadata`` as PNG text
+    chunks) atomically, like every other artifact here; returns the path."""
+    _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight", dpi=dpi,
+                                                      metadata=metadata))
+    return Path(path)
+
+
 def read_json(path: Path) -> Any:
     """Read a JSON artifact; a missing file raises an error naming the notebook that writes it."""
     path = Path(path)

@@ -128,6 +128,21 @@ def _report(page: bu.NotebookPage, lab_results_root: Path, **numbers: Any) -> No
         print(f"  {key}: {value}")
 
 
+def _run_and_read_slider(page: bu.NotebookPage, label: Any, name: str, default: float,
+                         need_table: bool) -> tuple[Any, dict]:
+    """Open the notebook, run all its cells, find the slider ``label`` (``name`` in messages) and
+    return it with its first view, checked: a figure (and a routing table if ``need_table``) and
+    the readout at the profile's ``default``."""
+    page.open()
+    page.run_all(RUN_ALL_TIMEOUT)
+    slider = page.slider(label, name)
+    first = page.state(slider)
+    shown = first["img"] and (first["table"] or not need_table)
+    assert shown, f"the {name} slider shows no figure{'/table' if need_table else ''}\n{page.context(slider)}"
+    assert bu.number(first["readout"]) == default, f"{name} starts at {first['readout']}, profile {default}"
+    return slider, first
+
+
 def test_03_p1_slider_changes_the_plot_and_the_routing_table(driver: Any, lab: bu.LabServer,
                                                             lab_results_root: Path) -> None:
     default = get_profile("smoke").p1
@@ -135,12 +150,7 @@ def test_03_p1_slider_changes_the_plot_and_the_routing_table(driver: Any, lab: b
     page = bu.NotebookPage(driver, lab, NB03)
     try:
         with page.explained():
-            page.open()
-            page.run_all(RUN_ALL_TIMEOUT)
-            slider = page.slider(P1_LABEL, "p1")
-            first = page.state(slider)
-            assert first["img"] and first["table"], f"the p1 slider shows no figure/table\n{page.context(slider)}"
-            assert bu.number(first["readout"]) == default, f"p1 starts at {first['readout']}, profile p1 = {default}"
+            slider, first = _run_and_read_slider(page, P1_LABEL, "p1", default, need_table=True)
             assert {"ID", "low-ES OOD", "high-ES OOD"} <= set(first["table"]["header"]), first["table"]
             static = page.js(bu.JS_STATIC_TABLE, "low-ES OOD")
             assert isinstance(static, dict), f"no static routing table above the slider\n{page.context()}"
@@ -178,12 +188,7 @@ def test_05_r1_percentile_slider_changes_the_plot(driver: Any, lab: bu.LabServer
     page = bu.NotebookPage(driver, lab, NB05)
     try:
         with page.explained():
-            page.open()
-            page.run_all(RUN_ALL_TIMEOUT)
-            slider = page.slider(R1_LABEL, "R1 percentile")
-            first = page.state(slider)
-            assert first["img"], f"the R1 percentile slider shows no figure\n{page.context(slider)}"
-            assert bu.number(first["readout"]) == default, f"slider starts at {first['readout']}, profile {default}"
+            slider, first = _run_and_read_slider(page, R1_LABEL, "R1 percentile", default, need_table=False)
             moved = page.move(slider, R1_TARGET, first, need_table=False)
             restored = page.move(slider, default, moved, need_table=False)
     finally:

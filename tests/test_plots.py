@@ -308,18 +308,15 @@ def test_seed_spread_colours_marks_missing_pairs_and_puts_more_noise_right():
     _check_defense_colours(fig, {"none", "dp", "dawn", "cip"})
 
 
-def test_notebook_11_reads_dqa_with_more_noise_to_the_right():
-    runs = ["knockoff hard", "dqa r0.25", "dqa r0.25", "dqa r0.5", "dqa r1", "ida soft"]
-    assert plots.run_order(runs) == ["knockoff hard", "dqa r1", "dqa r0.5", "dqa r0.25", "ida soft"]
-    # the DQA panel of notebook 11 from its percent table (report.table_iv columns)
-    dqa = pd.DataFrame({"defense": ["dawn", "dawn", "cip", "cip"], "r": [0.25, 1.0, 0.25, 1.0],
-                        "Trig(M_S)": [30.0, 80.0, 40.0, 90.0], "T": pd.array([12, 10, 6, pd.NA], dtype="Int64")})
-    fig, axes = plots.plt.subplots(1, 2)
-    assert plots.trigger_vs_ratio(dqa, ax=axes[1], value="Trig(M_S)", ratio="r", count="T", scale=100,
-                                  ylabel="trigger accuracy (%)") is fig
-    assert axes[1].xaxis_inverted() and axes[1].get_ylim() == pytest.approx((0, 112))
+def test_trigger_vs_ratio_reads_dqa_with_more_noise_to_the_right():
+    # notebook 10's DQA table (attacks.results_table columns; fractions), one seed's T missing
+    dqa = pd.DataFrame({"defense": ["dawn", "dawn", "cip", "cip"], "dqa_ratio": [0.25, 1.0, 0.25, 1.0],
+                        "trigger_acc": [0.3, 0.8, 0.4, 0.9], "n_triggers": [12, 10, 6, None]})
+    fig = plots.trigger_vs_ratio(dqa)
+    ax = fig.axes[0]
+    assert ax.xaxis_inverted() and ax.get_ylim() == pytest.approx((0, 1.12))
     assert _labelled_lines(fig) == {"dawn": plots.DEFENSE_COLORS["dawn"], "cip": plots.DEFENSE_COLORS["cip"]}
-    assert sorted(t.get_text() for t in axes[1].texts) == ["T=10", "T=12", "T=6"]  # no "T=nan"
+    assert sorted(t.get_text() for t in ax.texts) == ["T=10", "T=12", "T=6"]  # no "T=nan"
 
 
 def test_overview_of_the_committed_quick_summary():
