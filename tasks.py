@@ -3,11 +3,12 @@
 
     python3 tasks.py course            # create .venv if missing, install, run every notebook (quick)
     python3 tasks.py test              # create .venv if missing, install, run the test suite
+    python3 tasks.py test --fast       # the daily tier: everything but the end-to-end runs
     python3 tasks.py course --profile quick-fmnist   # Fashion-MNIST (lays out the data first)
     python3 tasks.py lab               # same set-up, then JupyterLab on notebooks/ (sliders live)
 
 Options: ``course --profile smoke|quick|quick-fmnist|full --seeds 0,1,2 --only 01,03`` (passed to
-``python -m cip_helpers.run``); ``test`` passes extra args to pytest; ``lab`` to JupyterLab.
+``python -m cip_helpers.tools.run``); ``test`` passes extra args to pytest; ``lab`` to JupyterLab.
 The virtual environment lives in ``.venv/`` at the repository root and is (re)installed whenever
 ``pyproject.toml`` changed since the last install. In a git checkout every command also installs
 the nbstripout filter for ``notebooks/*.ipynb`` (``.gitattributes``), so a notebook saved by
@@ -94,6 +95,14 @@ def _profile_of(args: list[str]) -> str:
     return ""
 
 
+def test_args(args: list[str]) -> list[str]:
+    """pytest's arguments for ``tasks.py test ARGS``: ``--fast`` becomes ``-m "not slow"`` (the
+    daily tier: no end-to-end runs); everything else goes to pytest unchanged."""
+    if "--fast" not in args:
+        return list(args)
+    return ["-m", "not slow", *(a for a in args if a != "--fast")]
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("course", "test", "lab"):
         print(__doc__)
@@ -112,9 +121,9 @@ def main(argv: list[str]) -> int:
                                     cwd=ROOT).returncode
             if status:
                 return status
-        cmd = [str(PYTHON), "-m", "cip_helpers.run", *args]
+        cmd = [str(PYTHON), "-m", "cip_helpers.tools.run", *args]
     else:
-        cmd = [str(PYTHON), "-m", "pytest", *argv[1:]]
+        cmd = [str(PYTHON), "-m", "pytest", *test_args(argv[1:])]
     return subprocess.run(cmd, cwd=ROOT).returncode
 
 

@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from cip_helpers import config, data, pipeline
-from cip_helpers.defenses import CIP
+from cip_helpers.course import config, data, pipeline
+from cip_helpers.method.defenses import CIP
 
 TARGETS = {1: 1.5, 16: None, 256: 1.1, 10_000: 1.1}
 
@@ -63,8 +63,9 @@ def breakdown(cfg: config.Profile, cip: CIP, plain, n: int) -> list[str]:
     """Where one-query calls spend their time: CIP's fixed per-call cost (input checks, the
     non-finite and output checks, thread switch, totals) vs the victim's forward pass vs the
     defense's own computation (energy, routing, PPD, PBD). Median over 5 rounds of ``n`` calls."""
-    from cip_helpers.defenses import single_thread, softmax
-    from cip_helpers.training import as_images, predict_logits
+    from cip_helpers.method.defenses import single_thread, softmax
+    from cip_helpers.method.inputs import as_images
+    from cip_helpers.method.models import predict_logits
 
     x = mixed_queries(cfg, n, seed=99)
     rows = [x[i:i + 1] for i in range(n)]

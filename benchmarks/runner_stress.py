@@ -6,7 +6,7 @@
 
 Notebooks 03 and 05 hold the slider cells (``plots.slider_view``) whose ``widgets.interactive``
 deadlocked under papermill (notebook 03: 3 hangs in 5 tries of ``--only 01,02,03``). Every run is
-``python -m cip_helpers.run --profile smoke --only ...`` in a fresh process on one temporary
+``python -m cip_helpers.tools.run --profile smoke --only ...`` in a fresh process on one temporary
 ``CIP_RESULTS_ROOT`` (so 01/02 train once and later runs load their checkpoints), under a hard
 wall-clock limit (``--limit``, far above a normal run, far below the smoke profile's 600 s cell
 timeout): a run still going at the limit is counted as a HANG and stopped (SIGTERM to the runner,
@@ -55,7 +55,7 @@ def run_once(only: str, root: Path, limit: float, jobs: int) -> tuple[str, float
     with status ``ok``, ``FAILED (exit k)`` or ``HANG``."""
     marker = uuid.uuid4().hex
     env = {**os.environ, "CIP_RESULTS_ROOT": str(root), MARKER_ENV: marker}
-    cmd = [sys.executable, "-m", "cip_helpers.run", "--profile", "smoke", "--only", only, "--jobs", str(jobs)]
+    cmd = [sys.executable, "-m", "cip_helpers.tools.run", "--profile", "smoke", "--only", only, "--jobs", str(jobs)]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="also write the report to this file")
     args = parser.parse_args(argv)
 
-    from cip_helpers import run as runner
+    from cip_helpers.tools import run as runner
 
     lines: list[str] = []
 
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         f"load average at start {os.getloadavg()[0]:.2f} (the course machine, shared with other work)")
     say(f"torch threads per notebook: {threads}, others 1 (OMP/MKL_NUM_THREADS set by the runner); "
         f"--jobs {args.jobs}; CIP_BATCH=1 in every kernel")
-    say(f"each run: python -m cip_helpers.run --profile smoke --only <notebooks> --jobs {args.jobs}, "
+    say(f"each run: python -m cip_helpers.tools.run --profile smoke --only <notebooks> --jobs {args.jobs}, "
         f"hard limit {args.limit:.0f} s; profile cell_timeout "
         f"{runner.get_profile('smoke').cell_timeout} s")
     if args.mode == "split":

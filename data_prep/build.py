@@ -1,7 +1,7 @@
 """Offline building blocks of ``data_prep``: image decoding, array conversion, atomic writes and
 the manifest. Nothing here touches the network, so every function can be tested on fake data.
 
-Output formats (read back by :mod:`cip_helpers.data_full`):
+Output formats (read back by :mod:`cip_helpers.course.data_full`):
 
 * ID splits: ``.npz`` with ``x`` uint8 (N, C, H, W), ``y`` int64 (N,), ``classes`` str (K,).
 * Pools: ``.npy`` holding uint8 (N, C, H, W), memory-mappable.
@@ -227,7 +227,7 @@ def convert_torchvision_split(ds: Any, out_path: Path, size: int | None = None,
         if (size or x.shape[2]) != x.shape[2] or (channels or x.shape[1]) != x.shape[1]:
             import torch
 
-            from cip_helpers.data_full import convert_images
+            from cip_helpers.course.data_full import convert_images
 
             x = convert_images(torch.from_numpy(np.ascontiguousarray(x)), size or x.shape[2],
                                channels or x.shape[1]).numpy()

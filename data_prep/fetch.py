@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cip_helpers.config import data_root
-from cip_helpers.data_full import (DATASETS, OUTLIER_SOURCE_NAME, fetch_command, id_path,
+from cip_helpers.course.config import data_root
+from cip_helpers.course.data_full import (DATASETS, OUTLIER_SOURCE_NAME, fetch_command, id_path,
                                    open_pool_file, pool_path, read_id_file)
 
 from .build import (FittedLoader, atomic_path, build_dataset_pool, build_image_folder_pool,

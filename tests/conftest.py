@@ -38,7 +38,7 @@ def one_thread_smoke(root) -> Iterator:
     whose tests share trained smoke victims (on a busy 2-core CPU, 2 threads ran up to 8x slower)."""
     import torch
 
-    from cip_helpers import config
+    from cip_helpers.course import config
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -8,9 +8,10 @@ import re
 import pytest
 import torch
 
-from cip_helpers import attacks, config, data, pipeline, report, run
-from cip_helpers.config import REPO_ROOT
-from cip_helpers.store import load_checkpoint, save_checkpoint, weights_sha256, write_json
+from cip_helpers.course import attacks, config, data, pipeline
+from cip_helpers.tools import report, run
+from cip_helpers.course.config import REPO_ROOT
+from cip_helpers.course.store import load_checkpoint, save_checkpoint, weights_sha256, write_json
 
 TINY = dict(n_train=200, n_test=100, n_outlier=100, victim_epochs=1, oe_epochs=1)
 
@@ -183,7 +184,7 @@ def test_readme_numbers_are_the_committed_summary(profile):
     summary = json.loads((REPO_ROOT / "results" / profile / "summary.json").read_text())
     expected = report.readme_block(summary)
     assert begin + block + end == expected, \
-        f"README results block is stale: python -m cip_helpers.report readme --profile-dir results/{profile}"
+        f"README results block is stale: python -m cip_helpers.tools.report readme --profile-dir results/{profile}"
     assert re.search(r"\d+\.\d ± \d+\.\d", block)
 
 

@@ -8,9 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cip_helpers import attacks, config, data, pipeline, plots, report, run, scores, training
-from cip_helpers.defenses import OEOnly, softmax
-from cip_helpers.store import CheckpointError
+from cip_helpers.method import scores
+from cip_helpers.course import attacks, config, data, pipeline, plots
+from cip_helpers.tools import report, run
+from cip_helpers.method.defenses import OEOnly, softmax
+from cip_helpers.method.models import predict_logits
+from cip_helpers.course.store import CheckpointError
 from conftest import one_thread_smoke
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,7 +111,7 @@ def test_issue16_oe_defense_answers_with_the_oe_victim_and_its_record_checks_tha
     assert isinstance(api, OEOnly) and api.name == "oe"
     oe_model, info = pipeline.get_oe_victim(cfg, "all", verbose=False)
     x = attacks.knockoff_queries(cfg, 40)
-    assert torch.allclose(api(x), softmax(training.predict_logits(oe_model, x)), atol=1e-6)
+    assert torch.allclose(api(x), softmax(predict_logits(oe_model, x)), atol=1e-6)
     assert api.weights_sha256 == info["weights_sha256"]
     assert attacks.answering_checkpoint("oe") == attacks.answering_checkpoint("cip") == "oe_victim"
     assert attacks.defense_spec(cfg, "oe") != attacks.defense_spec(cfg, "none")
@@ -158,8 +161,8 @@ def test_issue16_redraw_at_two_p2_values_moves_the_near_distribution_row(smoke_c
     model, _ = pipeline.get_oe_victim(cfg, "all", verbose=False)
     sets = pipeline.query_sets(cfg)
     assert "near-distribution" in sets
-    logits = {name: training.predict_logits(model, x) for name, x in sets.items()}
-    train_logits = training.predict_logits(model, data.id_data(cfg).split("all")[0])
+    logits = {name: predict_logits(model, x) for name, x in sets.items()}
+    train_logits = predict_logits(model, data.id_data(cfg).split("all")[0])
     rows = []
     for p2 in (97.0, 99.9):
         fig, table = plots.threshold_explorer(logits, train_logits, 90.0, p2, 1.0)

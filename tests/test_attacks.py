@@ -1,4 +1,4 @@
-"""Unit tests for the attack machinery (cip_helpers.attacks, cip_helpers.dfme): tiny sizes, < 60 s."""
+"""Unit tests for the attack machinery (cip_helpers.course.attacks, cip_helpers.course.dfme): tiny sizes, < 60 s."""
 from __future__ import annotations
 
 import json
@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from cip_helpers import attacks, config, dfme
-from cip_helpers.defenses import CIP, NoDefense, TriggerSet
-from cip_helpers.training import accuracy, train_classifier
+from cip_helpers.course import attacks, config, dfme
+from cip_helpers.method.defenses import CIP, NoDefense, TriggerSet
+from cip_helpers.course.training import accuracy, train_classifier
 
 SHAPE = (1, 28, 28)
 
@@ -57,6 +57,26 @@ def test_surrogate_learns_a_separable_problem_and_is_reused(cfg):
     changed[0] = changed[0].roll(1)  # a different answer: a different surrogate
     _, info3 = attacks.train_surrogate(cfg, x, changed, "hard", verbose=False)
     assert info3["loaded"] is False and info3["checkpoint"] != info["checkpoint"]
+
+
+def test_quiet_training_prints_nothing(cfg, capsys, monkeypatch):
+    """``verbose=False`` means silent: no progress bar and no stage line from the surrogate, the
+    victim or the OE fine-tuning (the surrogate's bar used to be drawn anyway)."""
+    from cip_helpers.course import pipeline, progress
+
+    monkeypatch.delenv(progress.BATCH_ENV, raising=False)
+    x, y = band_images(60)
+    answers = torch.nn.functional.one_hot(y, 10).float()
+    small = config.get_profile("smoke", surrogate_epochs=1, surrogate_width=8, surrogate_batch=32,
+                               victim_epochs=1, oe_epochs=1)
+    capsys.readouterr()
+    attacks.train_surrogate(small, x, answers, "hard", verbose=False)
+    pipeline.get_oe_victim(small, "all", verbose=False)  # trains the plain victim on the way
+    quiet = capsys.readouterr()
+    assert quiet.out == "" and quiet.err == "", (quiet.out[-300:], quiet.err[-300:])
+    attacks.train_surrogate(small, x, answers.roll(1, 1), "hard", verbose=True)
+    loud = capsys.readouterr()
+    assert "surrogate" in loud.out + loud.err
 
 
 def test_hard_and_soft_label_paths_differ_as_intended(cfg):

@@ -38,7 +38,9 @@ import nbformat
 import pytest
 
 import browser_util as bu
-from cip_helpers.config import REPO_ROOT, get_profile
+from cip_helpers.course.config import REPO_ROOT, get_profile
+
+pytestmark = pytest.mark.slow  # a JupyterLab server and a browser: the full tier only
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 NB03 = "03_threshold_selection.ipynb"

@@ -17,8 +17,9 @@ import nbformat
 import psutil
 import pytest
 
-from cip_helpers import config, run
-from cip_helpers.config import PROFILES, get_profile
+from cip_helpers.course import config
+from cip_helpers.tools import run
+from cip_helpers.course.config import PROFILES, get_profile
 
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
 
@@ -36,7 +37,7 @@ def _write_notebook(path: Path, *sources: str) -> Path:
 
 PROBE = """\
 import json, os
-from cip_helpers import config
+from cip_helpers.course import config
 cfg = config.get_profile(profile, **overrides)
 cfg.results_dir.mkdir(parents=True, exist_ok=True)
 (cfg.results_dir / "probe.json").write_text(json.dumps({
@@ -211,7 +212,8 @@ def test_case7_every_profile_validates_and_meaningful_zeros_are_accepted():
 
 
 def test_case7_allowed_value_sets_match_the_modules_that_use_them():
-    from cip_helpers import attacks, data, data_full, dfme, models
+    from cip_helpers.method import models
+    from cip_helpers.course import attacks, data, data_full, dfme
 
     assert config.LABEL_TYPES == attacks.LABEL_TYPES
     assert config.LR_SCHEDULES == dfme.LR_SCHEDULES
@@ -309,7 +311,7 @@ def test_case11_cell_timeout_names_notebook_and_cell_and_leaves_no_kernel(tmp_pa
 
 
 def test_case11_widget_notebooks_render_without_widgets_in_batch(monkeypatch):
-    from cip_helpers import plots
+    from cip_helpers.course import plots, progress
 
     calls: list[dict] = []
 
@@ -319,7 +321,7 @@ def test_case11_widget_notebooks_render_without_widgets_in_batch(monkeypatch):
     sliders = {"threshold": {"value": 95.0, "min": 80.0, "max": 99.9, "step": 0.1},
                "width": {"value": 2.0, "min": 0.0, "max": 5.0, "step": 0.5, "description": "w"}}
     # batch (the runner sets CIP_BATCH): the default view once, and ipywidgets is never imported
-    monkeypatch.setenv(plots.BATCH_ENV, "1")
+    monkeypatch.setenv(progress.BATCH_ENV, "1")
     monkeypatch.setitem(sys.modules, "ipywidgets", None)  # `import ipywidgets` now raises ImportError
     assert plots.slider_view(view, **sliders) is None
     assert calls == [{"threshold": 95.0, "width": 2.0}]
@@ -331,7 +333,7 @@ def test_case11_widget_notebooks_render_without_widgets_in_batch(monkeypatch):
     shown: list = []
     monkeypatch.setitem(sys.modules, "ipywidgets", fake)
     monkeypatch.setattr("IPython.display.display", lambda obj: shown.append(obj))
-    monkeypatch.delenv(plots.BATCH_ENV)
+    monkeypatch.delenv(progress.BATCH_ENV)
     calls.clear()
     plots.slider_view(view, **sliders)
     assert calls == [] and shown == ["ui"] and made["function"] is view

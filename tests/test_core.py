@@ -8,8 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from cip_helpers import config, data, scores, store, training
-from cip_helpers.models import ARCHS, build_model
+from cip_helpers.method import scores
+from cip_helpers.course import config, data, store, training
+from cip_helpers.method.inputs import as_images
+from cip_helpers.method.models import ARCHS, build_model
 
 # ------------------------------------------------------------------ config
 
@@ -171,14 +173,14 @@ def test_paper_scale_models_build():
         build_model("vgg", 1, 10, 28)
 
 
-def test_check_images_rejects_bad_input():
-    training.check_images(torch.rand(2, 1, 28, 28), (1, 28, 28))
+def test_as_images_rejects_bad_input():
+    assert as_images(torch.rand(2, 1, 28, 28), (1, 28, 28)).shape == (2, 1, 28, 28)
     for bad, msg in [(torch.rand(1, 28, 28), "rank 3"), (torch.rand(2, 3, 28, 28), "shape"),
                      (torch.full((1, 1, 28, 28), float("nan")), "NaN"),
                      (torch.ones(1, 1, 28, 28, dtype=torch.uint8), "float"),
                      (torch.full((1, 1, 28, 28), 2.0), r"\[0, 1\]")]:
         with pytest.raises(ValueError, match=msg):
-            training.check_images(bad, (1, 28, 28))
+            as_images(bad, (1, 28, 28))
 
 
 def test_training_learns_a_separable_problem_with_hard_and_soft_labels():
@@ -226,7 +228,7 @@ def test_load_or_train_reuses_matching_and_retrains_mismatched(tmp_path, capsys)
     assert torch.equal(m1.weight, m2.weight) and info2["history"] == [1]
     assert "loaded checkpoint" in capsys.readouterr().out
     m3, info3 = store.load_or_train(path, {"epochs": 2}, _tiny, train)
-    assert not info3["loaded"] and len(calls) == 2 and float(m3.weight[0, 0]) == 2.0
+    assert not info3["loaded"] and len(calls) == 2 and float(m3.weight[0, 0].detach()) == 2.0
     assert "other settings (epochs)" in capsys.readouterr().out
 
 

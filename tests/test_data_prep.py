@@ -1,4 +1,4 @@
-"""data_prep (fetch/convert) and cip_helpers.data_full (read) on tiny fake data; no network."""
+"""data_prep (fetch/convert) and cip_helpers.course.data_full (read) on tiny fake data; no network."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cip_helpers import data, data_full
-from cip_helpers.config import get_profile
+from cip_helpers.course import data, data_full
+from cip_helpers.course.config import get_profile
 from data_prep import build, fetch
 
 
@@ -361,7 +361,7 @@ def test_cli_rejects_unknown_dataset():
         fetch.parse_args(["--dataset", "svhn"])
 
 
-# --- end to end through cip_helpers.data ----------------------------------------------------------
+# --- end to end through cip_helpers.course.data ----------------------------------------------------------
 def test_full_profile_dispatch_reads_layout(root):
     rng = np.random.default_rng(0)
     for split, n in (("train", 40), ("test", 20)):

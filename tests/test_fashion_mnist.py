@@ -1,5 +1,5 @@
 """Fashion-MNIST end to end through the real data path (issue 17): Debian's package
-``dataset-fashion-mnist`` -> ``data_prep`` -> ``cip_helpers.data_full`` -> every notebook on the
+``dataset-fashion-mnist`` -> ``data_prep`` -> ``cip_helpers.course.data_full`` -> every notebook on the
 smoke profile. Needs the package (``.ci/run`` installs it as root); without it these tests skip
 with the reason, and fail instead when ``CIP_REQUIRE_FMNIST=1`` (set by ``.ci/run`` after it
 installed the package), so CI cannot pass by skipping them."""
@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cip_helpers import report, run
-from cip_helpers.config import get_profile
+from cip_helpers.tools import report, run
+from cip_helpers.course.config import get_profile
 from data_prep import fetch
 
 PACKAGE = fetch.LOCAL_SOURCES["fashionmnist"]
@@ -42,6 +42,7 @@ def fmnist_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_issue17_real_fashionmnist_through_data_prep(fmnist_root, capsys):
     raw = fetch.raw_dir(fmnist_root) / "FashionMNIST" / "raw"
     for name, md5 in fetch.IDX_MD5["fashionmnist"].items():  # the original files' content
@@ -63,6 +64,7 @@ def test_issue17_real_fashionmnist_through_data_prep(fmnist_root, capsys):
     assert capsys.readouterr().out.count("skip") == 2
 
 
+@pytest.mark.slow
 def test_issue17_smoke_profile_runs_on_real_fashionmnist(fmnist_root, tmp_path, monkeypatch):
     """Every notebook of the smoke profile on the real data (a class-balanced 600 / 200 of it),
     with the embedded MNIST digits as the near-distribution pool, as quick-fmnist does."""
@@ -94,7 +96,7 @@ def test_issue17_quick_fmnist_is_the_quick_profile_on_fashionmnist():
 def test_issue17_near_pool_of_a_clothes_victim_is_the_embedded_mnist_digits(results_root):
     import torch
 
-    from cip_helpers import data
+    from cip_helpers.course import data
 
     cfg = get_profile("quick-fmnist", n_near=300, mixed_curve=())
     assert data.has_near_pool(cfg)
@@ -112,7 +114,7 @@ def test_issue17_near_pool_of_a_clothes_victim_is_the_embedded_mnist_digits(resu
 
 
 def test_issue17_committed_quick_fmnist_results_have_three_seeds_and_the_paper_dfme_rows():
-    from cip_helpers.config import REPO_ROOT
+    from cip_helpers.course.config import REPO_ROOT
 
     base = REPO_ROOT / "results" / "quick-fmnist"
     summary = json.loads((base / "summary.json").read_text())
@@ -137,7 +139,7 @@ def test_issue17_tasks_course_lays_out_the_data_of_a_data_profile(monkeypatch):
     and stops with its status when that fails; the quick course runs no data_prep step."""
     import importlib.util
 
-    from cip_helpers.config import PROFILES, REPO_ROOT
+    from cip_helpers.course.config import PROFILES, REPO_ROOT
 
     spec = importlib.util.spec_from_file_location("cip_tasks", REPO_ROOT / "tasks.py")
     tasks = importlib.util.module_from_spec(spec)
@@ -159,4 +161,4 @@ def test_issue17_tasks_course_lays_out_the_data_of_a_data_profile(monkeypatch):
     calls.clear()
     monkeypatch.setattr(tasks.subprocess, "run", lambda cmd, cwd: calls.append(cmd[1:]) or Done(0))
     assert tasks.main(["course"]) == 0
-    assert calls == [["-m", "cip_helpers.run", "--profile", "quick"]]
+    assert calls == [["-m", "cip_helpers.tools.run", "--profile", "quick"]]

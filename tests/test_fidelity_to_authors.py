@@ -9,10 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from cip_helpers import attacks, config, dfme, pipeline, poisoning, report
-from cip_helpers.config import REPO_ROOT
-from cip_helpers.defenses import CIP, NoDefense, softmax
-from cip_helpers.scores import reliability_score
+from cip_helpers.method import poisoning
+from cip_helpers.course import attacks, config, dfme, pipeline
+from cip_helpers.tools import report
+from cip_helpers.course.config import REPO_ROOT
+from cip_helpers.method.defenses import CIP, NoDefense, softmax
+from cip_helpers.method.scores import reliability_score
 
 SHAPE = (1, 8, 8)
 TINY = dict(n_train=200, n_test=100, n_outlier=100, n_knockoff=200, victim_epochs=1, oe_epochs=1,
@@ -227,7 +229,7 @@ def test_issue15_citation_is_right_everywhere():
     assert "10.1109/TIFS.2023.3244107" in readme
     assert cip_helpers.CITATION.startswith("Haitian Zhang, Guang Hua, Xinya Wang, Hao Jiang, Wen Yang")
     assert "10.1109/TIFS.2023.3244107" in cip_helpers.CITATION
-    meta = json.loads((REPO_ROOT / "cip_helpers" / "paper_table_iv.json").read_text())
+    meta = json.loads((REPO_ROOT / "cip_helpers" / "tools" / "paper_table_iv.json").read_text())
     assert "10.1109/TIFS.2023.3244107" in meta["source"]
     # no author with another initial anywhere in the course's sources
     initials = {"Zhang": "H", "Hua": "G", "Wang": "X", "Jiang": "H", "Yang": "W"}

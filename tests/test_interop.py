@@ -1,5 +1,5 @@
 """Issue 14, case 10: other people's attack code calls a defense through numpy and ART
-(cip_helpers.interop). The smoke victims are trained once for this module into a private
+(cip_helpers.tools.interop). The smoke victims are trained once for this module into a private
 temporary results root (6-18 s on 2 CPU cores, depending on load)."""
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from cip_helpers import attacks, config, data, pipeline
-from cip_helpers.defenses import NoDefense
-from cip_helpers.interop import art_classifier, numpy_predict
-from cip_helpers.models import build_model
+from cip_helpers.course import attacks, config, data, pipeline
+from cip_helpers.method.defenses import NoDefense
+from cip_helpers.tools.interop import art_classifier, numpy_predict
+from cip_helpers.method.models import build_model
 from conftest import one_thread_smoke
 
 SHAPE = (1, 28, 28)
@@ -109,7 +109,7 @@ def test_case10_art_classifier_without_art_names_the_install_command(monkeypatch
 
 
 def test_case10_importing_interop_does_not_import_art():
-    code = "import sys, cip_helpers.interop; print('art' in sys.modules)"
+    code = "import sys, cip_helpers.tools.interop; print('art' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "False"

@@ -6,8 +6,8 @@ import json
 import nbformat
 import pytest
 
-from cip_helpers import run
-from cip_helpers.config import get_profile
+from cip_helpers.tools import run
+from cip_helpers.course.config import get_profile
 
 NOTEBOOKS = run.list_notebooks()
 
@@ -29,6 +29,7 @@ def smoke_run(smoke_results_root):
     return status, get_profile("smoke").results_dir
 
 
+@pytest.mark.slow
 def test_all_notebooks_execute_on_smoke(smoke_run):
     status, results = smoke_run
     assert status == 0
@@ -42,12 +43,13 @@ def test_all_notebooks_execute_on_smoke(smoke_run):
 
 def _metrics_jsons(results) -> dict:
     """Every JSON artifact of one seed, without wall-time fields (the only thing allowed to vary)."""
-    from cip_helpers.report import strip_wall_times
+    from cip_helpers.tools.report import strip_wall_times
 
     return {str(p.relative_to(results)): strip_wall_times(json.loads(p.read_text()))
             for p in sorted(results.rglob("*.json")) if "executed" not in p.parts}
 
 
+@pytest.mark.slow
 def test_two_smoke_runs_on_one_machine_give_identical_metrics(smoke_run, tmp_path_factory):
     """Issue 12: same machine, same seed -> the same numbers, from scratch (no shared checkpoint)."""
     import os
@@ -67,6 +69,7 @@ def test_two_smoke_runs_on_one_machine_give_identical_metrics(smoke_run, tmp_pat
     assert not different, f"smoke runs differ in {different}"
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_the_artifacts_later_notebooks_need(smoke_run):
     _, results = smoke_run
     victims = json.loads((results / "victims.json").read_text())
@@ -87,8 +90,9 @@ def test_smoke_run_writes_the_artifacts_later_notebooks_need(smoke_run):
         assert set(v["ablations"]) == {"no_units", "drop_agreed", "one_rate"}
 
 
+@pytest.mark.slow
 def test_second_run_reuses_checkpoints(smoke_run, capsys):
-    from cip_helpers import pipeline
+    from cip_helpers.course import pipeline
 
     _, info = pipeline.get_victim(get_profile("smoke"), "all")
     assert info["loaded"] is True

@@ -1,5 +1,5 @@
 """Issue 18 (outputs): the committed executed notebooks read well on GitHub / nbviewer, and the
-progress bars and stage lines that produce them (``cip_helpers.progress``, ``store.load_or_train``)."""
+progress bars and stage lines that produce them (``cip_helpers.course.progress``, ``store.load_or_train``)."""
 from __future__ import annotations
 
 import json
@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from cip_helpers import progress, store
-from cip_helpers.config import REPO_ROOT
+from cip_helpers.course import progress, store
+from cip_helpers.course.config import REPO_ROOT
 
 EXECUTED_DIR = REPO_ROOT / "results" / "quick" / "seed-0" / "executed"
 EXECUTED = sorted(EXECUTED_DIR.glob("*.ipynb"))
@@ -133,14 +133,12 @@ def test_output_checker_flags_each_rule(tmp_path):
     assert output_problems(path) == []
 
 
-# ------------------------------------------------------------------ cip_helpers.progress
+# ------------------------------------------------------------------ cip_helpers.course.progress
 
 
 @pytest.fixture
-def fresh_announcements():
-    progress.forget_announcements()
-    yield
-    progress.forget_announcements()
+def fresh_announcements(monkeypatch):
+    monkeypatch.setattr(progress, "_announced", set())  # every announce_once line prints again
 
 
 def test_batch_bar_prints_one_line_at_the_end(monkeypatch, capsys):

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cip_helpers import plots
+from cip_helpers.course import plots, progress
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,7 +140,7 @@ def test_plots_is_the_single_source_of_defense_colours():
             for lineno, line in enumerate("".join(cell["source"]).splitlines(), 1):
                 offenders += [f"{path.relative_to(REPO)} cell {i} line {lineno}: {lit}"
                               for lit in colour_literals(line)]
-    assert not offenders, "colour literals outside cip_helpers/plots.py:\n" + "\n".join(offenders)
+    assert not offenders, "colour literals outside cip_helpers/course/plots.py:\n" + "\n".join(offenders)
 
 
 def test_defense_color_accepts_labels_and_rejects_others():
@@ -424,7 +424,7 @@ def test_threshold_explorer_keeps_its_axis_for_every_temperature():
     train = torch.randn(400, 10, generator=g) * 5
     temps = np.arange(0.5, 10.01, 0.5)
     lo, hi = plots.energy_range(logits, train, temps)
-    from cip_helpers.scores import energy_score
+    from cip_helpers.method.scores import energy_score
     for t in temps:
         for lg in (*logits.values(), train):
             e = energy_score(lg, float(t))
@@ -467,7 +467,7 @@ def test_slider_widgets_are_wide_and_p2_min_follows_p1():
 
 def test_slider_view_in_batch_ignores_min_from(monkeypatch):
     calls = []
-    monkeypatch.setenv(plots.BATCH_ENV, "1")
+    monkeypatch.setenv(progress.BATCH_ENV, "1")
     monkeypatch.setitem(sys.modules, "ipywidgets", None)
     plots.slider_view(lambda p1, p2: calls.append((p1, p2)), p1=dict(value=95.0, min=50, max=99.5, step=0.5),
                       p2=dict(value=99.9, min=90, max=100, step=0.1, min_from="p1"))
@@ -481,7 +481,7 @@ def test_slider_view_interactive_passes_the_widgets(monkeypatch):
     fake.interactive = lambda function, **controls: made.update(controls=controls) or "ui"
     monkeypatch.setitem(sys.modules, "ipywidgets", fake)
     monkeypatch.setattr("IPython.display.display", lambda obj: made.update(shown=obj))
-    monkeypatch.delenv(plots.BATCH_ENV, raising=False)
+    monkeypatch.delenv(progress.BATCH_ENV, raising=False)
     plots.slider_view(lambda T: None, T=dict(value=1.0, min=0.5, max=10.0, step=0.5, description="T: temperature"))
     spec = made["controls"]["T"][1]
     assert made["shown"] == "ui" and spec["description"] == "T: temperature"
@@ -551,6 +551,17 @@ def test_cip_pipeline_names_every_notebook_in_cip_colours():
 
 
 def test_importing_plots_does_not_import_seaborn():
-    code = "import sys, cip_helpers.plots; print('seaborn' in sys.modules)"
+    code = "import sys, cip_helpers.course.plots; print('seaborn' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_accuracy_vs_queries_marks_a_curve_hidden_under_an_equal_one():
+    same = [(100, 0.1), (200, 0.1)]
+    fig = plots.accuracy_vs_queries({"dp": same, "cip": [(100, 0.1), (200, 0.102)], "none": [(100, 0.5), (200, 0.8)]})
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels[:3] == ["dp (hidden)", "cip", "none"]
+    assert fig.axes[0].get_legend().get_title().get_text() == "ring (hidden): under an equal curve"
+    alone = plots.accuracy_vs_queries({"dp": same, "none": [(100, 0.5), (200, 0.8)]})
+    assert "(hidden)" not in " ".join(t.get_text() for t in alone.axes[0].get_legend().get_texts())
+    plots.plt.close("all")

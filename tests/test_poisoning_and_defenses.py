@@ -1,4 +1,4 @@
-"""Poisoning functions (cip_helpers.poisoning) and defended APIs (cip_helpers.defenses).
+"""Poisoning functions (cip_helpers.method.poisoning) and defended APIs (cip_helpers.method.defenses).
 
 Property tests run over random probability rows (Dirichlet with several seeds, sizes and
 concentrations, plus adversarial rows: ties, uniform, one-hot, zeros) and over outputs of a tiny
@@ -15,13 +15,13 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from cip_helpers import poisoning
-from cip_helpers.defenses import (CIP, DAWN, DP, NoDefense, TriggerSet, branch_examples,
+from cip_helpers.method import poisoning
+from cip_helpers.method.defenses import (CIP, DAWN, DP, NoDefense, TriggerSet, branch_examples,
                                   change_rate_by_pmax, compare_defenses, r1_from_scores, softmax)
-from cip_helpers.models import build_model
-from cip_helpers.scores import HIGH_ES, ID, LOW_ES, energy_score, reliability_score
-from cip_helpers.store import save_checkpoint, weights_sha256
-from cip_helpers.training import predict_logits
+from cip_helpers.method.models import build_model
+from cip_helpers.method.scores import HIGH_ES, ID, LOW_ES, energy_score, reliability_score
+from cip_helpers.course.store import load_cip, load_triggers, save_checkpoint, save_triggers, weights_sha256
+from cip_helpers.method.models import predict_logits
 
 SHAPE = (1, 28, 28)
 TOP_CHANGING = ("shuffle_noise", "reverse_rank", "inverse", "flip", "permute_top")
@@ -593,10 +593,10 @@ def test_trigger_set_save_load_roundtrip(tmp_path):
     ts.append(x[:1], orig[:1], poisoning.flip(orig[:1], "inverse"))  # asked again: not a new trigger
     ts.append(x[:1] * 0.5, orig[:1], poisoning.flip(orig[:1], "inverse"))  # another image: a new one
     path = tmp_path / "sub" / "triggers.pt"
-    ts.save(path)
+    save_triggers(path, ts)
     raw = torch.load(path, weights_only=True)
     assert set(raw) == {"x", "original", "altered"}
-    back = TriggerSet.load(path)
+    back = load_triggers(path)
     assert len(back) == 5 and torch.equal(back.x[4], x[0] * 0.5)
     for a, b in ((back.x, ts.x), (back.original, ts.original), (back.altered, ts.altered)):
         assert torch.equal(a, b)
@@ -605,7 +605,7 @@ def test_trigger_set_save_load_roundtrip(tmp_path):
     assert (back.labels != back.original.argmax(1)).all()
     (tmp_path / "junk.pt").write_text("not a tensor file")
     with pytest.raises(ValueError, match="not a readable trigger set"):
-        TriggerSet.load(tmp_path / "junk.pt")
+        load_triggers(tmp_path / "junk.pt")
     with pytest.raises(ValueError, match="same length"):
         ts.append(x, orig[:2], orig[:2])
 
@@ -622,41 +622,41 @@ def write_run(root, model: nn.Module, thresholds: dict, name: str = "oe_victim_a
     (root / "thresholds.json").write_text(json.dumps(thresholds))
 
 
-def test_cip_from_run_rebuilds_the_same_defense(tmp_path, cnn, queries):
+def test_load_cip_rebuilds_the_same_defense(tmp_path, cnn, queries):
     direct = cip_for(cnn, queries, "reverse_rank", pbd="online")
     thresholds = {"E1": direct.e1, "E2": direct.e2, "T": 1.0, "R1": direct.r1,
                   "half": {"E1": -1e9, "E2": 1e9, "T": 1.0, "R1": -1.0}}
     write_run(tmp_path, cnn, thresholds)
-    rebuilt = CIP.from_run(tmp_path, strong="reverse_rank")
+    rebuilt = load_cip(tmp_path, strong="reverse_rank")
     assert (rebuilt.e1, rebuilt.e2, rebuilt.r1) == (direct.e1, direct.e2, direct.r1)
     assert torch.equal(rebuilt(queries), direct(queries))
     assert torch.equal(rebuilt.last_routes, direct.last_routes)
     assert torch.equal(rebuilt.last_flipped, direct.last_flipped)
     # the half victim's entry
     write_run(tmp_path, cnn, thresholds, name="oe_victim_half.pt")
-    half = CIP.from_run(tmp_path, split="half")
+    half = load_cip(tmp_path, split="half")
     half(queries)
     assert (half.last_routes == LOW_ES).all() and not half.last_flipped.any()
 
 
-def test_cip_from_run_explains_missing_artifacts(tmp_path, cnn):
+def test_load_cip_explains_missing_artifacts(tmp_path, cnn):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        CIP.from_run(tmp_path)
+        load_cip(tmp_path)
     write_run(tmp_path, cnn, {"E1": 0.0, "E2": 1.0, "T": 1.0})
     with pytest.raises(ValueError, match="R1"):
-        CIP.from_run(tmp_path)
-    assert CIP.from_run(tmp_path, pbd=None).r1 is None
+        load_cip(tmp_path)
+    assert load_cip(tmp_path, pbd=None).r1 is None
     write_run(tmp_path, cnn, {"E1": 0.0, "E2": 1.0, "T": 1.0}, name="oe_victim_half.pt")
     with pytest.raises(ValueError, match="'half'"):
-        CIP.from_run(tmp_path, split="half")
+        load_cip(tmp_path, split="half")
 
 
-def test_cip_from_run_refuses_thresholds_of_other_weights(tmp_path, cnn, queries):
+def test_load_cip_refuses_thresholds_of_other_weights(tmp_path, cnn, queries):
     """Issue 12: a checkpoint retrained with identical settings but different weights must not be
     paired with thresholds computed for the old weights."""
     direct = cip_for(cnn, queries, "reverse_rank", pbd="online")
     write_run(tmp_path, cnn, {"E1": direct.e1, "E2": direct.e2, "T": 1.0, "R1": direct.r1})
-    assert CIP.from_run(tmp_path).e1 == direct.e1
+    assert load_cip(tmp_path).e1 == direct.e1
     other = copy.deepcopy(cnn)
     with torch.no_grad():
         next(other.parameters()).add_(1e-3)  # same architecture and settings, other bits
@@ -664,12 +664,12 @@ def test_cip_from_run_refuses_thresholds_of_other_weights(tmp_path, cnn, queries
                                       "n_classes": 10}}
     save_checkpoint(tmp_path / "checkpoints" / "oe_victim_all.pt", other, spec)
     with pytest.raises(ValueError, match=r"computed for weights .* pipeline\.get_thresholds"):
-        CIP.from_run(tmp_path)
+        load_cip(tmp_path)
     stale = json.loads((tmp_path / "thresholds.json").read_text())
     del stale["weights_sha256"]  # an entry without a hash (older format) is refused too
     (tmp_path / "thresholds.json").write_text(json.dumps(stale))
     with pytest.raises(ValueError, match="unknown hash"):
-        CIP.from_run(tmp_path)
+        load_cip(tmp_path)
 
 
 # --- notebook helpers --------------------------------------------------------------------------

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from cip_helpers import poisoning, verification
-from cip_helpers.defenses import CIP, DAWN, DP, NoDefense, compare_defenses, triggers_by_call_size
-from cip_helpers.scores import HIGH_ES, ID, energy_score, route
-from cip_helpers.store import write_json
-from cip_helpers.training import predict_logits
+from cip_helpers.method import poisoning, verification
+from cip_helpers.method.defenses import CIP, DAWN, DP, NoDefense, compare_defenses, triggers_by_call_size
+from cip_helpers.method.scores import HIGH_ES, ID, energy_score, route
+from cip_helpers.course.store import write_json
+from cip_helpers.method.models import predict_logits
 
 SHAPE = (1, 28, 28)
 
@@ -186,8 +186,8 @@ def test_case3_float64_and_numpy_images_are_answered_like_float32(model, calibra
     c64 = CIP.calibrate(model, digit_like(400, seed=1).double(), p1=60, p2=90, r1_percentile=10)
     assert (c64.e1, c64.e2, c64.r1) == (calibrated.e1, calibrated.e2, calibrated.r1)
     labels = predict_logits(model, x).argmax(1)
-    assert verification.count_agreements(model, x.double(), labels) == 50
-    assert verification.count_agreements(model, x.numpy(), labels) == 50
+    assert verification.agreements(model, x.double(), labels).sum() == 50
+    assert verification.agreements(model, x.numpy(), labels).sum() == 50
 
 
 # --- case 4: hints that name the real fix ---------------------------------------------------
@@ -314,8 +314,8 @@ def test_case6_empty_query_sets_end_to_end(tmp_path, model, calibrated):
     assert cip_row["digits_n"] == 20 and isinstance(cip_row["digits_top1_change"], float)
     assert json.loads((tmp_path / "cmp.json").read_text())[0]["noise_mean_l1"] is None
     cip = defenses["cip"]
-    assert verification.count_agreements(model, cip.trigger_set.x[:0].reshape(0, *SHAPE),
-                                         torch.empty(0, dtype=torch.long)) == 0
+    assert verification.agreements(model, cip.trigger_set.x[:0].reshape(0, *SHAPE),
+                                   torch.empty(0, dtype=torch.long)).shape == (0,)
     with pytest.raises(ValueError, match="nothing to test"):  # no triggers, no claim, said so
         verification.ownership_test(model, [small_cnn(1), small_cnn(2)],
                                     cip.trigger_set.x[:0].reshape(0, *SHAPE), torch.empty(0, dtype=torch.long),

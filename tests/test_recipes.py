@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from cip_helpers import config, pipeline, training
-from cip_helpers.config import get_profile
-from cip_helpers.data import make_loader
-from cip_helpers.scores import oe_energy_loss
+from cip_helpers.course import config, pipeline, training
+from cip_helpers.course.config import get_profile
+from cip_helpers.course.data import make_loader
+from cip_helpers.method.scores import oe_energy_loss
 
 
 def _tiny(n_classes: int = 3, channels: int = 1, size: int = 8, seed: int = 0) -> nn.Module:

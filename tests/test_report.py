@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cip_helpers import report
+from cip_helpers.tools import report
 
 
 def _rec(attack, defense, setting, acc, trig=None, n=None):
@@ -51,7 +51,8 @@ def test_a_run_on_cached_checkpoints_never_replaces_the_from_scratch_time(result
     time (1780 s) that the README quotes as set-up time; it is now recorded apart."""
     import json
 
-    from cip_helpers import config, run
+    from cip_helpers.course import config
+    from cip_helpers.tools import run
 
     cfg = config.get_profile("smoke")
     run.record_timings(cfg, [0, 1, 2], 2, 1780.0, {}, from_scratch=True)
@@ -101,7 +102,7 @@ def test_readme_opens_with_the_overview_figure_of_the_committed_summary():
     committed summary.json (its sha256 is stored in the PNG); a figure of another summary fails."""
     from PIL import Image
 
-    from cip_helpers import report
+    from cip_helpers.tools import report
 
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text()
@@ -113,7 +114,7 @@ def test_readme_opens_with_the_overview_figure_of_the_committed_summary():
     stored = Image.open(profile / "overview.png").text.get(report.OVERVIEW_KEY)
     assert stored == report.summary_digest(profile), (
         "results/quick/overview.png was drawn from another summary.json: "
-        "python -m cip_helpers.report aggregate --profile-dir results/quick --seeds 0,1,2")
+        "python -m cip_helpers.tools.report aggregate --profile-dir results/quick --seeds 0,1,2")
 
 
 def test_write_overview_records_the_summary_it_was_drawn_from(tmp_path):
@@ -121,7 +122,7 @@ def test_write_overview_records_the_summary_it_was_drawn_from(tmp_path):
 
     from PIL import Image
 
-    from cip_helpers import report
+    from cip_helpers.tools import report
 
     shutil.copy(Path(__file__).resolve().parents[1] / "results" / "quick" / "summary.json", tmp_path)
     path = report.write_overview(tmp_path)

@@ -97,3 +97,9 @@ def test_setup_installs_jupyterlab_and_nbstripout():
     names = {d.split(";")[0].split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip() for d in deps}
     assert {"jupyterlab", "nbstripout"} <= names
     subprocess.run([sys.executable, "-m", "jupyterlab", "--version"], check=True, capture_output=True)
+
+
+def test_fast_tier_leaves_out_only_the_slow_marker():
+    assert tasks.test_args(["--fast", "-q"]) == ["-m", "not slow", "-q"]
+    assert tasks.test_args(["-q", "-x"]) == ["-q", "-x"]
+    assert tasks.test_args([]) == []

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from cip_helpers import verification as v
-from cip_helpers.defenses import TriggerSet
+from cip_helpers.method import verification as v
+from cip_helpers.method.defenses import TriggerSet
 
 N_CLASSES = 10
 
@@ -215,19 +215,19 @@ def test_conflicting_labels_for_one_image_are_refused():
         v.distinct_triggers(torch.cat([x[:1], x[:1]]), torch.tensor([3, 4]))
 
 
-def test_count_agreements_uses_the_models_top1():
+def test_agreements_use_the_models_top1():
     class Fixed(nn.Module):
         def forward(self, x):
             return nn.functional.one_hot((2 * x.flatten(1)[:, 0]).long(), 3).float()
 
     x = torch.tensor([0.0, 0.5, 1.0, 0.5]).view(4, 1, 1, 1)  # raw images in [0, 1]: classes 0 1 2 1
-    assert v.count_agreements(Fixed(), x, torch.tensor([0, 1, 0, 1])) == 3
+    assert v.agreements(Fixed(), x, torch.tensor([0, 1, 0, 1])).tolist() == [True, True, False, True]
     with pytest.raises(ValueError):
-        v.count_agreements(Fixed(), x, torch.tensor([0, 1]))
+        v.agreements(Fixed(), x, torch.tensor([0, 1]))
 
 
 def test_quick_profile_has_an_innocent_pool_of_eight_varied_recipes():
-    from cip_helpers import config, pipeline
+    from cip_helpers.course import config, pipeline
 
     k = config.get_profile("quick").n_innocent
     recipes = [pipeline.INNOCENT_RECIPES[i % len(pipeline.INNOCENT_RECIPES)] for i in range(k)]

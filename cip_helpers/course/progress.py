@@ -28,14 +28,34 @@ from dataclasses import dataclass
 from tqdm.std import tqdm as std_tqdm
 
 BATCH_ENV = "CIP_BATCH"
-"""Set (to anything non-empty) by the batch runner (``cip_helpers.run``) for every kernel it
+"""Set (to anything non-empty) by the batch runner (``cip_helpers.tools.run``) for every kernel it
 starts: progress bars then print one line at the end (:func:`progress`) and slider cells render
-their default view without creating widgets (``plots.slider_view``)."""
+their default view without creating widgets (``plots.slider_view``). Plain papermill or nbconvert
+need no variable: :func:`batch_mode` recognises their kernels too."""
 
 
 def batch_mode() -> bool:
-    """True in a batch run (``$CIP_BATCH`` set and non-empty), False interactively."""
-    return bool(os.environ.get(BATCH_ENV))
+    """True when nobody watches a live bar or moves a slider: in a batch run of the runner
+    (``$CIP_BATCH`` set and non-empty), or in a Jupyter kernel whose current cell was sent without
+    stdin: papermill, ``jupyter nbconvert --execute`` and nbclient all execute with
+    ``allow_stdin=False``, while JupyterLab, Notebook and VS Code send True. False in a terminal
+    or plain Python (no kernel), where a text bar is live."""
+    return bool(os.environ.get(BATCH_ENV)) or _kernel_without_stdin()
+
+
+def _kernel_without_stdin() -> bool:
+    """True in an IPython kernel executing a request that allows no stdin (headless execution),
+    and when the request cannot be read (fail towards the batch view, which never waits)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    kernel = getattr(shell, "kernel", None)
+    if kernel is None:
+        return False
+    try:
+        content = kernel.get_parent().get("content") or {}
+    except Exception:  # noqa: BLE001 - an unknown kernel: draw the default view, never wait
+        return True
+    return not content.get("allow_stdin", False)
 
 
 @dataclass
@@ -124,7 +144,7 @@ def progress(iterable: Iterable | int | None = None, desc: str = "", total: int 
              disable: bool = False, unit: str = "epoch") -> std_tqdm:
     """A progress bar over ``iterable`` (an int ``n`` means ``range(n)``): ``tqdm.auto.tqdm``
     interactively (a live widget in JupyterLab, a text bar in a terminal), a :class:`BatchBar`
-    (one line at the end) when :data:`BATCH_ENV` is set. ``disable=True`` shows nothing in
+    (one line at the end) in :func:`batch_mode`. ``disable=True`` shows nothing in
     either mode. Use it like tqdm: iterate, ``set_postfix``, ``update``."""
     if isinstance(iterable, int):
         iterable = range(iterable)
@@ -147,9 +167,4 @@ def announce_once(key: Hashable, line: str) -> bool:
     _announced.add(key)
     print(line, flush=True)
     return True
-
-
-def forget_announcements() -> None:
-    """Let every line of :func:`announce_once` print again (tests)."""
-    _announced.clear()
 

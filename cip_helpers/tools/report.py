@@ -11,9 +11,10 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from . import attacks, pipeline, verification
-from .config import Profile
-from .store import read_json, weights_sha256, write_json, write_png, write_text
+from ..course import attacks, pipeline
+from ..course.config import Profile
+from ..course.store import read_json, weights_sha256, write_json, write_png, write_text
+from ..method import verification
 
 PAPER_TABLE = Path(__file__).with_name("paper_table_iv.json")
 # the paper task we put next to each of our attacks (Table IV has no MNIST row for Knockoff/IDA/DQA)
@@ -181,7 +182,7 @@ def table_iv(records: list[dict], ablations: bool = False) -> pd.DataFrame:
 
 
 def compact(df: pd.DataFrame, digits: int = 3, keep: Sequence[str] = ("defense",)) -> pd.DataFrame:
-    """``df`` for people (issue 18): columns empty in every row are dropped, columns with one value
+    """``df`` for people: columns empty in every row are dropped, columns with one value
     in every row (``keep`` excepted) are printed once above the table ("same in every row: ...")
     and dropped, floats are rounded to ``digits``. Returns the reduced table (a copy); ``df`` is
     not changed. An empty ``df`` is returned as it is."""
@@ -385,7 +386,7 @@ def seed_records(profile_dir: Path, seed: int) -> list[dict]:
     mixed = {f"{a}_{b}": sorted(h)[:3] for (a, b), h in seen.items() if len(h) > 1}
     if mixed:
         raise ValueError(f"the records of {metrics} were measured against different weights of "
-                         f"{sorted(mixed)}: re-run that seed (python -m cip_helpers.run --profile "
+                         f"{sorted(mixed)}: re-run that seed (python -m cip_helpers.tools.run --profile "
                          f"<profile> --set seed={seed})")
     return records
 
@@ -579,13 +580,13 @@ def summary_digest(profile_dir: Path) -> str:
 
 
 def write_overview(profile_dir: Path) -> Path:
-    """Draw :func:`cip_helpers.plots.overview` from ``<profile_dir>/summary.json`` into
+    """Draw :func:`cip_helpers.course.plots.overview` from ``<profile_dir>/summary.json`` into
     ``<profile_dir>/overview.png`` (atomically; the README's opening figure for ``quick``), with
     :func:`summary_digest` stored under the PNG text key :data:`OVERVIEW_KEY`. Raises
     ``FileNotFoundError`` when the summary is missing (run the aggregate first)."""
     import matplotlib.pyplot as plt
 
-    from . import plots
+    from ..course import plots
 
     profile_dir = Path(profile_dir)
     summary = read_json(profile_dir / "summary.json")
@@ -719,7 +720,7 @@ def differences(summary: dict) -> pd.DataFrame:
         ("PBD answer randomness", "a keyed hash of the query: the same query gets the same answer",
          "Python's global `random`, seeded once", "design: batch-invariant, repeat-consistent answers", "notebook 05"),
         ("PBD for a served API", "online (R < R1, batch-invariant); offline top-T only in the attack harness",
-         "offline top-T over the transfer set", "design (issue 14): top-T per call depends on call sizes",
+         "offline top-T over the transfer set", "design: top-T per call depends on call sizes",
          "notebook 05"),
     ]
     return pd.DataFrame(rows, columns=["difference", "ours", "paper", "cause", "shown by"])
@@ -767,7 +768,7 @@ def compare_runs(a: Path, b: Path) -> dict:
 
 # ----------------------------------------------------------------------------- the README block
 
-README_BEGIN = "<!-- results:begin (written by python -m cip_helpers.report readme; do not edit) -->"
+README_BEGIN = "<!-- results:begin (written by python -m cip_helpers.tools.report readme; do not edit) -->"
 README_END = "<!-- results:end -->"
 
 
@@ -776,7 +777,7 @@ def readme_markers(profile: str) -> tuple[str, str]:
     / :data:`README_END`; another profile ``P``: ``results:P:begin`` / ``results:P:end``)."""
     if profile == "quick":
         return README_BEGIN, README_END
-    return (f"<!-- results:{profile}:begin (written by python -m cip_helpers.report readme "
+    return (f"<!-- results:{profile}:begin (written by python -m cip_helpers.tools.report readme "
             f"--profile-dir results/{profile}; do not edit) -->", f"<!-- results:{profile}:end -->")
 README_ROWS = (("knockoff", "soft", "KnockoffNets, soft labels"), ("knockoff", "hard", "KnockoffNets, hard labels"),
                ("knockoff", "mixed_soft", "KnockoffNets, mixed pool, soft"),
@@ -833,7 +834,7 @@ def readme_block(summary: dict) -> str:
     power = "; ".join(f"{k} {d['flagged']} of {d['of']}" for k, d in v.get("stolen", {}).items() if "[" not in k)
     bound = inn.get("false_claim_upper")
     out.append(f"* **Ownership verification** (alpha = 0.01; per-unit Poisson-binomial test against "
-               f"an innocent pool, `cip_helpers/verification.py`): false claims {inn['flagged']} of "
+               f"an innocent pool, `cip_helpers/method/verification.py`): false claims {inn['flagged']} of "
                f"{inn['of']} distinct (innocent model, trigger set) pairs"
                + (f" ({inn['verdicts']} verdicts before removing runs that share a trigger set)"
                   if inn.get("verdicts", inn["of"]) != inn["of"] else "")
@@ -885,17 +886,17 @@ def update_readme(readme: Path, summary_path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cip_helpers.report readme [--profile-dir results/quick]``: rewrite the README's
+    """``python -m cip_helpers.tools.report readme [--profile-dir results/quick]``: rewrite the README's
     results block from that directory's ``summary.json``;
-    ``python -m cip_helpers.report reproducibility --same A B --other A C``: compare runs of one
+    ``python -m cip_helpers.tools.report reproducibility --same A B --other A C``: compare runs of one
     seed (:func:`compare_runs`) into ``reproducibility.json`` (read by the next aggregate);
-    ``python -m cip_helpers.report aggregate --profile-dir results/quick --seeds 0,1,2``: rewrite
+    ``python -m cip_helpers.tools.report aggregate --profile-dir results/quick --seeds 0,1,2``: rewrite
     the multi-seed ``summary.json`` and ``table.md`` from the per-seed records."""
     import argparse
 
-    from .config import REPO_ROOT
+    from ..course.config import REPO_ROOT
 
-    parser = argparse.ArgumentParser(prog="python -m cip_helpers.report")
+    parser = argparse.ArgumentParser(prog="python -m cip_helpers.tools.report")
     parser.add_argument("command", choices=("readme", "aggregate", "reproducibility"))
     parser.add_argument("--same", nargs=2, type=Path, metavar=("A", "B"),
                         help="reproducibility: two runs of one seed on the same machine and threads")

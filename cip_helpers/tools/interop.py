@@ -1,6 +1,6 @@
 """A door for other people's attack code: a defense as a numpy function or an ART classifier.
 
-Every :class:`~cip_helpers.defenses.Defense` (``NoDefense``, ``DP``, ``DAWN``, ``CIP``) is a torch
+Every :class:`~cip_helpers.method.defenses.Defense` (``NoDefense``, ``DP``, ``DAWN``, ``CIP``) is a torch
 black box: ``defense(x)`` takes a float tensor of raw images (N, C, H, W) in [0, 1] and returns
 (N, K) probability rows. Attack libraries speak numpy instead; this module converts at the door
 and leaves every decision (checks, routing, poisoning, trigger sets) to the defense:
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .defenses import Defense
+from ..method.defenses import Defense
 
 if TYPE_CHECKING:  # pragma: no cover - only for type checkers; ART stays optional
     from art.estimators.classification import BlackBoxClassifier
@@ -48,7 +48,7 @@ def numpy_predict(defense: Defense) -> Callable[[np.ndarray], np.ndarray]:
     numbers (e.g. a ragged list) raises numpy's or torch's ``TypeError``/``ValueError``.
     """
     if not isinstance(defense, Defense):
-        raise TypeError(f"expected a cip_helpers.defenses.Defense (NoDefense, DP, DAWN, CIP), got "
+        raise TypeError(f"expected a cip_helpers.method.defenses.Defense (NoDefense, DP, DAWN, CIP), got "
                         f"{type(defense).__name__}")
 
     def predict(x: np.ndarray) -> np.ndarray:

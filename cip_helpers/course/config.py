@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 REPO_ROOT = PACKAGE_DIR.parent
 
 
@@ -116,9 +116,9 @@ class Profile:
     # 0.79 / 0.41 / 0.80 over seeds 0-2. Measured alternatives (seeds 0-2, same victims): cosine
     # lr 0.51 +- 0.23; replay 5 0.79 +- 0.14; replay 10 0.83 +- 0.06; batch 64 + replay 5
     # 0.81 +- 0.04; + 3 student steps 0.83 +- 0.04; + lr drop (chosen) 0.83 +- 0.02.
-    # Issue 16 tried generator (16, 8) channels at 24,000 queries (55 % of the time; undefended
-    # 0.83 / 0.76 / 0.82 over seeds 0-2) and kept this recipe: against DAWN that student collapsed on
-    # two of three seeds (0.82 / 0.11 / 0.54), so the cheaper DFME was no longer a stable attack.
+    # A generator of (16, 8) channels at 24,000 queries (55 % of the time; undefended 0.83 / 0.76 /
+    # 0.82 over seeds 0-2) is not used: against DAWN that student collapsed on two of three seeds
+    # (0.82 / 0.11 / 0.54), so the cheaper DFME is not a stable attack.
     dfme_queries: int = 36000
     dfme_student_arch: str = ""  # the DFME student's architecture ("" = surrogate_arch)
     dfme_batch: int = 64  # queries per generator/student batch (more rounds for the same budget)

@@ -10,7 +10,6 @@ series that are not defenses (query sets, victims, PBD answers) take :data:`OTHE
 share no colour with the defenses. No other module or notebook spells a colour."""
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -21,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .config import Profile
-from .progress import BATCH_ENV  # the runner's batch flag: sliders draw their default view
+from .progress import batch_mode  # headless: sliders draw their default view
 from .store import write_png
 
 DEFENSE_COLORS: dict[str, str] = {"none": "#7f7f7f", "oe": "#9467bd", "dp": "#1f77b4",
@@ -225,8 +224,8 @@ def energy_range(logits_by_set: Mapping[str, Tensor], id_train_logits: Tensor,
     percentiles E1, E2 come from these) at every temperature in ``temperatures``, widened by
     ``pad`` of its span on each side: pass it as ``xlim`` to :func:`threshold_explorer` so the axis
     stays put while the T slider moves. Raises ``ValueError`` for no temperatures, no logits, or a
-    non-finite energy (and :func:`cip_helpers.scores.energy_score`'s errors for a bad T)."""
-    from .scores import energy_score
+    non-finite energy (and :func:`cip_helpers.method.scores.energy_score`'s errors for a bad T)."""
+    from ..method.scores import energy_score
 
     if len(temperatures) == 0:
         raise ValueError("need at least one temperature")
@@ -360,7 +359,7 @@ def threshold_explorer(logits_by_set: Mapping[str, Tensor], id_train_logits: Ten
     call exactly this function; a plain call renders the defaults."""
     import pandas as pd
 
-    from .scores import energy_score, route_fractions, select_thresholds
+    from ..method.scores import energy_score, route_fractions, select_thresholds
 
     e1, e2 = select_thresholds(energy_score(id_train_logits, temperature), p1, p2)
     energy = {name: energy_score(lg, temperature) for name, lg in logits_by_set.items()}
@@ -438,7 +437,7 @@ def r1_threshold(scores: Tensor, percentile: float, queries: Tensor | None = Non
     both distributions with R1 and return ``(figure, count)``, count = how many of ``queries``
     (default: ``scores`` themselves) fall below R1, i.e. would be flipped by online PBD. Notebook
     05's slider calls exactly this function; a plain call renders the default."""
-    from .defenses import r1_from_scores
+    from ..method.defenses import r1_from_scores
 
     r1 = r1_from_scores(scores, percentile)
     target = scores if queries is None else queries
@@ -453,7 +452,7 @@ def r1_threshold(scores: Tensor, percentile: float, queries: Tensor | None = Non
 
 
 def change_rate_bars(table, title: str = "") -> plt.Figure:
-    """Bar chart of a :func:`cip_helpers.defenses.change_rate_by_pmax` table (columns ``bin``,
+    """Bar chart of a :func:`cip_helpers.method.defenses.change_rate_by_pmax` table (columns ``bin``,
     ``n``, ``changed``, ``change_rate``): DP's top-1 change rate per clean-p_max bin, bins with
     changes in DP's colour, the others light grey, each bin's ``changed/n`` on its bar."""
     fig, ax = plt.subplots(figsize=(6.5, 3))
@@ -503,7 +502,7 @@ def watermark_rate(marked: Tensor, rate: float, title: str = "") -> plt.Figure:
 
 def defense_comparison(rows: Sequence[Mapping], metrics: Sequence[str] = (
         "fidelity", "test_top1_change", "knockoff_top1_change")) -> plt.Figure:
-    """Grouped bars: one group per metric of :func:`cip_helpers.defenses.compare_defenses` rows
+    """Grouped bars: one group per metric of :func:`cip_helpers.method.defenses.compare_defenses` rows
     (``row["defense"]`` a defense name, metric values fractions or ``None``), one bar per defense
     in its colour; a missing value is marked "n/a". Raises ``ValueError`` for a row whose
     ``defense`` names no defense."""
@@ -653,20 +652,42 @@ def accuracy_vs_queries(curves: Mapping[str, Sequence[tuple[int, float]]],
     """One line per curve ``{label: [(queries, accuracy), ...]}`` (accuracy a fraction): accuracy
     of the stolen model against the number of queries spent. A label that names a defense
     ("cip", "dp, all defended") gets that defense's colour (:func:`defense_color`), other labels
-    :data:`OTHER_COLORS`; labels in ``dashed`` are drawn dashed."""
+    :data:`OTHER_COLORS`; labels in ``dashed`` are drawn dashed. A curve with the same points as a
+    later one (which would hide it) is drawn with larger hollow markers, one size step per later
+    copy, so every curve stays visible as a ring; its legend label ends in ``(hidden)`` and the
+    legend's title says why."""
+    names = list(curves)
+    same = {name: [other for other in names[i + 1:] if _same_points(curves[name], curves[other])]
+            for i, name in enumerate(names)}
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
-    for (name, points), colour in zip(curves.items(), _series_colors(list(curves))):
+    for (name, points), colour in zip(curves.items(), _series_colors(names)):
         q, a = zip(*points) if points else ((), ())
-        hollow = name in dashed  # dashed curves get hollow markers: a filled dot hides the dashes
-        (line,) = ax.plot(q, a, marker="o", label=name, color=colour, linestyle="--" if hollow else "-",
-                          markerfacecolor="white" if hollow else colour, markersize=5 if hollow else 6)
+        hidden = len(same[name])  # how many curves drawn later lie on top of this one
+        hollow = name in dashed or hidden > 0  # dashed curves get hollow markers: a filled dot hides the dashes
+        label = f"{name} (hidden)" if hidden else name
+        (line,) = ax.plot(q, a, marker="o", label=label, color=colour, linestyle="--" if name in dashed else "-",
+                          markerfacecolor="white" if hollow else colour,
+                          markersize=6 + 4 * hidden if hidden else (5 if hollow else 6),
+                          markeredgewidth=1.5 if hidden else None)
         if _defense_key(name):
             _tag(line, name)
     if reference is not None:
         ax.axhline(reference, color=NEUTRAL["reference"], linestyle="--", linewidth=1,
                    label=f"victim {reference:.2f}")
     ax.axhline(0.1, color=NEUTRAL["chance"], linestyle=":", linewidth=1, label="chance")
-    return _finish(fig, ax, "queries to the API", ylabel, title)
+    _finish(fig, ax, "queries to the API", ylabel, title)
+    if any(same.values()):
+        ax.get_legend().set_title("ring (hidden): under an equal curve",
+                                  prop={"size": 7})
+        fig.tight_layout()
+    return fig
+
+
+def _same_points(a: Sequence[tuple[int, float]], b: Sequence[tuple[int, float]], tol: float = 0.005) -> bool:
+    """Whether two curves of :func:`accuracy_vs_queries` would draw on top of each other: the same
+    query counts and accuracies within ``tol`` (half a percentage point) at every point."""
+    return (len(a) == len(b) > 0 and
+            all(qa == qb and abs(ya - yb) <= tol for (qa, ya), (qb, yb) in zip(a, b)))
 
 
 TRADEOFF_KEYS = (("fidelity", "API fidelity on ID test digits", "-", "o"),
@@ -830,7 +851,7 @@ def seed_spread(long, value: str = "Test(M_S)", title: str = "", ylabel: str = "
     """Every seed as a dot and the mean ± sd over seeds as a bar with error bar, per run (attack and
     setting) and defense, in the defense's colour; "n/a" where a (run, defense) pair has no value
     (e.g. no trigger set), DQA runs with more noise to the right. ``long`` is
-    :func:`cip_helpers.report.seed_table`'s output (one row per seed and run, percent values);
+    :func:`cip_helpers.tools.report.seed_table`'s output (one row per seed and run, percent values);
     defenses without any ``value`` are left out."""
     df = long.dropna(subset=[value])
     runs = _more_noise_right(list(dict.fromkeys(zip(df["attack"], df["setting"]))))
@@ -865,7 +886,7 @@ def overview(summary: Mapping, value: str = "surrogate_acc", n_classes: int = 10
     accuracy in percent over seeds: mean as a bar in the defense's colour, ± sd error bar, each seed
     as a dot, "n/a" where a pair was not run; per setting a dashed black line at the attacked
     victim's test accuracy (mean over seeds), and a dotted line at chance (1 / ``n_classes``).
-    ``summary`` is a multi-seed ``summary.json`` (:func:`cip_helpers.report.seed_summary`): its
+    ``summary`` is a multi-seed ``summary.json`` (:func:`cip_helpers.tools.report.seed_summary`): its
     ``rows`` (``attack``, ``setting`` or ``label_type``, ``defense``, ``victim``, ``ablation``,
     ``value`` = ``{"mean", "sd", "n", "values"}`` with fractions) and ``victims``; ablation rows are
     left out; DQA settings are ordered with more noise to the right. Raises ``ValueError`` without
@@ -925,7 +946,7 @@ def overview(summary: Mapping, value: str = "surrogate_acc", n_classes: int = 10
 def verification_pvalues(verdicts: Sequence[Mapping], alpha: float = 0.01, title: str = "") -> plt.Figure:
     """-log10 p per suspect and trigger set (x axis): stolen surrogates as large dots in their
     defense's colour, innocent models (leave-one-out) as small grey dots, the flagging line at
-    -log10 alpha. ``verdicts`` are :func:`cip_helpers.report.verification_verdicts` dicts
+    -log10 alpha. ``verdicts`` are :func:`cip_helpers.tools.report.verification_verdicts` dicts
     (keys ``kind``, ``defense``, ``trigger_set``, ``p_value``); p is floored at 1e-300."""
     sets = list(dict.fromkeys(v["trigger_set"] for v in verdicts))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(sets) + 2), 3.8))
@@ -1185,7 +1206,7 @@ def _slider_widgets(**sliders: dict) -> dict[str, Any]:
     return controls
 
 
-def slider_view(function: Callable[..., None], **sliders: dict) -> None:
+def slider_view(function: Callable[..., None], drawn_above: bool = False, **sliders: dict) -> None:
     """Live sliders in JupyterLab; the default view, drawn once, in a batch run.
 
     ``sliders`` maps each keyword of ``function`` to a ``FloatSlider`` spec: ``value``, ``min``,
@@ -1193,12 +1214,18 @@ def slider_view(function: Callable[..., None], **sliders: dict) -> None:
     E1"), ``readout_format`` (default: as many decimals as ``step``) and ``min_from`` (the name of
     another slider: this one's min follows that one's value plus this one's step, and its value is
     raised if needed; e.g. ``p2=dict(..., min_from="p1")``). Interactively this displays
-    ``ipywidgets.interactive(function, ...)`` with the widgets of :func:`_slider_widgets`. With
-    ``$CIP_BATCH`` set (the runner sets it) it calls ``function`` once with every ``value`` and
-    creates no widget (``min_from`` is ignored): interact/Output widgets can deadlock headless
-    execution (papermill #723, nbclient #312; measured here: notebook 03 hung at this cell in 1 of
-    3 seeds of a quick run), and a batch run has nobody to move them."""
-    if os.environ.get(BATCH_ENV):
+    ``ipywidgets.interactive(function, ...)`` with the widgets of :func:`_slider_widgets`.
+    Headless (:func:`progress.batch_mode`: the runner's ``$CIP_BATCH``, or a kernel driven by
+    papermill / nbconvert / nbclient) it calls ``function`` once with every ``value`` and creates
+    no widget (``min_from`` is ignored): interact/Output widgets can deadlock headless execution
+    (papermill #723, nbclient #312; measured here: notebook 03 hung at this cell under plain
+    papermill in 1 of 3 tries), and a batch run has nobody to move them. ``drawn_above=True``
+    says a cell above already shows the default view: headless, one line says so instead."""
+    if batch_mode():
+        if drawn_above:
+            print(f"sliders {', '.join(sliders)}: live in JupyterLab (python3 tasks.py lab); "
+                  "their default view is the one drawn above")
+            return
         function(**{name: spec["value"] for name, spec in sliders.items()})
         return
     import ipywidgets as widgets

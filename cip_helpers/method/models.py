@@ -132,3 +132,21 @@ def build_model(arch: str, in_channels: int, n_classes: int, image_size: int) ->
     if arch == "wrn28_10":
         return wide_resnet(in_channels, n_classes, 28, 10)
     raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHS}")
+
+
+PREDICT_BATCH = 256
+"""Images per forward pass at inference: the fastest chunk measured on 2 CPU cores (1.9 s vs 4.3 s
+for one 10,000-image pass of the quick victim). The chunk size changes the float rounding of the
+batched kernels, not the function: the quick victim's probabilities move by up to 7.5e-7 between
+chunks of 1 and 256 and no top-1 label changed in that measurement."""
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: Tensor, batch_size: int = PREDICT_BATCH) -> Tensor:
+    """Logits of ``model`` (eval mode) for every image of ``x``, batched."""
+    model.eval()
+    if len(x) == 0:
+        return torch.empty(0, model(torch.zeros(1, *x.shape[1:])).shape[1])
+    if len(x) <= batch_size:  # one chunk: no concatenation (a copy) on the API's per-call path
+        return model(x)
+    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])

@@ -23,7 +23,7 @@ downloaded at run time:
 * ``pools="embedded"`` makes the photo pools from scikit-image for any grayscale dataset (the
   quick profiles); ``pools="stored"`` reads those ``data_prep`` laid out (the full profile).
 
-The ``full`` profile reads the datasets laid out by ``data_prep/`` (see :mod:`cip_helpers.data_full`).
+The ``full`` profile reads the datasets laid out by ``data_prep/`` (see :mod:`cip_helpers.course.data_full`).
 """
 from __future__ import annotations
 
@@ -376,7 +376,8 @@ def _pool_code_sha256() -> str:
 def _cached_pool(cache_dir: str, dataset: str, name: str, n: int, seed: int, source: str) -> Tensor:
     """:func:`_query_pool`, stored once per (pool, source, size, seed, code) in ``cache_dir``. A
     cache file that is unreadable or whose stored sha256 does not match its tensor is regenerated."""
-    from .store import _atomic_write, tensor_sha256
+    from ..method.digests import tensor_sha256
+    from .store import _atomic_write
 
     tag = name if source in ("embedded", "characters") else f"{name}-{source}"
     path = Path(cache_dir) / f"pool_{dataset}_{tag}_{n}_seed{seed}_{_pool_code_sha256()[:16]}.pt"

@@ -4,7 +4,7 @@ Nothing here downloads. Every missing file raises :class:`FileNotFoundError` nam
 expected and the ``python -m data_prep.fetch ...`` command that creates it; an unreadable file
 raises :class:`ValueError` saying to delete and re-fetch it.
 
-Layout under the data root (``cip_helpers.config.data_root()``)::
+Layout under the data root (``cip_helpers.course.config.data_root()``)::
 
     id/<dataset>/train.npz     x: uint8 (N, C, H, W), y: int64 (N,), classes: str (K,)
     id/<dataset>/test.npz      same keys
@@ -53,11 +53,6 @@ def id_path(root: Path, dataset: str, split: str) -> Path:
 def pool_path(root: Path, name: str) -> Path:
     """``root/pools/<name>.npy``."""
     return Path(root) / "pools" / f"{name}.npy"
-
-
-def manifest_path(root: Path) -> Path:
-    """``root/manifest.json``."""
-    return Path(root) / "manifest.json"
 
 
 def fetch_command(what: str, root: Path | None = None) -> str:
@@ -144,7 +139,7 @@ def open_pool_file(path: Path, name: str, root: Path | None = None) -> np.ndarra
     return arr
 
 
-# --- public API used by cip_helpers.data ----------------------------------------------------------
+# --- public API used by cip_helpers.course.data ----------------------------------------------------------
 def load_id_arrays(dataset: str, root: Path) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
     """``(train_x, train_y, test_x, test_y, classes)`` of ``dataset``: x uint8 (N, C, H, W),
     y int64. The official train/test split; data.py does any subsetting and the half split."""

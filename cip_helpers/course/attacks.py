@@ -1,6 +1,6 @@
 """Model-stealing attacks against the defended APIs (notebooks 07-10): KnockoffNets, DFME, IDA, DQA.
 
-The attacker only ever calls ``api(x)`` (a :class:`~cip_helpers.defenses.Defense` used as a black
+The attacker only ever calls ``api(x)`` (a :class:`~cip_helpers.method.defenses.Defense` used as a black
 box: images in, probability rows out). Everything the defender knows (the victim's accuracy, the
 trigger set of DAWN/CIP) is read from the defender's side *after* the attack, to score it.
 
@@ -15,7 +15,7 @@ Shared machinery:
   (attack, defense, setting) run under ``results/<profile>/metrics/``, with the trigger set saved
   next to it and the surrogate checkpoint named in the record.
 
-DFME's generator/student loop lives in :mod:`cip_helpers.dfme`.
+DFME's generator/student loop lives in :mod:`cip_helpers.course.dfme`.
 """
 from __future__ import annotations
 
@@ -28,11 +28,12 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from ..method.defenses import CIP, DAWN, Defense, TriggerSet
+from ..method.digests import tensor_sha256, weights_sha256
+from ..method.models import build_model, predict_logits, small_cnn
 from . import data, dfme, pipeline, training
 from .config import Profile
-from .defenses import CIP, DAWN, Defense, TriggerSet
-from .models import build_model, small_cnn
-from .store import (CheckpointError, load_checkpoint, load_or_train, read_json, tensor_sha256, weights_sha256,
+from .store import (CheckpointError, load_checkpoint, load_or_train, load_triggers, read_json, save_triggers,
                     write_json)
 from .training import accuracy, set_seed, train_classifier
 
@@ -57,7 +58,7 @@ DQA_NOISE_SEED = 4242  # offset of the DQA attacker's uniform-noise generator
 def build_surrogate(arch: str, width: int, input_shape: tuple[int, ...], n_classes: int,
                     seed: int = 0) -> nn.Module:
     """A fresh, seeded surrogate: ``cnn`` is the small CNN at ``width`` channels, other
-    architectures come from :func:`cip_helpers.models.build_model`."""
+    architectures come from :func:`cip_helpers.method.models.build_model`."""
     torch.manual_seed(seed)
     c, h, _ = input_shape
     if arch == "cnn":
@@ -82,7 +83,7 @@ def targets_from_answers(answers: Tensor, label_type: str) -> Tensor:
 def surrogate_recipe(cfg: Profile, epochs: int, arch: str | None = None) -> dict:
     """The data-independent part of a surrogate's checkpoint key: architecture, width, epochs,
     lr, batch size, seed, the recipe of :func:`training.surrogate_recipe_spec` and, for Adam, the
-    kernel (``fused_adam``: Adam's fused kernel since issue 16, other bits than the loop before)."""
+    kernel (``fused_adam``: Adam's fused kernel gives other bits than the per-parameter loop)."""
     recipe = {"arch": cfg.surrogate_arch if arch is None else arch, "width": cfg.surrogate_width,
               "epochs": epochs, "lr": cfg.surrogate_lr, "batch_size": cfg.surrogate_batch, "seed": cfg.seed,
               **training.surrogate_recipe_spec(cfg)}
@@ -125,7 +126,7 @@ def train_surrogate(cfg: Profile, x: Tensor, answers: Tensor, label_type: str, *
 
     def train(model: nn.Module) -> dict:
         history = train_classifier(model, x, targets, epochs=epochs, lr=cfg.surrogate_lr,
-                                   batch_size=cfg.surrogate_batch, seed=cfg.seed, desc=desc,
+                                   batch_size=cfg.surrogate_batch, seed=cfg.seed, desc=desc, progress=verbose,
                                    eval_sets=sets, fused=True, **training.surrogate_train_kwargs(cfg))
         return {"history": history}
 
@@ -220,7 +221,7 @@ def write_record(cfg: Profile, record: dict, triggers: TriggerSet | None = None)
     name = record["name"]
     if triggers is not None:
         path = cfg.metrics_dir / f"{name}.triggers.pt"
-        triggers.save(path)
+        save_triggers(path, triggers)
         record["trigger_file"] = str(path.relative_to(cfg.results_dir))
         record["triggers_sha256"] = triggers_sha256(triggers)
     record.setdefault("trigger_file", None)
@@ -269,7 +270,7 @@ def results_table(cfg: Profile, attack: str, columns: tuple[str, ...] = (
 
 def _rerun_hint(cfg: Profile, rec: dict) -> str:
     book = {"knockoff": "07", "dfme": "08", "ida": "09", "dqa": "10"}.get(rec.get("attack"), "07-10")
-    return (f"re-run the attack: python -m cip_helpers.run --profile {cfg.name} --set seed={cfg.seed}"
+    return (f"re-run the attack: python -m cip_helpers.tools.run --profile {cfg.name} --set seed={cfg.seed}"
             f"{' --set tag=' + cfg.tag if cfg.tag else ''} --only {book}")
 
 
@@ -294,7 +295,7 @@ def load_trigger_set(cfg: Profile, record: str) -> TriggerSet | None:
     rec = read_json(cfg.metrics_dir / f"{record}.json")
     if not rec["trigger_file"]:
         return None
-    triggers = TriggerSet.load(cfg.results_dir / rec["trigger_file"])
+    triggers = load_triggers(cfg.results_dir / rec["trigger_file"])
     if rec.get("triggers_sha256") != triggers_sha256(triggers):
         raise ValueError(f"{rec['trigger_file']} is not the trigger set of metrics/{record}.json "
                          "(sha256 differs); " + _rerun_hint(cfg, rec))
@@ -307,7 +308,7 @@ def _checkpoint_sha256(path: str, mtime_ns: int) -> str:  # mtime_ns: a rewritte
 
 
 RECORD_VERSION_KEYS = ("oe_victim_acc", "surrogate_best_acc", "ablation")
-"""Keys every record of this version of the course holds and older ones lack (issue 15)."""
+"""Keys every record of this version of the course holds and older ones lack."""
 
 
 def check_record_keys(rec: dict, path: Path) -> None:
@@ -413,7 +414,7 @@ def steal(cfg: Profile, attack: str, defense: str, queries: Tensor, label_type: 
 def _labels_kept(cfg: Profile, split: str, x: Tensor, answers: Tensor, routes: Tensor | None) -> dict:
     """``labels_kept`` (share of ``answers`` whose top-1 is the plain victim's top-1 on ``x``) and,
     given CIP's ``routes``, ``labels_kept_by_route`` ({branch: share or None when empty})."""
-    from .scores import ROUTE_NAMES
+    from ..method.scores import ROUTE_NAMES
 
     if len(x) == 0:
         return {"labels_kept": None, "labels_kept_by_route": None}
@@ -422,7 +423,7 @@ def _labels_kept(cfg: Profile, split: str, x: Tensor, answers: Tensor, routes: T
     if key not in _VICTIM_LABELS:  # the runs of a notebook on one transfer set share one forward pass
         if len(_VICTIM_LABELS) >= 16:
             _VICTIM_LABELS.clear()
-        _VICTIM_LABELS[key] = training.predict_logits(model, x).argmax(1)
+        _VICTIM_LABELS[key] = predict_logits(model, x).argmax(1)
     same = answers.argmax(1) == _VICTIM_LABELS[key]
     by_route = None
     if routes is not None:
@@ -437,7 +438,7 @@ _VICTIM_LABELS: dict[tuple[str, str], Tensor] = {}
 
 def _routes_by_source(api: Defense, sources: Tensor | None) -> dict | None:
     """CIP's routing counts of the last call per source of a mixed transfer set (else ``None``)."""
-    from .scores import ROUTE_NAMES
+    from ..method.scores import ROUTE_NAMES
 
     if sources is None or not isinstance(api, CIP):
         return None
@@ -568,7 +569,7 @@ def run_knockoff(cfg: Profile, defense: str, label_type: str, n_queries: int | N
 
     Raises ``ValueError`` for an unknown pool or branch, a pool the data does not have (``mixed``
     needs :func:`data.has_near_pool`) and more queries than the pool holds."""
-    from .scores import ROUTE_NAMES
+    from ..method.scores import ROUTE_NAMES
 
     if branch is not None and branch not in range(len(ROUTE_NAMES)):
         raise ValueError(f"branch must be one of 0, 1, 2 ({', '.join(ROUTE_NAMES)}), got {branch!r}")
@@ -815,7 +816,7 @@ def threshold_tradeoff(cfg: Profile, verbose: bool = True) -> dict:
     recomputed: a fresh clone has the JSON but no checkpoints).
     Returns ``{"key": ..., "p1": [rows], "p2": [rows], "label_type": ...}``. Raises ``ValueError``
     when the data has no ``near`` pool (:func:`data.has_near_pool`: 28 x 28 grayscale only)."""
-    from .scores import ROUTE_NAMES, route_fractions
+    from ..method.scores import ROUTE_NAMES, route_fractions
 
     path = cfg.results_dir / TRADEOFF_FILE
     queries, _ = mixed_queries(cfg)

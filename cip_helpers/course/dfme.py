@@ -23,11 +23,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ..method.defenses import NoDefense, TriggerSet
 from . import data, pipeline
 from .config import Profile
-from .defenses import NoDefense, TriggerSet
 from .progress import progress as progress_bar
-from .store import load_checkpoint, load_or_train, save_checkpoint
+from .store import load_checkpoint, load_or_train, load_triggers, save_checkpoint, save_triggers
 from .training import accuracy, set_seed
 
 
@@ -267,7 +267,7 @@ def run_dfme_attack(cfg: Profile, api_factory: Callable[[], object], defense_spe
         save_checkpoint(gen_path, gen, spec)
         triggers = getattr(api, "trigger_set", None)
         if triggers is not None:
-            triggers.save(trig_path)
+            save_triggers(trig_path, triggers)
         state["triggers"] = triggers
         return {"curve": curve, "n_queries": counted.n_queries, "n_calls": counted.n_calls,
                 "has_triggers": triggers is not None, "seconds": round(time.perf_counter() - start, 2)}
@@ -275,7 +275,7 @@ def run_dfme_attack(cfg: Profile, api_factory: Callable[[], object], defense_spe
     student, info = load_or_train(path, spec, build_student, train, verbose, name=desc)
     if info["loaded"]:
         gen.load_state_dict(load_checkpoint(gen_path)[2])
-        state["triggers"] = TriggerSet.load(trig_path) if info["has_triggers"] else None
+        state["triggers"] = load_triggers(trig_path) if info["has_triggers"] else None
     gen.eval()
     return student, gen, state["triggers"], {**info, "path": path}
 

@@ -7,7 +7,7 @@ reliability from ONE forward pass and applies all branches as batched tensor ope
 
 Measuring defenses (notebooks 04-06): :func:`branch_examples`, :func:`change_rate_by_pmax`,
 :func:`compare_defenses` and :func:`r1_from_scores`; per-perturbation statistics live in
-:mod:`cip_helpers.poisoning` (``top1_change_rate``, ``mean_l1``, ``mean_kl``).
+:mod:`cip_helpers.method.poisoning` (``top1_change_rate``, ``mean_l1``, ``mean_kl``).
 """
 from __future__ import annotations
 
@@ -15,18 +15,17 @@ import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from . import poisoning
-from .models import build_model
+from .digests import keyed_row_digests, row_digests, weights_sha256
+from .inputs import as_images
+from .models import PREDICT_BATCH, predict_logits
 from .scores import (HIGH_ES, ID, LOW_ES, ROUTE_NAMES, check_temperature, check_thresholds, energy_score,
                      finite_number, reliability_score, route)
-from .store import keyed_row_digests, load_checkpoint, read_json, row_digests, weights_sha256
-from .training import PREDICT_BATCH, as_images, predict_logits
 
 PBD_MODES = ("online", "offline_top_T", None)
 """CIP's PBD modes: ``"online"`` (the API default; batch-invariant), ``"offline_top_T"`` (the
@@ -103,30 +102,13 @@ class TriggerSet:
             self.original = torch.cat([self.original, original])
             self.altered = torch.cat([self.altered, altered])
 
-    def save(self, path: Path) -> None:
-        """Save as a tensors-only file (loadable with ``weights_only=True``)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"x": self.x, "original": self.original, "altered": self.altered}, path)
-
-    @classmethod
-    def load(cls, path: Path) -> TriggerSet:
-        """Load a trigger set written by :meth:`save` (tensors only, ``weights_only=True``)."""
-        try:
-            d = torch.load(Path(path), map_location="cpu", weights_only=True)
-            return cls(d["x"], d["original"], d["altered"])
-        except Exception as exc:  # noqa: BLE001 - re-raised with the fix
-            raise ValueError(f"{path} is not a readable trigger set ({exc}); re-create it by re-running "
-                             "the attack notebook that saved it") from exc
-
-
 class Defense:
     """Base class of every defended API: input checks, one batched forward pass, output checks,
     running totals.
 
     ``defense(x)``: ``x`` is a batch of raw images (N, C, H, W) in [0, 1], a ``torch.Tensor`` or a
     ``numpy.ndarray`` (float32; float64/float16 are cast to float32, see
-    :func:`training.as_images`); the answer is (N, K) float32 probability rows, as a tensor, or
+    :func:`inputs.as_images`); the answer is (N, K) float32 probability rows, as a tensor, or
     as a numpy array when ``x`` was one. Bad input raises ``ValueError``/``TypeError`` with the
     fix (wrong rank, layout or channel count, integer dtype, NaN, values outside [0, 1]).
 
@@ -137,7 +119,7 @@ class Defense:
     (``RuntimeError``); CIP answers those rows with its strongest poisoning.
 
     ``forward_batch``: the victim sees the queries of a call in chunks of this many (default
-    :data:`training.PREDICT_BATCH`); lower it for big models whose activations do not fit.
+    :data:`models.PREDICT_BATCH`); lower it for big models whose activations do not fit.
     Answers do not depend on it (eval mode)."""
 
     name = "base"
@@ -170,7 +152,7 @@ class Defense:
 
     @property
     def weights_sha256(self) -> str:
-        """sha256 of the wrapped model's weights at first use (:func:`store.weights_sha256`):
+        """sha256 of the wrapped model's weights at first use (:func:`digests.weights_sha256`):
         what records and trigger sets cite as the model that answered."""
         if self._weights_sha256 is None:
             self._weights_sha256 = weights_sha256(self.model)
@@ -224,14 +206,6 @@ class Defense:
     def answer(self, x: Tensor, logits: Tensor) -> Tensor:  # pragma: no cover - abstract
         """The defended probability rows for queries ``x`` whose victim logits are ``logits``."""
         raise NotImplementedError
-
-    @classmethod
-    def from_run(cls, results_dir: Path, split: str = "all", **kwargs) -> Defense:
-        """Rebuild this defense around a finished run's plain victim
-        (``<results_dir>/checkpoints/victim_<split>.pt``)."""
-        model, shape = load_victim_checkpoint(Path(results_dir) / "checkpoints" / f"victim_{split}.pt")
-        return cls(model, shape, **kwargs)
-
 
 class NoDefense(Defense):
     """The undefended API: softmax of the victim's logits."""
@@ -289,7 +263,7 @@ class DAWN(Defense):
         self.last_watermarked = torch.zeros(0, dtype=torch.bool)
 
     def _hashes(self, x: Tensor) -> np.ndarray:
-        """One 64-bit keyed hash per image (:func:`store.keyed_row_digests`)."""
+        """One 64-bit keyed hash per image (:func:`digests.keyed_row_digests`)."""
         return np.array([int.from_bytes(d, "big") for d in keyed_row_digests(x, self.key, 8)], dtype=np.uint64)
 
     def is_watermarked(self, x: Tensor) -> Tensor:
@@ -512,40 +486,6 @@ class CIP(Defense):
         r1 = r1_from_scores(reliability_score(softmax(logits)), r1_percentile)
         return cls(model, tuple(id_train_x.shape[1:]), e1, e2, temperature=temperature, r1=r1, **kwargs)
 
-    @classmethod
-    def from_run(cls, results_dir: Path, split: str = "all", **kwargs) -> CIP:  # type: ignore[override]
-        """Rebuild CIP from a finished run's seed directory (e.g. ``results/quick/seed-0``):
-        ``checkpoints/oe_victim_<split>.pt`` + ``thresholds.json``.
-
-        Raises ``ValueError`` if the thresholds entry was not computed from exactly these weights
-        (its ``weights_sha256`` differs from the checkpoint's, or it has none): thresholds of other
-        weights would route queries wrongly. The message names the fix (recompute them)."""
-        ckpt = Path(results_dir) / "checkpoints" / f"oe_victim_{split}.pt"
-        model, shape = load_victim_checkpoint(ckpt)
-        path = Path(results_dir) / "thresholds.json"
-        t = read_json(path)
-        if split != "all":
-            if "half" not in t:
-                raise ValueError(f"{path} has no 'half' entry: compute the half victim's thresholds "
-                                 "first (pipeline.get_thresholds(cfg, 'half'))")
-            t = t["half"]
-        missing = [k for k in ("E1", "E2", "T") if k not in t]
-        if missing or ("R1" not in t and kwargs.get("pbd", "online") == "online" and "r1" not in kwargs):
-            raise ValueError(f"{path} lacks {missing or ['R1']}: recompute it with "
-                             "pipeline.get_thresholds (notebook 02) or pass r1=... / pbd=None")
-        have = weights_sha256(model)
-        if t.get("weights_sha256") != have:
-            raise ValueError(
-                f"{path} ('{split}' entry) was computed for weights "
-                f"{(t.get('weights_sha256') or 'of unknown hash')[:16]}..., but {ckpt} holds weights "
-                f"{have[:12]}...: its E1/E2/R1 do not belong to this model. Recompute them from the "
-                "checkpoint: pipeline.get_thresholds(config.get_profile(<profile>, seed=<seed>), "
-                f"'{split}') (or re-run notebook 02), or use CIP.calibrate(model, id_train_x).")
-        if "R1" in t:
-            kwargs.setdefault("r1", t["R1"])
-        return cls(model, shape, t["E1"], t["E2"], temperature=t["T"], **kwargs)
-
-
 def triggers_by_call_size(cip: CIP, x: Tensor, sizes: Sequence[int | None] = (1, 10, 100, None)
                           ) -> dict[str, int]:
     """Trigger-set size when the queries ``x`` (N, C, H, W) are sent in consecutive calls of each
@@ -555,7 +495,7 @@ def triggers_by_call_size(cip: CIP, x: Tensor, sizes: Sequence[int | None] = (1,
 
     With online PBD one copy answers the whole stream of calls. With ``"offline_top_T"`` every
     call goes to its own fresh copy: what per-call top-T selection would do if it were served as
-    an API, the batch dependence that makes it an evaluation device only (issue 14, case 1).
+    an API, the batch dependence that makes it an evaluation device only.
     Raises ``ValueError`` for a size < 1."""
     out: dict[str, int] = {}
     for size in sizes:
@@ -571,20 +511,6 @@ def triggers_by_call_size(cip: CIP, x: Tensor, sizes: Sequence[int | None] = (1,
         count += len(api.trigger_set)
         out["one call" if size is None else f"calls of {size}"] = count
     return out
-
-
-def load_victim_checkpoint(path: Path) -> tuple[nn.Module, tuple[int, int, int]]:
-    """Build the model described by a victim/OE checkpoint's spec and load its weights."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: train the victims first (notebooks 01-02, "
-                                "or python -m cip_helpers.run --profile <profile> --only 01,02,03)")
-    spec, _, state = load_checkpoint(path)
-    victim = spec.get("victim", spec)
-    c, h, w = victim["input_shape"]
-    model = build_model(victim["arch"], c, victim["n_classes"], h)
-    model.load_state_dict(state)
-    return model.eval(), (c, h, w)
 
 
 def softmax(logits: Tensor) -> Tensor:

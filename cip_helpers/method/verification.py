@@ -62,9 +62,10 @@ import torch
 from scipy import stats
 from torch import Tensor, nn
 
+from .digests import row_digests, weights_sha256
+from .inputs import as_images
+from .models import predict_logits
 from .scores import energy_score, finite_number
-from .store import row_digests, weights_sha256
-from .training import as_images, predict_logits
 
 CONFIDENCE = 0.95
 """Default one-sided confidence of the per-unit Clopper-Pearson upper bounds."""
@@ -138,11 +139,6 @@ def agreements(model: nn.Module, x: Tensor | np.ndarray, labels: Tensor | np.nda
         raise ValueError(f"altered label {int(labels.max())} is not a class of a model with "
                          f"{logits.shape[1]} outputs: the trigger set belongs to another task")
     return (logits.argmax(1) == labels).numpy()
-
-
-def count_agreements(model: nn.Module, trigger_x: Tensor | np.ndarray, trigger_labels: Tensor) -> int:
-    """m: how many trigger inputs the model labels with the altered label (see :func:`agreements`)."""
-    return int(agreements(model, trigger_x, trigger_labels).sum())
 
 
 # ----------------------------------------------------------------------------- the null

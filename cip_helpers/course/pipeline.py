@@ -13,13 +13,14 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from ..method.defenses import CIP, DAWN, DP, Defense, NoDefense, OEOnly, r1_from_scores, softmax
+from ..method.digests import tensor_sha256, weights_sha256
+from ..method.models import build_model
+from ..method.scores import energy_score, reliability_score, select_thresholds
 from . import data
 from .config import Profile
-from .models import build_model
 from .progress import progress as progress_bar
-from .defenses import CIP, DAWN, DP, Defense, NoDefense, OEOnly, r1_from_scores, softmax
-from .scores import energy_score, reliability_score, select_thresholds
-from .store import load_or_train, read_json, tensor_sha256, weights_sha256, write_json
+from .store import load_or_train, read_json, write_json
 from .training import (finetune_oe, oe_in_batch, oe_recipe_spec, oe_train_kwargs, predict_logits,
                        train_classifier)
 
@@ -75,7 +76,7 @@ def get_victim(cfg: Profile, split: str = "all", verbose: bool = True) -> tuple[
         history = train_classifier(model, x, y, epochs=cfg.victim_epochs, lr=cfg.lr,
                                    batch_size=cfg.batch_size, seed=cfg.seed,
                                    weight_decay=cfg.weight_decay, eval_data=d.split("test"),
-                                   augment_shift=cfg.augment_shift, desc=f"victim ({split})")
+                                   augment_shift=cfg.augment_shift, desc=f"victim ({split})", progress=verbose)
         return {"history": history}
 
     path = cfg.checkpoint_dir / f"victim_{split}.pt"
@@ -95,7 +96,7 @@ def get_oe_victim(cfg: Profile, split: str = "all", verbose: bool = True) -> tup
         history = finetune_oe(model, x, y, data.query_pool(cfg, "outlier"), epochs=cfg.oe_epochs,
                               lr=cfg.oe_lr, lam=cfg.oe_lambda, m_in=cfg.oe_m_in, m_out=cfg.oe_m_out,
                               batch_size=oe_in_batch(cfg), seed=cfg.seed, eval_data=d.split("test"),
-                              augment_shift=cfg.augment_shift, desc=f"OE fine-tuning ({split})",
+                              augment_shift=cfg.augment_shift, desc=f"OE fine-tuning ({split})", progress=verbose,
                               **oe_train_kwargs(cfg))
         return {"history": history}
 

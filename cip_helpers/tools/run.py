@@ -1,9 +1,9 @@
 """Run the numbered notebooks with papermill, for one seed or several, in parallel where they allow.
 
-    python -m cip_helpers.run --profile quick                    # the whole course, seed 0
-    python -m cip_helpers.run --profile quick --seeds 0,1,2      # per seed, then the aggregate
-    python -m cip_helpers.run --profile smoke --only 01,03
-    python -m cip_helpers.run --profile full --set dataset=cifar100 --set tag=full-cifar100
+    python -m cip_helpers.tools.run --profile quick                    # the whole course, seed 0
+    python -m cip_helpers.tools.run --profile quick --seeds 0,1,2      # per seed, then the aggregate
+    python -m cip_helpers.tools.run --profile smoke --only 01,03
+    python -m cip_helpers.tools.run --profile full --set dataset=cifar100 --set tag=full-cifar100
 
 Executed copies go to ``results/<profile>/seed-<k>/executed/``. With two or more seeds the runner
 then aggregates the seeds (``report.write_seed_aggregate``: ``summary.json`` and ``table.md`` with
@@ -44,9 +44,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import PROFILES, REPO_ROOT, Profile, coerce_field, get_profile
-from .progress import BATCH_ENV
-from .store import read_json, write_json
+from ..course.config import PROFILES, REPO_ROOT, Profile, coerce_field, get_profile
+from ..course.progress import BATCH_ENV
+from ..course.store import read_json, write_json
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 
@@ -158,7 +158,7 @@ def run_task(task: str, profile: str, overrides: dict) -> None:
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
     import torch
 
-    from . import pipeline
+    from ..course import pipeline
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cfg = get_profile(profile, **overrides)
@@ -257,7 +257,7 @@ def _run_loop(pending: list[Job], running: list[Job], profile: str, overrides: d
                 cfg = cfg_for[job.seed]
                 out = cfg.results_dir / "executed" / job.book.name
                 env = {**os.environ, "OMP_NUM_THREADS": str(job.threads), "MKL_NUM_THREADS": str(job.threads),
-                       BATCH_ENV: "1"}  # one-line progress, default slider views (cip_helpers.progress)
+                       BATCH_ENV: "1"}  # one-line progress, default slider views (cip_helpers.course.progress)
                 arg = json.dumps({"path": str(job.book), "profile": profile, "out": str(out),
                                   "overrides": {**overrides, "seed": job.seed}, "cell_timeout": cell_timeout,
                                   "task": job.task})
@@ -265,7 +265,7 @@ def _run_loop(pending: list[Job], running: list[Job], profile: str, overrides: d
                 # its own process group, so a stop reaches the worker and anything it forked; the
                 # kernel (jupyter_client gives it a session of its own) is shut down by the worker
                 # on SIGTERM (see _worker) and exits by itself when its parent dies (ipykernel)
-                job.proc = subprocess.Popen([sys.executable, "-m", "cip_helpers.run", "--worker", arg],
+                job.proc = subprocess.Popen([sys.executable, "-m", "cip_helpers.tools.run", "--worker", arg],
                                             env=env, stdout=subprocess.DEVNULL, stderr=job.log, text=True,
                                             start_new_session=True)
                 job.start = time.perf_counter()
@@ -316,7 +316,7 @@ def _wait_or_kill(proc: subprocess.Popen, grace: float = 30.0) -> None:
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``--set`` items -> overrides, each VALUE converted from its text by the declared type of
-    FIELD (:func:`cip_helpers.config.coerce_field` with ``from_text=True``):
+    FIELD (:func:`cip_helpers.course.config.coerce_field` with ``from_text=True``):
     ``["victim_epochs=4", "tag=2024", "knockoff_curve=[500,1000]"]`` ->
     ``{"victim_epochs": 4, "tag": "2024", "knockoff_curve": (500, 1000)}``. A str field takes the
     text as it is (``dawn_key=12345`` is the string ``"12345"``).

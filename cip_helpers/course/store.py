@@ -10,7 +10,6 @@ and thread counts), so every artifact derived from trained weights records the w
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -22,6 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..method.defenses import CIP, Defense, TriggerSet
+from ..method.digests import weights_sha256
+from ..method.models import build_model
 from . import progress
 
 CHECKPOINT_FORMAT = 1
@@ -70,46 +72,8 @@ def read_json(path: Path) -> Any:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run the notebook that produces it first "
-                                "(python -m cip_helpers.run --profile <profile>)")
+                                "(python -m cip_helpers.tools.run --profile <profile>)")
     return json.loads(path.read_text())
-
-
-def row_digests(t: torch.Tensor) -> list[bytes]:
-    """sha256 digest (32 bytes) of every row t[i] of a tensor (N, ...): two rows share a digest
-    exactly when their values are bitwise identical (same dtype assumed). Used to keep a trigger
-    set a set (:meth:`defenses.TriggerSet.append`, :func:`verification.distinct_triggers`)."""
-    arr = t.detach().cpu().contiguous().numpy()
-    return [hashlib.sha256(row.tobytes()).digest() for row in arr]
-
-
-def keyed_row_digests(t: torch.Tensor, key: bytes, digest_size: int) -> list[bytes]:
-    """Keyed BLAKE2b digest (``digest_size`` bytes, 1..64) of every row t[i] of a tensor (N, ...)
-    read as float32 bytes: a secret-keyed pseudo-random function of the image, so a defense can
-    make per-query random choices that repeat for a repeated query and that nobody without
-    ``key`` can predict (DAWN's watermark selection, CIP's PBD answer)."""
-    arr = t.detach().cpu().float().contiguous().numpy()
-    return [hashlib.blake2b(row.tobytes(), key=key, digest_size=digest_size).digest() for row in arr]
-
-
-def tensor_sha256(t: torch.Tensor) -> str:
-    """sha256 (hex, 64 characters) of a tensor's dtype, shape and values in row-major order:
-    identical tensors give identical hashes whatever their memory layout (channels-last too)."""
-    t = t.detach().cpu().contiguous()
-    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.numpy().tobytes())
-    return h.hexdigest()
-
-
-def weights_sha256(model_or_state: nn.Module | dict) -> str:
-    """sha256 (hex) of a model's weights: every state-dict entry's name, dtype, shape and values,
-    in key order (64 hex characters). Equal hashes mean bit-identical weights; artifacts computed
-    from a model record it (content addressing), and one ulp of difference changes it."""
-    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
-    h = hashlib.sha256()
-    for key in sorted(state):
-        h.update(key.encode())
-        h.update(tensor_sha256(state[key]).encode())
-    return h.hexdigest()
 
 
 def _jsonable(spec: dict) -> dict:
@@ -183,3 +147,76 @@ def load_or_train(path: Path, spec: dict, build: Callable[[], nn.Module],
         print(f"{name}: {'retrained' if changed else 'trained'} in {time.perf_counter() - start:.1f} s "
               f"{current.destination()}", flush=True)
     return model, {"loaded": False, **extra, "weights_sha256": weights_sha256(model)}
+
+
+def save_triggers(path: Path, triggers: TriggerSet) -> None:
+    """Write a trigger set as a tensors-only file (readable with ``weights_only=True``), atomically."""
+    payload = {"x": triggers.x, "original": triggers.original, "altered": triggers.altered}
+    _atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
+
+
+def load_triggers(path: Path) -> TriggerSet:
+    """Read a trigger set written by :func:`save_triggers` (tensors only, ``weights_only=True``).
+    Raises ``ValueError`` naming the fix if the file is missing or unreadable."""
+    try:
+        d = torch.load(Path(path), map_location="cpu", weights_only=True)
+        return TriggerSet(d["x"], d["original"], d["altered"])
+    except Exception as exc:  # noqa: BLE001 - re-raised with the fix
+        raise ValueError(f"{path} is not a readable trigger set ({exc}); re-create it by re-running "
+                         "the attack notebook that saved it") from exc
+
+
+def load_victim(path: Path) -> tuple[nn.Module, tuple[int, int, int]]:
+    """Build the model described by a victim/OE checkpoint's spec, load its weights and return
+    ``(model in eval mode, input shape (C, H, W))``. Raises ``FileNotFoundError`` with the command
+    that trains it, :class:`CheckpointError` for a corrupt file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: train the victims first (notebooks 01-02, "
+                                "or python -m cip_helpers.tools.run --profile <profile> --only 01,02,03)")
+    spec, _, state = load_checkpoint(path)
+    victim = spec.get("victim", spec)
+    c, h, w = victim["input_shape"]
+    model = build_model(victim["arch"], c, victim["n_classes"], h)
+    model.load_state_dict(state)
+    return model.eval(), (c, h, w)
+
+
+def load_defense(kind: type[Defense], results_dir: Path, split: str = "all", **kwargs) -> Defense:
+    """Rebuild a defense ``kind`` (e.g. ``NoDefense``, ``DP``) around a finished run's plain victim
+    (``<results_dir>/checkpoints/victim_<split>.pt``); ``kwargs`` go to its constructor."""
+    model, shape = load_victim(Path(results_dir) / "checkpoints" / f"victim_{split}.pt")
+    return kind(model, shape, **kwargs)
+
+
+def load_cip(results_dir: Path, split: str = "all", **kwargs) -> CIP:
+    """Rebuild CIP from a finished run's seed directory (e.g. ``results/quick/seed-0``):
+    ``checkpoints/oe_victim_<split>.pt`` + ``thresholds.json``; ``kwargs`` go to :class:`CIP`.
+
+    Raises ``ValueError`` if the thresholds entry was not computed from exactly these weights
+    (its ``weights_sha256`` differs from the checkpoint's, or it has none): thresholds of other
+    weights would route queries wrongly. The message names the fix (recompute them)."""
+    ckpt = Path(results_dir) / "checkpoints" / f"oe_victim_{split}.pt"
+    model, shape = load_victim(ckpt)
+    path = Path(results_dir) / "thresholds.json"
+    t = read_json(path)
+    if split != "all":
+        if "half" not in t:
+            raise ValueError(f"{path} has no 'half' entry: compute the half victim's thresholds "
+                             "first (pipeline.get_thresholds(cfg, 'half'))")
+        t = t["half"]
+    missing = [k for k in ("E1", "E2", "T") if k not in t]
+    if missing or ("R1" not in t and kwargs.get("pbd", "online") == "online" and "r1" not in kwargs):
+        raise ValueError(f"{path} lacks {missing or ['R1']}: recompute it with "
+                         "pipeline.get_thresholds (notebook 02) or pass r1=... / pbd=None")
+    have = weights_sha256(model)
+    if t.get("weights_sha256") != have:
+        raise ValueError(
+            f"{path} ('{split}' entry) was computed for weights "
+            f"{(t.get('weights_sha256') or 'of unknown hash')[:16]}..., but {ckpt} holds weights "
+            f"{have[:12]}...: its E1/E2/R1 do not belong to this model. Recompute them from the "
+            "checkpoint: pipeline.get_thresholds(config.get_profile(<profile>, seed=<seed>), "
+            f"'{split}') (or re-run notebook 02), or use CIP.calibrate(model, id_train_x).")
+    if "R1" in t:
+        kwargs.setdefault("r1", t["R1"])
+    return CIP(model, shape, t["E1"], t["E2"], temperature=t["T"], **kwargs)

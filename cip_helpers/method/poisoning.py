@@ -193,7 +193,7 @@ def pbd_authors(p: Tensor, u: Tensor) -> Tensor:
 
     ``u`` (N, K + 1) uniform numbers in [0, 1) drive the randomness (row i's permutation is
     ``argsort(u[i, :K])``; ``u[i, K]`` picks the class if the big entry lands on the original
-    top), so the answer is a pure function of (p, u): :class:`~cip_helpers.defenses.CIP` derives
+    top), so the answer is a pure function of (p, u): :class:`~cip_helpers.method.defenses.CIP` derives
     ``u`` from a keyed hash of each query, the same query always gets the same answer and the
     answers do not depend on how queries are batched (the authors draw from Python's global
     ``random``, seeded once, so theirs depend on query order). Raises ``ValueError`` for a wrong
