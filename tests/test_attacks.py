@@ -9,7 +9,7 @@ from torch import nn
 
 from cip_helpers.course import attacks, config, dfme
 from cip_helpers.method.defenses import CIP, NoDefense, TriggerSet
-from cip_helpers.course.training import accuracy, train_classifier
+from cip_helpers.course.training import TrainRecipe, accuracy, train_classifier
 
 SHAPE = (1, 28, 28)
 
@@ -171,7 +171,7 @@ def test_surrogate_on_poisoned_answers_is_measurably_worse(cfg):
     (shuffle_noise; what OOD queries get) vs the same victim undefended."""
     x, y = band_images(240, n_classes=3)
     victim = attacks.build_surrogate("cnn", 8, SHAPE, 10, seed=3)
-    train_classifier(victim, x, y, epochs=3, lr=3e-3, batch_size=32, progress=False)
+    train_classifier(victim, x, y, TrainRecipe(epochs=3, lr=3e-3, batch_size=32), progress=False)
     queries, _ = band_images(150, n_classes=3, seed=2)
     xt, yt = band_images(90, n_classes=3, seed=5)
     assert accuracy(victim, xt, yt) > 0.95

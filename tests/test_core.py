@@ -190,7 +190,7 @@ def test_training_learns_a_separable_problem_with_hard_and_soft_labels():
     x[y == 1, :, :4] += 0.5  # class 1: bright top half
     for target in (y, nn.functional.one_hot(y, 2).float()):
         model = build_model("mlp", 1, 2, 8)
-        hist = training.train_classifier(model, x, target, epochs=15, lr=5e-3, batch_size=32,
+        hist = training.train_classifier(model, x, target, training.TrainRecipe(epochs=15, lr=5e-3, batch_size=32),
                                          progress=False)
         assert hist[-1]["loss"] < hist[0]["loss"]
         assert training.accuracy(model, x, y) > 0.95

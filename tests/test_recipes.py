@@ -4,6 +4,7 @@ authors' release (GitHub Hatins/CIP_master: ``ood_detection/detection_train.py``
 and leave the quick and smoke profiles bit for bit as they were."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -85,7 +86,8 @@ def test_issue15_full_profile_holds_the_authors_recipes_and_quick_smoke_the_old_
                 p.oe_outlier_augment) == ("adam", 0.0, "constant", 0, 0, "none")
         assert (p.surrogate_optimizer, p.surrogate_weight_decay, p.surrogate_schedule) == ("auto", 0.0, "cosine")
         assert p.dfme_student_arch == "" and p.dfme_arch == p.surrogate_arch == "cnn"
-    assert training.oe_in_batch(quick) == quick.batch_size == 64 and training.oe_in_batch(full) == 64
+    assert training.OERecipe.from_profile(quick).batch_size == quick.batch_size == 64
+    assert training.OERecipe.from_profile(full).batch_size == 64
 
 
 def test_issue15_allowed_values_match_training():
@@ -134,16 +136,16 @@ def test_issue15_valid_neighbours_of_the_range_checks_pass():
 def test_issue15_full_profile_weight_decay_reaches_the_optimiser(captured):
     full = get_profile("full")
     x, y = _data(16)
-    training.train_classifier(_tiny(), x, y, epochs=31, lr=full.surrogate_lr, batch_size=16, progress=False,
-                              **training.surrogate_train_kwargs(full))
+    training.train_classifier(_tiny(), x, y, training.TrainRecipe.surrogate(full, epochs=31), progress=False)
     _assert_authors_sgd(captured["opt"])
     assert captured["opt"].param_groups[0]["lr"] == pytest.approx(0.1 * 0.2)  # after epoch 30: x0.2
     x_out = torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    training.finetune_oe(_tiny(), x, y, x_out, epochs=1, lr=full.oe_lr, lam=full.oe_lambda, m_in=full.oe_m_in,
-                         m_out=full.oe_m_out, batch_size=8, progress=False, **training.oe_train_kwargs(full))
+    training.finetune_oe(_tiny(), x, y, x_out,
+                         dataclasses.replace(training.OERecipe.from_profile(full), epochs=1, batch_size=8),
+                         progress=False)
     _assert_authors_sgd(captured["opt"])
     # today's default: no weight decay anywhere
-    training.train_classifier(_tiny(), x, y, epochs=1, lr=0.1, batch_size=16, progress=False)
+    training.train_classifier(_tiny(), x, y, training.TrainRecipe(epochs=1, lr=0.1, batch_size=16), progress=False)
     assert captured["opt"].param_groups[0]["weight_decay"] == 0.0
 
 
@@ -191,13 +193,15 @@ def test_issue15_step_decay_multiplies_the_lr_by_0_2_after_epochs_30_60_90(captu
         assert all(lrs[e] == pytest.approx(lr, rel=1e-9) for e in epochs), (epochs, lr)
     # through train_classifier: milestones (1, 2), 3 epochs -> 0.1 * 0.2 * 0.2 after training
     x, y = _data(16)
-    training.train_classifier(_tiny(), x, y, epochs=3, lr=0.1, batch_size=16, progress=False, optimizer="sgd",
-                              schedule="step", milestones=(1, 2), gamma=0.2)
+    training.train_classifier(_tiny(), x, y, training.TrainRecipe(epochs=3, lr=0.1, batch_size=16, optimizer="sgd",
+                                                                   schedule="step", milestones=(1, 2), gamma=0.2),
+                              progress=False)
     assert captured["opt"].param_groups[0]["lr"] == pytest.approx(0.004)
     # constant: unchanged; cosine (today): 0 after the last epoch
-    training.train_classifier(_tiny(), x, y, epochs=3, lr=0.1, batch_size=16, progress=False, schedule="constant")
+    training.train_classifier(_tiny(), x, y, training.TrainRecipe(epochs=3, lr=0.1, batch_size=16, schedule="constant"),
+                              progress=False)
     assert captured["opt"].param_groups[0]["lr"] == 0.1
-    training.train_classifier(_tiny(), x, y, epochs=3, lr=0.1, batch_size=16, progress=False)
+    training.train_classifier(_tiny(), x, y, training.TrainRecipe(epochs=3, lr=0.1, batch_size=16), progress=False)
     assert captured["opt"].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError, match=r"never changes the lr in 10 epochs: pass milestones below 10"):
         training.make_epoch_scheduler(opt, "step", 10, milestones=(30, 60, 90))
@@ -211,8 +215,10 @@ def test_issue15_oe_cosine_decays_per_step_and_reaches_lr_min_at_the_last_step(c
     x, y = _data(32)  # 4 steps of 8 per epoch, 3 epochs: 12 steps
     x_out = torch.rand(50, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     model = _Recorder(_tiny(), captured)
-    training.finetune_oe(model, x, y, x_out, epochs=3, lr=1e-3, lam=0.1, m_in=-25.0, m_out=-7.0, batch_size=8,
-                         progress=False, optimizer="sgd", weight_decay=5e-4, schedule="cosine_step", lr_min=1e-6)
+    training.finetune_oe(model, x, y, x_out,
+                         training.OERecipe(epochs=3, lr=1e-3, lam=0.1, m_in=-25.0, m_out=-7.0, batch_size=8,
+                                           optimizer="sgd", weight_decay=5e-4, schedule="cosine_step",
+                                           lr_min=1e-6), progress=False)
     assert len(model.lrs) == 12
     want = [1e-6 + (1e-3 - 1e-6) * 0.5 * (1 + math.cos(math.pi * k / 12)) for k in range(12)]
     assert model.lrs == pytest.approx(want, rel=1e-9)  # a new lr every step, not every epoch
@@ -220,12 +226,13 @@ def test_issue15_oe_cosine_decays_per_step_and_reaches_lr_min_at_the_last_step(c
     assert captured["opt"].param_groups[0]["lr"] == pytest.approx(1e-6, rel=1e-9)  # after the last step
     # today's default: constant lr
     model = _Recorder(_tiny(), captured)
-    training.finetune_oe(model, x, y, x_out, epochs=2, lr=1e-3, lam=0.1, m_in=-25.0, m_out=-7.0, batch_size=8,
-                         progress=False)
+    training.finetune_oe(model, x, y, x_out,
+                         training.OERecipe(epochs=2, lr=1e-3, lam=0.1, m_in=-25.0, m_out=-7.0, batch_size=8), progress=False)
     assert isinstance(captured["opt"], torch.optim.Adam) and set(model.lrs) == {1e-3}
     with pytest.raises(ValueError, match=r"lr_min=0.01: must be in \[0, lr\] = \[0, 0.001\]"):
-        training.finetune_oe(_tiny(), x, y, x_out, epochs=1, lr=1e-3, lam=0.1, m_in=-25.0, m_out=-7.0,
-                             progress=False, schedule="cosine_step", lr_min=1e-2)
+        training.finetune_oe(_tiny(), x, y, x_out,
+                             training.OERecipe(epochs=1, lr=1e-3, lam=0.1, m_in=-25.0, m_out=-7.0,
+                                               schedule="cosine_step", lr_min=1e-2), progress=False)
 
 
 # ------------------------------------------------------------------ outlier batch and augmentation
@@ -241,8 +248,9 @@ def test_issue15_oe_step_holds_64_id_and_128_outlier_images(captured):
     x, y = _data(128)
     x_out = torch.rand(300, 1, 8, 8, generator=torch.Generator().manual_seed(2))
     model = _Recorder(_tiny(), captured)
-    training.finetune_oe(model, x, y, x_out, epochs=1, lr=1e-3, lam=0.1, m_in=-25.0, m_out=-7.0, batch_size=64,
-                         out_batch_size=128, progress=False)
+    training.finetune_oe(model, x, y, x_out,
+                         training.OERecipe(epochs=1, lr=1e-3, lam=0.1, m_in=-25.0, m_out=-7.0, batch_size=64,
+                                           out_batch_size=128), progress=False)
     assert [len(b) for b in model.inputs] == [192, 192]
     id_rows = torch.cat([b[:64] for b in model.inputs])
     out_rows = torch.cat([b[64:] for b in model.inputs])
@@ -251,12 +259,13 @@ def test_issue15_oe_step_holds_64_id_and_128_outlier_images(captured):
     assert (picked >= 0).all() and len(set(picked.tolist())) == 256  # 256 distinct outliers of the pool
     # today's default: as many outliers as ID images
     model = _Recorder(_tiny(), captured)
-    training.finetune_oe(model, x, y, x_out, epochs=1, lr=1e-3, lam=0.1, m_in=-25.0, m_out=-7.0, batch_size=64,
-                         progress=False)
+    training.finetune_oe(model, x, y, x_out,
+                         training.OERecipe(epochs=1, lr=1e-3, lam=0.1, m_in=-25.0, m_out=-7.0, batch_size=64), progress=False)
     assert [len(b) for b in model.inputs] == [128, 128]
     with pytest.raises(ValueError, match=r"out_batch_size=-1: must be a whole number >= 0"):
-        training.finetune_oe(_tiny(), x, y, x_out, epochs=1, lr=1e-3, lam=0.1, m_in=-25.0, m_out=-7.0,
-                             out_batch_size=-1, progress=False)
+        training.finetune_oe(_tiny(), x, y, x_out,
+                             training.OERecipe(epochs=1, lr=1e-3, lam=0.1, m_in=-25.0, m_out=-7.0,
+                                               out_batch_size=-1), progress=False)
 
 
 def test_issue15_crop_flip_changes_outliers_but_keeps_their_shape(captured):
@@ -278,13 +287,15 @@ def test_issue15_crop_flip_changes_outliers_but_keeps_their_shape(captured):
     xi, yi = _data(16)
     x_out = torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(4))
     model = _Recorder(_tiny(), captured)
-    training.finetune_oe(model, xi, yi, x_out, epochs=1, lr=1e-3, lam=0.1, m_in=-25.0, m_out=-7.0, batch_size=8,
-                         out_batch_size=16, outlier_augment="crop_flip", progress=False)
+    training.finetune_oe(model, xi, yi, x_out,
+                         training.OERecipe(epochs=1, lr=1e-3, lam=0.1, m_in=-25.0, m_out=-7.0, batch_size=8,
+                                           out_batch_size=16, outlier_augment="crop_flip"), progress=False)
     seen = torch.cat([b[8:] for b in model.inputs])
     assert seen.shape == (32, 1, 8, 8) and (_rows_of(seen, x_out) == -1).float().mean() > 0.8
     with pytest.raises(ValueError, match=r"outlier_augment='cutout': must be one of \['none', 'crop_flip'\]"):
-        training.finetune_oe(_tiny(), xi, yi, x_out, epochs=1, lr=1e-3, lam=0.1, m_in=-25.0, m_out=-7.0,
-                             outlier_augment="cutout", progress=False)
+        training.finetune_oe(_tiny(), xi, yi, x_out,
+                             training.OERecipe(epochs=1, lr=1e-3, lam=0.1, m_in=-25.0, m_out=-7.0,
+                                               outlier_augment="cutout"), progress=False)
     with pytest.raises(ValueError, match=r"random_crop_flip expects a batch \(N, C, H, W\), got \(3, 8, 8\)"):
         training.random_crop_flip(x[0], 4, torch.Generator())
 
@@ -355,6 +366,36 @@ def _old_finetune_oe(model, x_in, y_in, x_out, *, epochs, lr, lam, m_in, m_out, 
             opt.step()
 
 
+def _frozen_finetune_oe(model, x_in, y_in, x_out, *, epochs, lr, lam, m_in, m_out, batch_size, seed,
+                        augment_shift, optimizer, weight_decay, schedule, lr_min, out_batch_size, outlier_augment):
+    """The OE loop as it was before the OERecipe regrouping (every recipe option), for the
+    bit-identity test below."""
+    training.set_seed(seed)
+    opt = training.make_optimizer(model.parameters(), optimizer, lr, momentum=0.9, nesterov=True,
+                                  weight_decay=weight_decay)
+    loader = make_loader(x_in, y_in, batch_size, shuffle=True, seed=seed)
+    sched = (training.make_cosine_step_scheduler(opt, max(epochs, 1) * len(loader), lr_min)
+             if schedule == "cosine_step" else None)
+    stride = out_batch_size or batch_size
+    g = torch.Generator().manual_seed(seed + 1)
+    for _ in range(epochs):
+        model.train()
+        order = torch.randperm(len(x_out), generator=g)
+        for step, (xb, yb) in enumerate(loader):
+            pick = order[(torch.arange(out_batch_size or len(xb)) + step * stride) % len(x_out)]
+            x_id = training.random_affine(xb, augment_shift, g)
+            x_ood = x_out[pick]
+            if outlier_augment == "crop_flip":
+                x_ood = training.random_crop_flip(x_ood, training.OUTLIER_CROP_PAD, g)
+            logits = model(torch.cat([x_id, x_ood]))
+            loss = oe_energy_loss(logits[: len(xb)], yb, logits[len(xb):], m_in, m_out, lam)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+
+
 def _same_weights(a: nn.Module, b: nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -363,38 +404,57 @@ def _same_weights(a: nn.Module, b: nn.Module) -> bool:
 @pytest.mark.parametrize("lr", [2e-3, 0.1], ids=["adam", "sgd"])
 def test_issue15_quick_training_is_bit_identical_to_before(lr):
     x, y = _data(64, seed=5)
-    common = dict(epochs=2, lr=lr, batch_size=16, seed=3, weight_decay=1e-4, augment_shift=2)
+    common = dict(epochs=2, lr=lr, batch_size=16, weight_decay=1e-4, augment_shift=2)
     old, default, explicit = _tiny(), _tiny(), _tiny()
-    _old_train_classifier(old, x, y, **common)
-    training.train_classifier(default, x, y, progress=False, **common)
-    training.train_classifier(explicit, x, y, progress=False, optimizer="auto", momentum=0.9, nesterov=True,
-                              schedule="cosine", **common)
+    _old_train_classifier(old, x, y, seed=3, **common)
+    training.train_classifier(default, x, y, training.TrainRecipe(**common), seed=3, progress=False)
+    training.train_classifier(explicit, x, y, training.TrainRecipe(optimizer="auto", momentum=0.9, nesterov=True,
+                                                                   schedule="cosine", **common), seed=3, progress=False)
     assert not _same_weights(old, _tiny())  # training moved the weights
     assert _same_weights(old, default) and _same_weights(old, explicit)
-    # the quick profile's surrogate recipe (weight decay 0 included) is that default
-    quick_kwargs = training.surrogate_train_kwargs(get_profile("quick"))
-    no_decay = {k: v for k, v in common.items() if k != "weight_decay"}
+    # the quick profile's surrogate recipe (weight decay 0 included) is that default, with Adam's fused kernel
+    via = dataclasses.replace(training.TrainRecipe.surrogate(get_profile("quick")), fused=False, **common)
+    assert training.TrainRecipe.surrogate(get_profile("quick")).fused
     old0, via_profile = _tiny(), _tiny()
-    _old_train_classifier(old0, x, y, weight_decay=0.0, **no_decay)
-    training.train_classifier(via_profile, x, y, progress=False, **no_decay, **quick_kwargs)
+    _old_train_classifier(old0, x, y, seed=3, **{**common, "weight_decay": 0.0})
+    training.train_classifier(via_profile, x, y, dataclasses.replace(via, weight_decay=0.0), seed=3, progress=False)
     assert _same_weights(old0, via_profile) and not _same_weights(old0, old)
     # and a different recipe does change them
     other = _tiny()
-    training.train_classifier(other, x, y, progress=False, **{**common, "weight_decay": 5e-2})
+    training.train_classifier(other, x, y, training.TrainRecipe(**{**common, "weight_decay": 5e-2}), seed=3,
+                              progress=False)
     assert not _same_weights(old, other)
 
 
 def test_issue15_quick_oe_finetuning_is_bit_identical_to_before():
     x, y = _data(48, seed=6)
     x_out = torch.rand(30, 1, 8, 8, generator=torch.Generator().manual_seed(7))
-    common = dict(epochs=2, lr=1e-3, lam=0.1, m_in=-20.0, m_out=-3.0, batch_size=16, seed=3, augment_shift=2)
+    recipe = dict(epochs=2, lr=1e-3, lam=0.1, m_in=-20.0, m_out=-3.0, batch_size=16, augment_shift=2)
     old, default, via_profile = _tiny(), _tiny(), _tiny()
-    _old_finetune_oe(old, x, y, x_out, **common)
-    training.finetune_oe(default, x, y, x_out, progress=False, **common)
-    training.finetune_oe(via_profile, x, y, x_out, progress=False, **common,
-                         **training.oe_train_kwargs(get_profile("quick")))
+    _old_finetune_oe(old, x, y, x_out, seed=3, **recipe)
+    training.finetune_oe(default, x, y, x_out,
+                         training.OERecipe(**recipe), seed=3, progress=False)
+    training.finetune_oe(via_profile, x, y, x_out,
+                         dataclasses.replace(training.OERecipe.from_profile(get_profile("quick")), **recipe),
+                         seed=3, progress=False)
     assert not _same_weights(old, _tiny())
     assert _same_weights(old, default) and _same_weights(old, via_profile)
+
+
+def test_oe_recipe_regrouping_is_bit_identical_for_the_authors_recipe():
+    """Issue 26: finetune_oe(model, ..., OERecipe) trains exactly as the keyword version did, with
+    every option of the full (authors') recipe switched on."""
+    x, y = _data(40, seed=8)
+    x_out = torch.rand(70, 1, 8, 8, generator=torch.Generator().manual_seed(9))
+    recipe = dataclasses.replace(training.OERecipe.from_profile(get_profile("full")), epochs=2, batch_size=16,
+                                 augment_shift=2)
+    assert (recipe.optimizer, recipe.schedule, recipe.out_batch_size, recipe.outlier_augment) == \
+        ("sgd", "cosine_step", 128, "crop_flip")
+    old, new = _tiny(), _tiny()
+    _frozen_finetune_oe(old, x, y, x_out, seed=4, **{f.name: getattr(recipe, f.name) for f in dataclasses.fields(recipe)
+                                                      if f.name not in ("momentum", "nesterov")})
+    training.finetune_oe(new, x, y, x_out, recipe, seed=4, progress=False)
+    assert not _same_weights(old, _tiny()) and _same_weights(old, new)
 
 
 def test_issue15_recipe_helpers_fail_closed():
@@ -405,14 +465,15 @@ def test_issue15_recipe_helpers_fail_closed():
                             ({"weight_decay": -1.0}, r"weight_decay=-1.0: must be a finite number >= 0"),
                             ({"optimizer": "sgd", "momentum": 0.0}, r"nesterov=True needs momentum > 0")):
         with pytest.raises(ValueError, match=message):
-            training.train_classifier(_tiny(), x, y, epochs=1, lr=0.1, progress=False, **kwargs)
+            training.train_classifier(_tiny(), x, y, training.TrainRecipe(epochs=1, lr=0.1, **kwargs), progress=False)
     with pytest.raises(ValueError, match=r"optimizer='auto': must be one of \['adam', 'sgd'\]"):
-        training.finetune_oe(_tiny(), x, y, x, epochs=1, lr=1e-3, lam=0.1, m_in=-25.0, m_out=-7.0,
-                             optimizer="auto", progress=False)
+        training.finetune_oe(_tiny(), x, y, x,
+                             training.OERecipe(epochs=1, lr=1e-3, lam=0.1, m_in=-25.0, m_out=-7.0,
+                                               optimizer="auto"), progress=False)
 
     class Partial:
         surrogate_optimizer = "sgd"
 
-    with pytest.raises(ValueError, match=r"surrogate_train_kwargs needs a profile with the field\(s\) "
-                                         r"\['surrogate_weight_decay'"):
-        training.surrogate_train_kwargs(Partial())
+    with pytest.raises(ValueError, match=r"TrainRecipe.surrogate needs a profile with the field\(s\) "
+                                         r"\['surrogate_epochs', 'surrogate_lr', 'surrogate_batch', 'surrogate_weight_decay'"):
+        training.TrainRecipe.surrogate(Partial())

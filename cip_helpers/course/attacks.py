@@ -4,7 +4,9 @@ The attacker only ever calls ``api(x)`` (a :class:`~cip_helpers.method.defenses.
 box: images in, probability rows out). Everything the defender knows (the victim's accuracy, the
 trigger set of DAWN/CIP) is read from the defender's side *after* the attack, to score it.
 
-Shared machinery:
+The attack itself is :func:`steal_once` (the transfer set in one call, the kept answers, a surrogate
+trained on them); :func:`steal` runs it against a fresh defended API and adds the bookkeeping
+(the defender's scores, the record). Shared machinery:
 
 * :func:`train_surrogate`: load-or-train a surrogate on (query, answer) pairs with hard (argmax) or
   soft labels. The checkpoint is content-addressed: its name is a hash of a spec holding the sha256
@@ -22,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -35,7 +38,7 @@ from . import data, dfme, pipeline, training
 from .config import Profile
 from .store import (CheckpointError, load_checkpoint, load_or_train, load_triggers, read_json, save_triggers,
                     write_json)
-from .training import accuracy, set_seed, train_classifier
+from .training import TrainRecipe, accuracy, set_seed, train_classifier
 
 LABEL_TYPES = ("hard", "soft")
 ATTACKS = ("knockoff", "dfme", "ida", "dqa")
@@ -125,9 +128,8 @@ def train_surrogate(cfg: Profile, x: Tensor, answers: Tensor, label_type: str, *
     path = cfg.checkpoint_dir / "surrogates" / f"surrogate_{pipeline.spec_hash(spec)}.pt"
 
     def train(model: nn.Module) -> dict:
-        history = train_classifier(model, x, targets, epochs=epochs, lr=cfg.surrogate_lr,
-                                   batch_size=cfg.surrogate_batch, seed=cfg.seed, desc=desc, progress=verbose,
-                                   eval_sets=sets, fused=True, **training.surrogate_train_kwargs(cfg))
+        history = train_classifier(model, x, targets, TrainRecipe.surrogate(cfg, epochs), seed=cfg.seed,
+                                   eval_sets=sets, desc=desc, progress=verbose)
         return {"history": history}
 
     model, info = load_or_train(path, spec, lambda: _model_from_spec(spec), train, verbose, name=desc)
@@ -352,38 +354,67 @@ def check_record(cfg: Profile, rec: dict) -> None:
 # ----------------------------------------------------------------------------- one stealing run
 
 
-def steal(cfg: Profile, attack: str, defense: str, queries: Tensor, label_type: str, *,
-          split: str = "all", setting: str | None = None, epochs: int | None = None,
-          keep: Tensor | None = None, defense_kwargs: dict | None = None,
-          extra: dict | None = None, verbose: bool = True, arch: str | None = None,
-          trigger_curve: bool = False, ablation: str | None = None,
-          sources: Tensor | None = None) -> dict:
-    """One query-then-train run: the attacker sends ``queries`` to a fresh ``defense`` API in ONE
-    call (the transfer set), keeps the answers selected by the boolean mask ``keep`` (default all),
-    trains a surrogate on them and the defender scores it. Writes and returns the record.
+def steal_once(api: Defense, queries: Tensor, label_type: str,
+               train: Callable[[Tensor, Tensor, str], tuple[nn.Module, dict]],
+               keep: Tensor | None = None) -> tuple[Tensor, nn.Module, dict]:
+    """The attack itself, as every query-then-train thief runs it (KnockoffNets, IDA, DQA): send
+    the whole transfer set ``queries`` to the defended ``api`` in ONE call, keep the answers
+    selected by the boolean mask ``keep`` (default: all; DQA drops its noise answers) and train a
+    surrogate on the kept (query, answer) pairs with ``train(x, answers, label_type)`` (the
+    course passes :func:`train_surrogate`, load-or-train; ``label_type`` is ``"hard"`` or
+    ``"soft"``). Returns ``(answers, surrogate, info)``: every answer, kept or not, and what
+    ``train`` returned."""
+    answers = api(queries)  # <- the attacker's only access to the victim
+    keep = torch.ones(len(queries), dtype=torch.bool) if keep is None else keep
+    surrogate, info = train(queries[keep], answers[keep], label_type)
+    return answers, surrogate, info
 
-    ``arch`` overrides the surrogate architecture; ``trigger_curve`` logs the trigger accuracy
-    after every epoch (``history``); ``ablation`` names a run that is not one of the table's main
-    rows (it goes to the ablation table of ``table.md``); ``sources`` (int64, one code of
+
+FIT_OPTIONS = ("epochs", "arch", "trigger_curve")
+"""The surrogate-training options of :func:`steal` (its ``fit``)."""
+
+
+def steal(cfg: Profile, attack: str, defense: str, queries: Tensor, label_type: str, *,
+          split: str = "all", setting: str | None = None, keep: Tensor | None = None,
+          defense_kwargs: dict | None = None, fit: dict | None = None, extra: dict | None = None,
+          sources: Tensor | None = None, verbose: bool = True) -> dict:
+    """One stealing run with its bookkeeping: a fresh ``defense`` API (seeded with ``cfg.seed``),
+    the attack (:func:`steal_once`: ``queries`` in one call, the answers selected by ``keep``
+    trained on), the defender's scoring of the surrogate, and the record, written and returned.
+
+    ``fit`` holds the surrogate's rarely changed options (:data:`FIT_OPTIONS`): ``epochs``
+    (default ``cfg.surrogate_epochs``), ``arch`` (another surrogate architecture) and
+    ``trigger_curve`` (log the trigger accuracy after every epoch in ``history``). ``extra`` adds
+    record keys or sets them, e.g. ``ablation``: the run is not one of the table's main rows (it
+    goes to the ablation table of ``table.md``). ``sources`` (int64, one code of
     :data:`MIXED_SOURCES` per query) adds CIP's routing counts per source.
 
     The record's ``labels_kept`` is the share of the trained answers whose top-1 equals the
     undefended API's (the plain victim's) top-1: what a hard-label attacker still learns from;
     for CIP ``labels_kept_by_route`` splits it by branch (``scores.ROUTE_NAMES``)."""
     start = time.perf_counter()
+    fit = fit or {}
+    if set(fit) - set(FIT_OPTIONS):
+        raise ValueError(f"unknown fit options {sorted(set(fit) - set(FIT_OPTIONS))}; use {FIT_OPTIONS}")
+    epochs, arch, trigger_curve = (fit.get(k) for k in FIT_OPTIONS)
     set_seed(cfg.seed)
     defense_kwargs = dict(defense_kwargs or {})
     api = make_defense(cfg, defense, split, **defense_kwargs)
-    answers = api(queries)  # <- the attacker's only access to the victim
     keep = torch.ones(len(queries), dtype=torch.bool) if keep is None else keep
     name = record_name(attack, defense, setting)
-    triggers = api.trigger_set if isinstance(api, (DAWN, CIP)) else None
-    kept = _labels_kept(cfg, split, queries[keep], answers[keep],
-                        api.last_routes[keep] if isinstance(api, CIP) else None)
-    eval_sets = ({"trigger": (triggers.x, triggers.labels)} if trigger_curve and triggers is not None
-                 and len(triggers) else None)
-    model, info = train_surrogate(cfg, queries[keep], answers[keep], label_type, epochs=epochs,
-                                  desc=name, verbose=verbose, arch=arch, eval_sets=eval_sets)
+    kept: dict = {}
+
+    def train(x: Tensor, answers: Tensor, label_type: str) -> tuple[nn.Module, dict]:
+        # between the call and the training: what the defender measures of the kept answers
+        triggers, routes = _trigger_set(api), api.last_routes[keep] if isinstance(api, CIP) else None
+        kept.update(_labels_kept(cfg, split, x, answers, routes))
+        eval_sets = ({"trigger": (triggers.x, triggers.labels)} if trigger_curve and triggers is not None
+                     and len(triggers) else None)
+        return train_surrogate(cfg, x, answers, label_type, epochs=epochs, desc=name, verbose=verbose,
+                               arch=arch, eval_sets=eval_sets)
+
+    _, model, info = steal_once(api, queries, label_type, train, keep)
+    triggers = _trigger_set(api)
     best_acc, best_ep = best_epoch(info.get("history"))
     test_x, test_y = data.id_data(cfg).split("test")
     record = {
@@ -396,7 +427,7 @@ def steal(cfg: Profile, attack: str, defense: str, queries: Tensor, label_type: 
         "surrogate_acc": accuracy(model, test_x, test_y),
         "surrogate_best_acc": best_acc, "surrogate_best_epoch": best_ep,
         "history": _compact_history(info.get("history")), "surrogate_arch": arch or cfg.surrogate_arch,
-        "ablation": ablation,
+        "ablation": None,  # set through ``extra``; the key keeps this place in the record
         "trigger_acc": trigger_accuracy(model, triggers) if triggers is not None else None,
         "n_triggers": len(triggers) if triggers is not None else None,
         "triggers_trained": _n_triggers_trained(triggers, queries[keep]) if triggers is not None else None,
@@ -409,6 +440,11 @@ def steal(cfg: Profile, attack: str, defense: str, queries: Tensor, label_type: 
     record["seconds"] = round(time.perf_counter() - start, 2)
     write_record(cfg, record, triggers)
     return record
+
+
+def _trigger_set(api: Defense) -> TriggerSet | None:
+    """The defender's trigger set of a DAWN or CIP API (``None`` for the other defenses)."""
+    return api.trigger_set if isinstance(api, (DAWN, CIP)) else None
 
 
 def _labels_kept(cfg: Profile, split: str, x: Tensor, answers: Tensor, routes: Tensor | None) -> dict:
@@ -603,8 +639,9 @@ def run_knockoff(cfg: Profile, defense: str, label_type: str, n_queries: int | N
         if p1 is not None:
             kwargs["p1"] = p1
     return steal(cfg, "knockoff", defense, queries, label_type, setting=setting, defense_kwargs=kwargs,
-                 extra={"curve_point": curve, "pool": pool}, verbose=verbose, arch=arch,
-                 trigger_curve=not curve, ablation=ablation, sources=source)
+                 fit={"arch": arch, "trigger_curve": not curve},
+                 extra={"ablation": ablation, "curve_point": curve, "pool": pool}, sources=source,
+                 verbose=verbose)
 
 
 def offline_pbd_T(cfg: Profile, queries: Tensor, split: str = "half", budget: float | None = None,
@@ -672,8 +709,8 @@ def run_ida(cfg: Profile, defense: str, label_type: str | None = None, verbose: 
         cfg = dataclasses.replace(cfg, pbd_answer=pbd_answer)
         setting, ablation = f"{setting}_{pbd_answer}", f"PBD answer {pbd_answer}"
     return steal(cfg, "ida", defense, x, label_type, split="half", setting=setting,
-                 epochs=cfg.ida_epochs, defense_kwargs=_ida_defense_kwargs(cfg, defense, x, len(x), p1),
-                 verbose=verbose, ablation=ablation)
+                 defense_kwargs=_ida_defense_kwargs(cfg, defense, x, len(x), p1),
+                 fit={"epochs": cfg.ida_epochs}, extra={"ablation": ablation}, verbose=verbose)
 
 
 def dqa_queries(cfg: Profile, r: float) -> tuple[Tensor, Tensor]:
@@ -703,7 +740,7 @@ def run_dqa(cfg: Profile, defense: str, r: float, verbose: bool = True) -> dict:
     queries, is_id = dqa_queries(cfg, r)
     kwargs = _ida_defense_kwargs(cfg, defense, queries, int(is_id.sum()))
     return steal(cfg, "dqa", defense, queries, cfg.dqa_label_type, split="half", setting=f"r{r:g}",
-                 epochs=cfg.ida_epochs, keep=is_id, defense_kwargs=kwargs,
+                 keep=is_id, defense_kwargs=kwargs, fit={"epochs": cfg.ida_epochs},
                  extra={"dqa_ratio": r, "n_noise": int((~is_id).sum())}, verbose=verbose)
 
 

@@ -14,11 +14,14 @@ but its "blob" class).
 * student steps: minimise L on fresh generator samples (B queries each).
 
 Every image sent to the API, including the perturbed ones, is counted by :class:`CountingAPI`.
+One round is :func:`dfme_round` (:func:`generator_step`, then :func:`student_step` on fresh and on
+replayed answers; notebook 08 shows them); :func:`dfme_train` repeats it until the budget is spent.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -177,60 +180,111 @@ def new_generator(cfg: Profile) -> Generator:
     return Generator(cfg.dfme_nz, tuple(cfg.dfme_gen_channels), d.shape[0], d.shape[1])
 
 
+@dataclass(frozen=True)
+class DFMERecipe:
+    """The fixed settings of a DFME round (from the profile: :meth:`from_profile`)."""
+    batch: int  # B, queries per generated batch
+    nz: int  # the generator's noise dimension
+    gain: float  # images are sigmoid(gain * G(z))
+    grad_m: int  # m, random directions per gradient estimate
+    grad_eps: float  # epsilon, the forward-difference step
+    g_iter: int  # generator steps per round
+    s_iter: int  # student steps on fresh queries per round
+    replay: int  # student steps on remembered answers per round (no queries)
+    lr_s: float
+    lr_g: float
+
+    @classmethod
+    def from_profile(cls, cfg: Profile) -> DFMERecipe:
+        return cls(cfg.dfme_batch, cfg.dfme_nz, cfg.dfme_gain, cfg.dfme_grad_m, cfg.dfme_grad_eps,
+                   cfg.dfme_g_iter, cfg.dfme_s_iter, cfg.dfme_replay, cfg.dfme_lr_s, cfg.dfme_lr_g)
+
+    @property
+    def round_queries(self) -> int:
+        """Queries one round spends: B (g_iter (m + 1) + s_iter)."""
+        return self.batch * (self.g_iter * (self.grad_m + 1) + self.s_iter)
+
+    def optimizers(self, student: nn.Module, gen: Generator) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+        """The student's SGD and the generator's Adam."""
+        return (torch.optim.SGD(student.parameters(), lr=self.lr_s, momentum=0.9, weight_decay=5e-4),
+                torch.optim.Adam(gen.parameters(), lr=self.lr_g))
+
+
+def generator_step(student: nn.Module, gen: Generator, opt_g: torch.optim.Optimizer,
+                   grad_api: Callable[[Tensor], Tensor], r: DFMERecipe, rng: torch.Generator) -> Tensor:
+    """One generator step: ascend the disagreement L between the student and the victim's
+    recovered logits at a = G(z); the API gives no gradients, so dL/da is estimated from its
+    answers at B(m + 1) points (:func:`zo_gradient`) and back-propagated into G.
+    Returns L at the B points before the step."""
+    gen.train()
+    student.eval()
+
+    def disagreement(a: Tensor) -> Tensor:  # the black-box objective of the generator step
+        x = torch.sigmoid(r.gain * a)
+        with torch.no_grad():
+            return l1_disagreement(student(x), recovered_logits(grad_api(x)))
+
+    a = gen(torch.randn(r.batch, r.nz, generator=rng))
+    grad, value = zo_gradient(disagreement, a.detach(), r.grad_m, r.grad_eps, rng)
+    opt_g.zero_grad(set_to_none=True)
+    a.backward(-grad / len(a))  # maximise L = minimise -L
+    opt_g.step()
+    return value
+
+
+def student_step(student: nn.Module, opt_s: torch.optim.Optimizer, x: Tensor, target: Tensor) -> Tensor:
+    """One student step: minimise L = mean |S(x) - target| (``target``: recovered logits)."""
+    student.train()
+    loss = l1_disagreement(student(x), target).mean()
+    opt_s.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_s.step()
+    return loss
+
+
+def dfme_round(student: nn.Module, gen: Generator, opt_s: torch.optim.Optimizer, opt_g: torch.optim.Optimizer,
+               api: Callable[[Tensor], Tensor], replay: ReplayBuffer, rng: torch.Generator, r: DFMERecipe,
+               grad_api: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """One DFME round, ``r.round_queries`` queries: ``r.g_iter`` generator steps (their gradient
+    queries go to ``grad_api``, default ``api``), ``r.s_iter`` student steps on fresh queries
+    (remembered in ``replay``), then ``r.replay`` student steps on remembered answers.
+    Returns the loss of the last student step on fresh queries."""
+    grad_api = api if grad_api is None else grad_api
+    for _ in range(r.g_iter):  # generator: ascend the estimated disagreement gradient
+        generator_step(student, gen, opt_g, grad_api, r, rng)
+    for _ in range(r.s_iter):  # student: imitate the recovered logits
+        with torch.no_grad():
+            x = torch.sigmoid(r.gain * gen(torch.randn(r.batch, r.nz, generator=rng)))
+            target = recovered_logits(api(x))
+        replay.add(x, target)
+        loss = student_step(student, opt_s, x, target)
+    for _ in range(r.replay if len(replay) else 0):  # extra steps on past answers: no queries
+        student_step(student, opt_s, *replay.sample(r.batch, rng))
+    return loss
+
+
 def dfme_train(cfg: Profile, api: CountingAPI, student: nn.Module, gen: Generator,
                desc: str = "DFME", progress: bool = True,
                grad_api: Callable[[Tensor], Tensor] | None = None) -> list[dict]:
-    """Run DFME until the budget of ``api`` is spent; returns the learning curve
+    """Run :func:`dfme_round` until the budget of ``api`` is spent; returns the learning curve
     ``[{"queries": n, "test_acc": a}, ...]`` (a point every ``cfg.dfme_eval_every`` queries).
     ``grad_api`` answers the gradient-estimation queries (default ``api``; it must count against
     the same budget, e.g. ``api.via(model_behind_the_defense)``)."""
-    grad_api = api if grad_api is None else grad_api
     set_seed(cfg.seed)
     test = data.id_data(cfg).split("test")
-    opt_s = torch.optim.SGD(student.parameters(), lr=cfg.dfme_lr_s, momentum=0.9, weight_decay=5e-4)
-    opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.dfme_lr_g)
-    per_iter = cfg.dfme_batch * (cfg.dfme_g_iter * (cfg.dfme_grad_m + 1) + cfg.dfme_s_iter)
-    n_iters = api.remaining // per_iter
+    r = DFMERecipe.from_profile(cfg)
+    opt_s, opt_g = r.optimizers(student, gen)
+    n_iters = api.remaining // r.round_queries
     sched_s = student_schedule(opt_s, cfg.dfme_lr_schedule, n_iters)
     replay = ReplayBuffer(cfg.dfme_replay_size)
     rng = torch.Generator().manual_seed(cfg.seed + 3)
     curve, next_eval = [], cfg.dfme_eval_every
-
-    def disagreement(a: Tensor) -> Tensor:  # the black-box objective of the generator step
-        x = torch.sigmoid(cfg.dfme_gain * a)
-        with torch.no_grad():
-            return l1_disagreement(student(x), recovered_logits(grad_api(x)))
-
     bar = progress_bar(range(n_iters), desc=desc, disable=not progress, unit="round")
     for _ in bar:
-        for _ in range(cfg.dfme_g_iter):  # generator: ascend the estimated disagreement gradient
-            gen.train()
-            student.eval()
-            a = gen(torch.randn(cfg.dfme_batch, cfg.dfme_nz, generator=rng))
-            grad, _ = zo_gradient(disagreement, a.detach(), cfg.dfme_grad_m, cfg.dfme_grad_eps, rng)
-            opt_g.zero_grad(set_to_none=True)
-            a.backward(-grad / len(a))  # maximise L = minimise -L
-            opt_g.step()
-        for _ in range(cfg.dfme_s_iter):  # student: imitate the recovered logits
-            with torch.no_grad():
-                x = torch.sigmoid(cfg.dfme_gain * gen(torch.randn(cfg.dfme_batch, cfg.dfme_nz, generator=rng)))
-                target = recovered_logits(api(x))
-            replay.add(x, target)
-            student.train()
-            loss = l1_disagreement(student(x), target).mean()
-            opt_s.zero_grad(set_to_none=True)
-            loss.backward()
-            opt_s.step()
-        for _ in range(cfg.dfme_replay if len(replay) else 0):  # extra steps on past answers: no queries
-            xr, tr = replay.sample(cfg.dfme_batch, rng)
-            student.train()
-            loss_r = l1_disagreement(student(xr), tr).mean()
-            opt_s.zero_grad(set_to_none=True)
-            loss_r.backward()
-            opt_s.step()
+        loss = dfme_round(student, gen, opt_s, opt_g, api, replay, rng, r, grad_api)
         if sched_s is not None:
             sched_s.step()
-        if api.n_queries >= next_eval or api.remaining < per_iter:
+        if api.n_queries >= next_eval or api.remaining < r.round_queries:
             curve.append({"queries": api.n_queries, "test_acc": accuracy(student, *test)})
             next_eval += cfg.dfme_eval_every
             bar.set_postfix(loss=round(float(loss.detach()), 3), acc=curve[-1]["test_acc"])

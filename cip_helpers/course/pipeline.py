@@ -15,14 +15,13 @@ from torch import Tensor, nn
 
 from ..method.defenses import CIP, DAWN, DP, Defense, NoDefense, OEOnly, r1_from_scores, softmax
 from ..method.digests import tensor_sha256, weights_sha256
-from ..method.models import build_model
+from ..method.models import build_model, predict_logits
 from ..method.scores import energy_score, reliability_score, select_thresholds
 from . import data
 from .config import Profile
 from .progress import progress as progress_bar
 from .store import load_or_train, read_json, write_json
-from .training import (finetune_oe, oe_in_batch, oe_recipe_spec, oe_train_kwargs, predict_logits,
-                       train_classifier)
+from .training import OERecipe, TrainRecipe, finetune_oe, oe_recipe_spec, train_classifier
 
 VICTIM_SPLITS = ("all", "half")
 
@@ -51,7 +50,7 @@ def victim_spec(cfg: Profile, split: str) -> dict:
 def oe_spec(cfg: Profile, split: str) -> dict:
     """Every setting that shapes the OE-tuned victim (the plain victim's spec included). The OE
     recipe (optimiser, weight decay, lr schedule, ID/outlier batch sizes, outlier augmentation:
-    ``training.oe_recipe_spec``) is recorded only where it differs from ``finetune_oe``'s defaults,
+    ``training.oe_recipe_spec``) is recorded only where it differs from ``OERecipe``'s defaults,
     so the quick and smoke OE checkpoints keep the spec hash they had before these fields existed."""
     return {"stage": "oe", "victim": victim_spec(cfg, split), "n_outlier": cfg.n_outlier,
             "epochs": cfg.oe_epochs, "lr": cfg.oe_lr, "lambda": cfg.oe_lambda,
@@ -73,10 +72,8 @@ def get_victim(cfg: Profile, split: str = "all", verbose: bool = True) -> tuple[
     x, y = d.split(split)
 
     def train(model: nn.Module) -> dict:
-        history = train_classifier(model, x, y, epochs=cfg.victim_epochs, lr=cfg.lr,
-                                   batch_size=cfg.batch_size, seed=cfg.seed,
-                                   weight_decay=cfg.weight_decay, eval_data=d.split("test"),
-                                   augment_shift=cfg.augment_shift, desc=f"victim ({split})", progress=verbose)
+        history = train_classifier(model, x, y, TrainRecipe.victim(cfg), seed=cfg.seed, eval_data=d.split("test"),
+                                   desc=f"victim ({split})", progress=verbose)
         return {"history": history}
 
     path = cfg.checkpoint_dir / f"victim_{split}.pt"
@@ -86,18 +83,16 @@ def get_victim(cfg: Profile, split: str = "all", verbose: bool = True) -> tuple[
 
 def get_oe_victim(cfg: Profile, split: str = "all", verbose: bool = True) -> tuple[nn.Module, dict]:
     """The OE-tuned victim M'_V: the plain victim fine-tuned with the energy-margin loss, with the
-    profile's OE recipe (``training.oe_train_kwargs``; ID batch ``training.oe_in_batch``)."""
+    profile's OE recipe (``training.OERecipe.from_profile``)."""
     d = data.id_data(cfg)
     x, y = d.split(split)
 
     def train(model: nn.Module) -> dict:
         plain, _ = get_victim(cfg, split, verbose)
         model.load_state_dict(plain.state_dict())
-        history = finetune_oe(model, x, y, data.query_pool(cfg, "outlier"), epochs=cfg.oe_epochs,
-                              lr=cfg.oe_lr, lam=cfg.oe_lambda, m_in=cfg.oe_m_in, m_out=cfg.oe_m_out,
-                              batch_size=oe_in_batch(cfg), seed=cfg.seed, eval_data=d.split("test"),
-                              augment_shift=cfg.augment_shift, desc=f"OE fine-tuning ({split})", progress=verbose,
-                              **oe_train_kwargs(cfg))
+        history = finetune_oe(model, x, y, data.query_pool(cfg, "outlier"), OERecipe.from_profile(cfg),
+                              seed=cfg.seed, eval_data=d.split("test"), desc=f"OE fine-tuning ({split})",
+                              progress=verbose)
         return {"history": history}
 
     path = cfg.checkpoint_dir / f"oe_victim_{split}.pt"
@@ -313,9 +308,8 @@ def get_innocent_models(cfg: Profile, verbose: bool = True) -> dict[str, nn.Modu
 
         def train(model: nn.Module, x: Tensor = x, y: Tensor = y, seed: int = seed, name: str = name,
                   epochs: int = epochs, shift: int = shift) -> dict:
-            return {"history": train_classifier(model, x, y, epochs=epochs, lr=cfg.lr,
-                                                batch_size=cfg.batch_size, seed=seed,
-                                                augment_shift=shift, desc=name, progress=verbose)}
+            recipe = TrainRecipe(epochs=epochs, lr=cfg.lr, batch_size=cfg.batch_size, augment_shift=shift)
+            return {"history": train_classifier(model, x, y, recipe, seed=seed, desc=name, progress=verbose)}
 
         def build(arch: str = recipe.arch, seed: int = seed) -> nn.Module:
             torch.manual_seed(seed)

@@ -1,11 +1,12 @@
 """Training loops: classifiers (hard or soft targets), inference helpers and OE fine-tuning."""
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import math
 import numbers
 import random
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -66,12 +67,12 @@ EPOCH_SCHEDULES = ("cosine", "step", "constant")
 the epochs, to 0), ``step`` (x ``gamma`` after each epoch of ``milestones``: MultiStepLR) or
 ``constant``."""
 OE_OPTIMIZERS = ("adam", "sgd")
-"""``finetune_oe(optimizer=...)``."""
+"""``OERecipe(optimizer=...)``."""
 OE_SCHEDULES = ("constant", "cosine_step")
-"""``finetune_oe(schedule=...)``: ``constant`` or ``cosine_step`` (cosine per optimiser step from
+"""``OERecipe(schedule=...)``: ``constant`` or ``cosine_step`` (cosine per optimiser step from
 ``lr`` to ``lr_min``)."""
 OUTLIER_AUGMENTS = ("none", "crop_flip")
-"""``finetune_oe(outlier_augment=...)``: ``none`` or ``crop_flip`` (:func:`random_crop_flip`)."""
+"""``OERecipe(outlier_augment=...)``: ``none`` or ``crop_flip`` (:func:`random_crop_flip`)."""
 OUTLIER_CROP_PAD = 4
 """Padding (pixels) of the outliers' random crop: ``RandomCrop(size, padding=4)`` in the outlier
 transform of ``ood_detection/detection_train.py`` (GitHub Hatins/CIP_master)."""
@@ -209,48 +210,81 @@ def random_crop_flip(x: Tensor, pad: int, generator: torch.Generator) -> Tensor:
                   rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def train_classifier(model: nn.Module, x: Tensor, target: Tensor, *, epochs: int, lr: float,
-                     batch_size: int = 64, seed: int = 0, weight_decay: float = 0.0,
-                     eval_data: tuple[Tensor, Tensor] | None = None, desc: str = "train",
-                     augment_shift: int = 0, progress: bool = True,
+@dataclass(frozen=True)
+class TrainRecipe:
+    """How :func:`train_classifier` trains: ``epochs``, ``lr``, ``batch_size``; the optimiser
+    (:func:`make_optimizer`: ``optimizer`` one of :data:`OPTIMIZERS`, default ``"auto"`` = SGD +
+    Nesterov, momentum 0.9 from lr 0.05 on, else Adam; ``momentum``, ``nesterov``,
+    ``weight_decay``; ``fused`` asks Adam for its fused kernel); the per-epoch lr ``schedule``
+    (:func:`make_epoch_scheduler`: ``"cosine"``, ``"step"`` with ``milestones`` and ``gamma``, or
+    ``"constant"``); ``augment_shift`` > 0 randomly shifts, rotates and scales every training image
+    (:func:`random_affine`). The defaults are the course's quick recipe. The authors' surrogate
+    recipe (``knockoffnets/main.py``, ``IDA/main.py``, ``DQA/main.py`` of GitHub
+    Hatins/CIP_master): lr 0.1, SGD, weight decay 5e-4, ``"step"`` x0.2 at epochs 30, 60, 90 of
+    100 (:meth:`surrogate` reads it from the full profile). An invalid recipe raises
+    ``ValueError`` when training starts."""
+
+    epochs: int
+    lr: float
+    batch_size: int = 64
+    optimizer: str = "auto"
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    milestones: tuple[int, ...] = (30, 60, 90)
+    gamma: float = 0.2
+    augment_shift: int = 0
+    fused: bool = False
+
+    @classmethod
+    def victim(cls, cfg: Any) -> TrainRecipe:
+        """The victims' recipe of profile ``cfg`` (``victim_epochs``, ``lr``, ``batch_size``,
+        ``weight_decay``, ``augment_shift``; the optimiser and schedule are the defaults)."""
+        return cls(epochs=cfg.victim_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+                   weight_decay=cfg.weight_decay, augment_shift=cfg.augment_shift)
+
+    @classmethod
+    def surrogate(cls, cfg: Any, epochs: int | None = None) -> TrainRecipe:
+        """The attack surrogates' recipe of profile ``cfg`` (its ``surrogate_*`` fields; ``epochs``
+        overrides ``surrogate_epochs``), with Adam's fused kernel. Raises ``ValueError`` when
+        ``cfg`` lacks a field."""
+        f = _read_fields(cfg, _SURROGATE_FIELDS, "TrainRecipe.surrogate")
+        return cls(**{**f, "epochs": f["epochs"] if epochs is None else epochs}, fused=True)
+
+    def make_optimizer(self, params: Iterable[Any]) -> torch.optim.Optimizer:
+        """:func:`make_optimizer` with this recipe's optimiser settings."""
+        return make_optimizer(params, self.optimizer, self.lr, momentum=self.momentum, nesterov=self.nesterov,
+                              weight_decay=self.weight_decay, fused=self.fused)
+
+    def make_scheduler(self, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:
+        """:func:`make_epoch_scheduler` with this recipe's schedule (``None`` for constant)."""
+        return make_epoch_scheduler(opt, self.schedule, self.epochs, milestones=self.milestones, gamma=self.gamma)
+
+
+def train_classifier(model: nn.Module, x: Tensor, target: Tensor, recipe: TrainRecipe, seed: int = 0,
+                     eval_data: tuple[Tensor, Tensor] | None = None,
                      eval_sets: dict[str, tuple[Tensor, Tensor]] | None = None,
-                     optimizer: str = "auto", momentum: float = 0.9, nesterov: bool = True,
-                     schedule: str = "cosine", milestones: tuple[int, ...] = (30, 60, 90),
-                     gamma: float = 0.2, fused: bool = False) -> list[dict]:
-    """Train on hard labels (N,) or soft labels (N, K). Returns one dict per epoch (loss, train
-    accuracy against argmax targets, ``test_acc`` if ``eval_data`` is given, ``<name>_acc`` for
-    every ``(x, labels)`` of ``eval_sets``, e.g. a trigger set; evaluation in eval mode changes no
-    weight and draws no random number, so it does not change the trained model). ``augment_shift``
-    > 0 randomly shifts, rotates and scales every training image (:func:`random_affine`): less
-    overfitting, so ID test energies stay close to the ID training energies thresholds come from.
-
-    The recipe: ``optimizer`` (:func:`make_optimizer`; default ``"auto"``: SGD + Nesterov,
-    momentum 0.9 for lr >= 0.05, the ResNet/WRN recipe, else Adam), ``weight_decay``, and the
-    per-epoch lr ``schedule`` (:func:`make_epoch_scheduler`; default ``"cosine"`` over the epochs;
-    ``"step"`` multiplies the lr by ``gamma`` after each epoch of ``milestones``; ``"constant"``).
-    The defaults are the course's quick recipe; ``fused`` selects Adam's fused kernel
-    (:func:`make_optimizer`; the attack surrogates use it). The authors' surrogate recipe
-    (``knockoffnets/main.py``, ``IDA/main.py``, ``DQA/main.py`` of GitHub Hatins/CIP_master) is
-    ``lr=0.1, optimizer="sgd", weight_decay=5e-4, schedule="step", milestones=(30, 60, 90),
-    gamma=0.2`` over 100 epochs (:func:`surrogate_train_kwargs` reads it from a profile).
-
-    Raises ``ValueError`` for an empty dataset and for an invalid recipe (see
-    :func:`make_optimizer`, :func:`make_epoch_scheduler`)."""
+                     desc: str = "train", progress: bool = True) -> list[dict]:
+    """Train ``model`` on images ``x`` (N, C, H, W) with hard labels (N,) or soft labels (N, K)
+    ``target``, as ``recipe`` says. Returns one dict per epoch: loss, train accuracy against the
+    argmax targets, ``test_acc`` on ``eval_data`` and ``<name>_acc`` for every ``(x, labels)`` of
+    ``eval_sets`` (e.g. a trigger set); evaluation changes no weight and draws no random number.
+    Raises ``ValueError`` for an empty dataset or an invalid recipe."""
     if len(x) == 0:
         raise ValueError("cannot train on an empty dataset")
     set_seed(seed)
-    opt = make_optimizer(model.parameters(), optimizer, lr, momentum=momentum, nesterov=nesterov,
-                         weight_decay=weight_decay, fused=fused)
-    sched = make_epoch_scheduler(opt, schedule, epochs, milestones=milestones, gamma=gamma)
-    loader = make_loader(x, target, batch_size, shuffle=True, seed=seed)
+    opt = recipe.make_optimizer(model.parameters())
+    sched = recipe.make_scheduler(opt)
+    loader = make_loader(x, target, recipe.batch_size, shuffle=True, seed=seed)
     g = torch.Generator().manual_seed(seed + 7)
     history = []
-    bar = progress_bar(range(epochs), desc=desc, disable=not progress)
+    bar = progress_bar(range(recipe.epochs), desc=desc, disable=not progress)
     for epoch in bar:
         model.train()
         total, correct, loss_sum = 0, 0, 0.0
         for xb, tb in loader:
-            logits = model(random_affine(xb, augment_shift, g))
+            logits = model(random_affine(xb, recipe.augment_shift, g))
             loss = soft_cross_entropy(logits, tb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -272,85 +306,114 @@ def train_classifier(model: nn.Module, x: Tensor, target: Tensor, *, epochs: int
     return history
 
 
-def finetune_oe(model: nn.Module, x_in: Tensor, y_in: Tensor, x_out: Tensor, *, epochs: int,
-                lr: float, lam: float, m_in: float, m_out: float, batch_size: int = 64, seed: int = 0,
-                eval_data: tuple[Tensor, Tensor] | None = None, desc: str = "OE fine-tuning",
-                augment_shift: int = 0, progress: bool = True, optimizer: str = "adam",
-                momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 0.0,
-                schedule: str = "constant", lr_min: float = 1e-6, out_batch_size: int = 0,
-                outlier_augment: str = "none") -> list[dict]:
-    """Outlier-exposure fine-tuning with the energy-margin loss. Every step concatenates an ID batch
-    (``batch_size`` images of ``x_in``, (N, C, H, W) floats in [0, 1], with labels ``y_in`` (N,))
-    and an outlier batch from ``x_out`` into one forward pass (BatchNorm sees both), then splits the
-    logits. Outliers are drawn in a fresh random order every epoch and cycled when the pool is
-    shorter than an epoch's steps. Returns one dict per epoch (loss, mean ID and outlier energies
-    ``e_in`` / ``e_out``, ``test_acc`` if ``eval_data`` is given).
+@dataclass(frozen=True)
+class OERecipe:
+    """How the OE fine-tuning of :func:`finetune_oe` trains (paper Sec. III-B, Eq. 6; the energy-
+    margin loss is :func:`~cip_helpers.method.scores.oe_energy_loss`). Fields: ``epochs``, ``lr``;
+    the loss's weight ``lam`` and margins ``m_in`` < ``m_out`` (energies); ``batch_size`` ID images
+    and ``out_batch_size`` outliers per step (0 = as many as the step's ID images);
+    ``optimizer`` (:data:`OE_OPTIMIZERS`, with ``momentum``, ``nesterov``, ``weight_decay``;
+    :func:`make_optimizer`); ``schedule`` ``"constant"`` or ``"cosine_step"`` (cosine per optimiser
+    step from ``lr`` to ``lr_min``, :func:`make_cosine_step_scheduler`); ``outlier_augment``
+    (:data:`OUTLIER_AUGMENTS`: ``"crop_flip"`` is :func:`random_crop_flip` with padding
+    :data:`OUTLIER_CROP_PAD`); ``augment_shift`` for the ID images (:func:`random_affine`).
 
-    The recipe (the defaults are the course's quick recipe, bit for bit):
+    The defaults are the course's quick recipe. The authors' (``ood_detection/detection_train.py``
+    of GitHub Hatins/CIP_master): 10 epochs, lr 1e-3, SGD (momentum 0.9, Nesterov), weight decay
+    5e-4, ``cosine_step`` to 1e-6, 64 ID + 128 outliers per step, ``crop_flip``, lambda 0.1,
+    m_in -25, m_out -7 (:meth:`from_profile` reads either from a profile). Raises ``ValueError``
+    for an unknown optimizer, schedule or augmentation and for a negative ``out_batch_size``."""
 
-    * ``optimizer``: ``"adam"`` or ``"sgd"`` (``momentum``, ``nesterov``), with ``weight_decay``
-      (:func:`make_optimizer`).
-    * ``schedule``: ``"constant"`` or ``"cosine_step"``: cosine per optimiser step from ``lr`` to
-      ``lr_min`` over ``epochs x ceil(len(x_in) / batch_size)`` steps
-      (:func:`make_cosine_step_scheduler`).
-    * ``out_batch_size``: outliers per step; 0 = as many as the step's ID images.
-    * ``outlier_augment``: ``"none"`` or ``"crop_flip"`` (:func:`random_crop_flip`, padding
-      :data:`OUTLIER_CROP_PAD`) applied to every outlier batch. ID images get ``augment_shift``.
+    epochs: int
+    lr: float
+    lam: float
+    m_in: float
+    m_out: float
+    batch_size: int = 64
+    out_batch_size: int = 0
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    lr_min: float = 1e-6
+    outlier_augment: str = "none"
+    augment_shift: int = 0
 
-    The authors' recipe (``ood_detection/detection_train.py`` of GitHub Hatins/CIP_master): 10
-    epochs, lr 1e-3, ``optimizer="sgd"`` (momentum 0.9, Nesterov), ``weight_decay=5e-4``,
-    ``schedule="cosine_step"`` to ``lr_min=1e-6``, 64 ID + 128 outlier images per step
-    (``batch_size=64, out_batch_size=128``), ``outlier_augment="crop_flip"``, lambda 0.1, m_in -25,
-    m_out -7 (:func:`oe_train_kwargs` reads the recipe from a profile).
+    def __post_init__(self) -> None:
+        for name, allowed in (("optimizer", OE_OPTIMIZERS), ("schedule", OE_SCHEDULES),
+                              ("outlier_augment", OUTLIER_AUGMENTS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be one of {list(allowed)}")
+        n = self.out_batch_size
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"out_batch_size={n!r}: must be a whole number >= 0 "
+                             "(0 = as many outliers as ID images per step)")
 
-    Raises ``ValueError`` for an empty outlier pool or ID set and for an invalid recipe."""
-    if len(x_out) == 0:
-        raise ValueError("OE fine-tuning needs a non-empty outlier pool")
-    if len(x_in) == 0:
-        raise ValueError("OE fine-tuning needs a non-empty ID training set")
-    if optimizer not in OE_OPTIMIZERS:
-        raise ValueError(f"optimizer={optimizer!r}: must be one of {list(OE_OPTIMIZERS)}")
-    if schedule not in OE_SCHEDULES:
-        raise ValueError(f"schedule={schedule!r}: must be one of {list(OE_SCHEDULES)}")
-    if outlier_augment not in OUTLIER_AUGMENTS:
-        raise ValueError(f"outlier_augment={outlier_augment!r}: must be one of {list(OUTLIER_AUGMENTS)}")
-    if not isinstance(out_batch_size, int) or isinstance(out_batch_size, bool) or out_batch_size < 0:
-        raise ValueError(f"out_batch_size={out_batch_size!r}: must be a whole number >= 0 "
-                         "(0 = as many outliers as ID images per step)")
+    @classmethod
+    def from_profile(cls, cfg: Any) -> OERecipe:
+        """The OE recipe of profile ``cfg`` (its ``oe_*`` fields; ID batch ``cfg.oe_in_batch``, or
+        ``cfg.batch_size`` when that is 0). Raises ``ValueError`` when ``cfg`` lacks a field."""
+        f = _read_fields(cfg, _OE_FIELDS, "OERecipe.from_profile")
+        return cls(batch_size=int(f.pop("in_batch") or f.pop("victim_batch")),
+                   **{k: v for k, v in f.items() if k != "victim_batch"})
+
+    def make_optimizer(self, params: Iterable[Any]) -> torch.optim.Optimizer:
+        """:func:`make_optimizer` with this recipe's optimiser settings."""
+        return make_optimizer(params, self.optimizer, self.lr, momentum=self.momentum,
+                              nesterov=self.nesterov, weight_decay=self.weight_decay)
+
+    def make_scheduler(self, opt: torch.optim.Optimizer, steps_per_epoch: int
+                       ) -> torch.optim.lr_scheduler.LambdaLR | None:
+        """The per-step schedule (``None`` for ``"constant"``)."""
+        if self.schedule != "cosine_step":
+            return None
+        return make_cosine_step_scheduler(opt, max(self.epochs, 1) * steps_per_epoch, self.lr_min)
+
+
+def finetune_oe(model: nn.Module, x_in: Tensor, y_in: Tensor, x_out: Tensor, recipe: OERecipe,
+                seed: int = 0, eval_data: tuple[Tensor, Tensor] | None = None,
+                desc: str = "OE fine-tuning", progress: bool = True) -> list[dict]:
+    """Outlier-exposure fine-tuning with the energy-margin loss (paper Sec. III-B).
+
+    Every step takes a batch of ID images ``x_in`` (N, C, H, W) in [0, 1] with labels ``y_in``
+    (N,) and a batch of outliers ``x_out`` (M, C, H, W), runs them through ``model`` in ONE pass
+    (BatchNorm sees both) and minimises cross-entropy on the ID part plus ``lam`` x the energy
+    margins. Outliers come in a fresh random order every epoch (cycled when the pool is short).
+    Returns one dict per epoch: ``loss``, the mean ID and outlier energies ``e_in``/``e_out``, and
+    ``test_acc`` on ``eval_data``. Raises ``ValueError`` for an empty ID set or outlier pool."""
+    if len(x_in) == 0 or len(x_out) == 0:
+        raise ValueError("OE fine-tuning needs a non-empty ID training set and outlier pool")
     set_seed(seed)
-    opt = make_optimizer(model.parameters(), optimizer, lr, momentum=momentum, nesterov=nesterov,
-                         weight_decay=weight_decay)
-    in_loader = make_loader(x_in, y_in, batch_size, shuffle=True, seed=seed)
-    sched = (make_cosine_step_scheduler(opt, max(epochs, 1) * len(in_loader), lr_min)
-             if schedule == "cosine_step" else None)
-    stride = out_batch_size or batch_size  # outliers consumed per step
+    opt = recipe.make_optimizer(model.parameters())
+    in_loader = make_loader(x_in, y_in, recipe.batch_size, shuffle=True, seed=seed)
+    sched = recipe.make_scheduler(opt, len(in_loader))
+    n_out = recipe.out_batch_size or recipe.batch_size  # outliers consumed per step
     g = torch.Generator().manual_seed(seed + 1)
     history = []
-    bar = progress_bar(range(epochs), desc=desc, disable=not progress)
+    bar = progress_bar(range(recipe.epochs), desc=desc, disable=not progress)
     for epoch in bar:
         model.train()
         out_order = torch.randperm(len(x_out), generator=g)
         stats = {"loss": 0.0, "e_in": 0.0, "e_out": 0.0}
-        steps = 0
         for step, (xb, yb) in enumerate(in_loader):
-            pick = out_order[(torch.arange(out_batch_size or len(xb)) + step * stride) % len(x_out)]
-            x_id = random_affine(xb, augment_shift, g)
+            pick = out_order[(torch.arange(recipe.out_batch_size or len(xb)) + step * n_out) % len(x_out)]
+            x_id = random_affine(xb, recipe.augment_shift, g)
             x_ood = x_out[pick]
-            if outlier_augment == "crop_flip":
+            if recipe.outlier_augment == "crop_flip":
                 x_ood = random_crop_flip(x_ood, OUTLIER_CROP_PAD, g)
             logits = model(torch.cat([x_id, x_ood]))
             logits_in, logits_out = logits[: len(xb)], logits[len(xb):]
-            loss = oe_energy_loss(logits_in, yb, logits_out, m_in, m_out, lam)
+            loss = oe_energy_loss(logits_in, yb, logits_out, recipe.m_in, recipe.m_out, recipe.lam)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if sched is not None:
                 sched.step()
-            steps += 1
             stats["loss"] += float(loss.detach())
             stats["e_in"] += float(energy_score(logits_in.detach()).mean())
             stats["e_out"] += float(energy_score(logits_out.detach()).mean())
-        row = {"epoch": epoch + 1, **{k: v / steps for k, v in stats.items()}}
+        row = {"epoch": epoch + 1, **{k: v / len(in_loader) for k, v in stats.items()}}
         if eval_data is not None:
             row["test_acc"] = accuracy(model, *eval_data)
         history.append(row)
@@ -361,13 +424,16 @@ def finetune_oe(model: nn.Module, x_in: Tensor, y_in: Tensor, x_out: Tensor, *, 
 
 # ------------------------------------------------------------------ recipes from a profile
 
-_SURROGATE_FIELDS = {"optimizer": "surrogate_optimizer", "weight_decay": "surrogate_weight_decay",
+_SURROGATE_FIELDS = {"epochs": "surrogate_epochs", "lr": "surrogate_lr", "batch_size": "surrogate_batch",
+                     "optimizer": "surrogate_optimizer", "weight_decay": "surrogate_weight_decay",
                      "schedule": "surrogate_schedule", "milestones": "surrogate_milestones",
                      "gamma": "surrogate_step_gamma"}
-"""train_classifier keyword -> profile field of the surrogate recipe."""
-_OE_FIELDS = {"optimizer": "oe_optimizer", "weight_decay": "oe_weight_decay", "schedule": "oe_schedule",
-              "lr_min": "oe_lr_min", "out_batch_size": "oe_out_batch", "outlier_augment": "oe_outlier_augment"}
-"""finetune_oe keyword -> profile field of the OE recipe."""
+"""TrainRecipe field -> profile field of the surrogate recipe."""
+_OE_FIELDS = {"epochs": "oe_epochs", "lr": "oe_lr", "lam": "oe_lambda", "m_in": "oe_m_in", "m_out": "oe_m_out",
+              "in_batch": "oe_in_batch", "victim_batch": "batch_size", "out_batch_size": "oe_out_batch",
+              "optimizer": "oe_optimizer", "weight_decay": "oe_weight_decay", "schedule": "oe_schedule",
+              "lr_min": "oe_lr_min", "outlier_augment": "oe_outlier_augment", "augment_shift": "augment_shift"}
+"""OERecipe field (``in_batch``/``victim_batch``: its ``batch_size``) -> profile field."""
 _SURROGATE_SPEC_KEYS = {"optimizer": "optimizer", "weight_decay": "weight_decay", "schedule": "lr_schedule"}
 """Spec key of each surrogate recipe keyword recorded when it differs from the default."""
 _OE_SPEC_KEYS = {"optimizer": "optimizer", "weight_decay": "weight_decay", "schedule": "lr_schedule",
@@ -383,76 +449,45 @@ def _read_fields(cfg: Any, fields: dict[str, str], what: str) -> dict[str, Any]:
     return {kw: getattr(cfg, f) for kw, f in fields.items()}
 
 
-def _non_default(func: Callable[..., Any], kwargs: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:
-    """The entries of ``kwargs`` whose value differs from ``func``'s default, renamed by ``keys``,
-    tuples as lists (JSON)."""
-    defaults = {k: v.default for k, v in inspect.signature(func).parameters.items()}
+def _non_default(recipe: Any, keys: dict[str, str]) -> dict[str, Any]:
+    """The fields of the dataclass ``recipe`` named in ``keys`` whose value differs from the
+    class default, renamed by ``keys``, tuples as lists (JSON)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(recipe)}
     out = {}
-    for kw, value in kwargs.items():
-        default = defaults[kw]
-        same = tuple(value) == tuple(default) if isinstance(default, tuple) else value == default
-        if not same:
-            out[keys[kw]] = list(value) if isinstance(value, tuple) else value
+    for name, key in keys.items():
+        value = getattr(recipe, name)
+        if value != defaults[name]:
+            out[key] = list(value) if isinstance(value, tuple) else value
     return out
-
-
-def surrogate_train_kwargs(cfg: Any) -> dict[str, Any]:
-    """The recipe keywords of :func:`train_classifier` for a surrogate of profile ``cfg`` (a
-    ``config.Profile`` or anything with its ``surrogate_*`` fields): ``optimizer``, ``weight_decay``,
-    ``schedule``, ``milestones``, ``gamma``. Pass lr, epochs and batch size as before::
-
-        train_classifier(model, x, y, epochs=..., lr=cfg.surrogate_lr, batch_size=cfg.surrogate_batch,
-                         seed=cfg.seed, **surrogate_train_kwargs(cfg))
-
-    Quick and smoke give the defaults (today's training, bit for bit); full gives the authors'
-    SGD + Nesterov, weight decay 5e-4, x0.2 at epochs 30/60/90. Raises ``ValueError`` when ``cfg``
-    lacks a field."""
-    return _read_fields(cfg, _SURROGATE_FIELDS, "surrogate_train_kwargs")
 
 
 def surrogate_recipe_spec(cfg: Any) -> dict[str, Any]:
     """The entries a surrogate checkpoint's spec must add for the recipe of
-    :func:`surrogate_train_kwargs`: ``optimizer``, ``weight_decay``, ``lr_schedule`` where they
-    differ from :func:`train_classifier`'s defaults, and with ``schedule="step"`` always its
-    ``lr_milestones`` (a list) and ``lr_gamma``. Quick and smoke give ``{}``, so their existing
-    checkpoints keep their spec hash; full gives ``{"optimizer": "sgd", "weight_decay": 0.0005,
-    "lr_schedule": "step", "lr_milestones": [30, 60, 90], "lr_gamma": 0.2}``. Raises
-    ``ValueError`` when ``cfg`` lacks a field."""
-    kwargs = surrogate_train_kwargs(cfg)
-    milestones, gamma = kwargs.pop("milestones"), kwargs.pop("gamma")
-    spec = _non_default(train_classifier, kwargs, _SURROGATE_SPEC_KEYS)
-    if kwargs["schedule"] == "step":
-        spec.update(lr_milestones=list(milestones), lr_gamma=gamma)
+    :meth:`TrainRecipe.surrogate` beyond epochs, lr and batch: ``optimizer``, ``weight_decay``,
+    ``lr_schedule`` where they differ from :class:`TrainRecipe`'s defaults, and with
+    ``schedule="step"`` always its ``lr_milestones`` (a list) and ``lr_gamma``. Quick and smoke
+    give ``{}``, so their existing checkpoints keep their spec hash; full gives ``{"optimizer":
+    "sgd", "weight_decay": 0.0005, "lr_schedule": "step", "lr_milestones": [30, 60, 90],
+    "lr_gamma": 0.2}``. Raises ``ValueError`` when ``cfg`` lacks a field."""
+    recipe = TrainRecipe.surrogate(cfg)
+    spec = _non_default(recipe, _SURROGATE_SPEC_KEYS)
+    if recipe.schedule == "step":
+        spec.update(lr_milestones=list(recipe.milestones), lr_gamma=recipe.gamma)
     return spec
 
 
-def oe_train_kwargs(cfg: Any) -> dict[str, Any]:
-    """The recipe keywords of :func:`finetune_oe` for profile ``cfg`` (``optimizer``,
-    ``weight_decay``, ``schedule``, ``lr_min``, ``out_batch_size``, ``outlier_augment``); the ID
-    batch is ``cfg.oe_in_batch or cfg.batch_size`` (:func:`oe_in_batch`). Quick and smoke give the
-    defaults. Raises ``ValueError`` when ``cfg`` lacks a field."""
-    return _read_fields(cfg, _OE_FIELDS, "oe_train_kwargs")
-
-
-def oe_in_batch(cfg: Any) -> int:
-    """ID images per OE step for profile ``cfg``: ``cfg.oe_in_batch``, or ``cfg.batch_size`` when
-    it is 0 (quick, smoke). Raises ``ValueError`` when ``cfg`` lacks a field."""
-    fields = _read_fields(cfg, {"in": "oe_in_batch", "victim": "batch_size"}, "oe_in_batch")
-    return int(fields["in"] or fields["victim"])
-
-
 def oe_recipe_spec(cfg: Any) -> dict[str, Any]:
-    """The entries the OE checkpoint's spec must add for the recipe of :func:`oe_train_kwargs`
-    and :func:`oe_in_batch`: ``optimizer``, ``weight_decay``, ``lr_schedule``, ``out_batch``,
-    ``outlier_augment`` where they differ from :func:`finetune_oe`'s defaults, ``lr_min`` always
-    with ``schedule="cosine_step"``, and ``in_batch`` when ``cfg.oe_in_batch`` is set. Quick and
-    smoke give ``{}``, so their OE checkpoints keep their spec hash. Raises ``ValueError`` when
-    ``cfg`` lacks a field."""
-    kwargs = oe_train_kwargs(cfg)
-    lr_min = kwargs.pop("lr_min")
-    spec = _non_default(finetune_oe, kwargs, _OE_SPEC_KEYS)
-    if kwargs["schedule"] == "cosine_step":
-        spec["lr_min"] = lr_min
+    """The entries the OE checkpoint's spec must add for the recipe of
+    :meth:`OERecipe.from_profile` beyond epochs, lr and the loss (which ``pipeline.oe_spec``
+    records): ``optimizer``, ``weight_decay``, ``lr_schedule``, ``out_batch``, ``outlier_augment``
+    where they differ from :class:`OERecipe`'s defaults, ``lr_min`` always with
+    ``schedule="cosine_step"``, and ``in_batch`` when ``cfg.oe_in_batch`` is set. Quick and smoke
+    give ``{}``, so their OE checkpoints keep their spec hash. Raises ``ValueError`` when ``cfg``
+    lacks a field."""
+    recipe = OERecipe.from_profile(cfg)
+    spec = _non_default(recipe, _OE_SPEC_KEYS)
+    if recipe.schedule == "cosine_step":
+        spec["lr_min"] = recipe.lr_min
     if _read_fields(cfg, {"in": "oe_in_batch"}, "oe_recipe_spec")["in"]:
-        spec["in_batch"] = oe_in_batch(cfg)
+        spec["in_batch"] = recipe.batch_size
     return spec
