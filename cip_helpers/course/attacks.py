@@ -874,9 +874,8 @@ def threshold_tradeoff(cfg: Profile, verbose: bool = True) -> dict:
         if stored.get("key") == key and not missing:
             return stored
         if verbose:
-            print(f"{TRADEOFF_FILE}: the surrogates of {', '.join(missing)} are not on disk (a fresh "
-                  "clone keeps the JSON, not the checkpoints): recomputing" if missing else
-                  f"{TRADEOFF_FILE} was computed for other weights, data or settings: recomputing")
+            print(f"{TRADEOFF_FILE}: recomputing, its surrogates are not on disk" if missing else
+                  f"{TRADEOFF_FILE}: recomputing, it was computed for other weights, data or settings")
     near_energy = pipeline.energies(oe_model, data.query_pool(cfg, "near"), cfg.temperature)
     p1_rows = []
     for p1 in cfg.tradeoff_p1:
