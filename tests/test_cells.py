@@ -49,8 +49,8 @@ CELLS = shown_cells()
 
 
 def test_the_notebooks_show_their_loops():
-    """The loops issue 26 asks to see: OE fine-tuning (02), KnockoffNets (07), a DFME round (08),
-    IDA's transfer set (09)."""
+    """The loops issue 26 asks to see in code cells: OE fine-tuning and its loss (02), the
+    query-then-train attack (07), a DFME round (08)."""
     shown = {(nb[:2], name) for nb, _, _, source in CELLS for name in definitions(source)}
     assert {("02", "oe_energy_loss"), ("02", "finetune_oe"), ("08", "generator_step"), ("08", "student_step"),
             ("08", "dfme_round"), ("07", "steal_once")} <= shown, shown
