@@ -38,7 +38,7 @@ def _fake_kernel(monkeypatch, parent: dict | Exception | None) -> None:
 
 @pytest.mark.parametrize("parent, headless", [
     ({"content": {"allow_stdin": False, "code": "x"}}, True),   # papermill, nbconvert, nbclient
-    ({"content": {"allow_stdin": True, "code": "x"}}, False),   # JupyterLab, Notebook, VS Code
+    ({"content": {"allow_stdin": True, "code": "x"}}, False),   # JupyterLab (a user at a front end)
     ({}, True),                                                 # no request to read: never wait
     (RuntimeError("no parent"), True),
     (None, False),                                              # a terminal: live text bars

@@ -38,8 +38,9 @@ def batch_mode() -> bool:
     """True when nobody watches a live bar or moves a slider: in a batch run of the runner
     (``$CIP_BATCH`` set and non-empty), or in a Jupyter kernel whose current cell was sent without
     stdin: papermill, ``jupyter nbconvert --execute`` and nbclient all execute with
-    ``allow_stdin=False``, while JupyterLab, Notebook and VS Code send True. False in a terminal
-    or plain Python (no kernel), where a text bar is live."""
+    ``allow_stdin=False``, while a front end with a user at it sends True (JupyterLab does:
+    ``tests/test_browser.py`` moves its live sliders). False in a terminal or plain Python (no
+    kernel), where a text bar is live."""
     return bool(os.environ.get(BATCH_ENV)) or _kernel_without_stdin()
 
 

@@ -7,6 +7,10 @@ why) if the spec differs, and raises :class:`CheckpointError` if the file is cor
 Content addressing: settings do not pin the bits (training is not bit-identical across machines
 and thread counts), so every artifact derived from trained weights records the weights'
 :func:`weights_sha256`; a loader compares it with the checkpoint it would be used with.
+
+The method's objects meet the disk only here: :func:`load_victim`, :func:`load_defense` and
+:func:`load_cip` rebuild a defended API from a finished run, :func:`save_triggers` /
+:func:`load_triggers` keep a trigger set as a tensors-only file.
 """
 from __future__ import annotations
 
