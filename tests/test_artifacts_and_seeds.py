@@ -11,7 +11,8 @@ import torch
 from cip_helpers.course import attacks, config, data, pipeline
 from cip_helpers.tools import report, run
 from cip_helpers.course.config import REPO_ROOT
-from cip_helpers.course.store import load_checkpoint, save_checkpoint, weights_sha256, write_json
+from cip_helpers.course.store import load_checkpoint, save_checkpoint, write_json
+from cip_helpers.method.digests import weights_sha256
 
 TINY = dict(n_train=200, n_test=100, n_outlier=100, victim_epochs=1, oe_epochs=1)
 

@@ -20,7 +20,8 @@ from cip_helpers.method.defenses import (CIP, DAWN, DP, NoDefense, TriggerSet, b
                                   change_rate_by_pmax, compare_defenses, r1_from_scores, softmax)
 from cip_helpers.method.models import build_model
 from cip_helpers.method.scores import HIGH_ES, ID, LOW_ES, energy_score, reliability_score
-from cip_helpers.course.store import load_cip, load_triggers, save_checkpoint, save_triggers, weights_sha256
+from cip_helpers.course.store import load_cip, load_triggers, save_checkpoint, save_triggers
+from cip_helpers.method.digests import weights_sha256
 from cip_helpers.method.models import predict_logits
 
 SHAPE = (1, 28, 28)

@@ -8,9 +8,9 @@ Content addressing: settings do not pin the bits (training is not bit-identical 
 and thread counts), so every artifact derived from trained weights records the weights'
 :func:`weights_sha256`; a loader compares it with the checkpoint it would be used with.
 
-The method's objects meet the disk only here: :func:`load_victim`, :func:`load_defense` and
-:func:`load_cip` rebuild a defended API from a finished run, :func:`save_triggers` /
-:func:`load_triggers` keep a trigger set as a tensors-only file.
+The method's objects meet the disk only here: :func:`load_victim` and :func:`load_cip` rebuild
+a victim and its defended API from a finished run, :func:`save_triggers` / :func:`load_triggers`
+keep a trigger set as a tensors-only file.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..method.defenses import CIP, Defense, TriggerSet
+from ..method.defenses import CIP, TriggerSet
 from ..method.digests import weights_sha256
 from ..method.models import build_model
 from . import progress
@@ -184,13 +184,6 @@ def load_victim(path: Path) -> tuple[nn.Module, tuple[int, int, int]]:
     model = build_model(victim["arch"], c, victim["n_classes"], h)
     model.load_state_dict(state)
     return model.eval(), (c, h, w)
-
-
-def load_defense(kind: type[Defense], results_dir: Path, split: str = "all", **kwargs) -> Defense:
-    """Rebuild a defense ``kind`` (e.g. ``NoDefense``, ``DP``) around a finished run's plain victim
-    (``<results_dir>/checkpoints/victim_<split>.pt``); ``kwargs`` go to its constructor."""
-    model, shape = load_victim(Path(results_dir) / "checkpoints" / f"victim_{split}.pt")
-    return kind(model, shape, **kwargs)
 
 
 def load_cip(results_dir: Path, split: str = "all", **kwargs) -> CIP:

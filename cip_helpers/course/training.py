@@ -355,8 +355,8 @@ class OERecipe:
         """The OE recipe of profile ``cfg`` (its ``oe_*`` fields; ID batch ``cfg.oe_in_batch``, or
         ``cfg.batch_size`` when that is 0). Raises ``ValueError`` when ``cfg`` lacks a field."""
         f = _read_fields(cfg, _OE_FIELDS, "OERecipe.from_profile")
-        return cls(batch_size=int(f.pop("in_batch") or f.pop("victim_batch")),
-                   **{k: v for k, v in f.items() if k != "victim_batch"})
+        in_batch, victim_batch = f.pop("in_batch"), f.pop("victim_batch")
+        return cls(batch_size=int(in_batch or victim_batch), **f)
 
     def make_optimizer(self, params: Iterable[Any]) -> torch.optim.Optimizer:
         """:func:`make_optimizer` with this recipe's optimiser settings."""
@@ -488,6 +488,6 @@ def oe_recipe_spec(cfg: Any) -> dict[str, Any]:
     spec = _non_default(recipe, _OE_SPEC_KEYS)
     if recipe.schedule == "cosine_step":
         spec["lr_min"] = recipe.lr_min
-    if _read_fields(cfg, {"in": "oe_in_batch"}, "oe_recipe_spec")["in"]:
+    if cfg.oe_in_batch:  # read by from_profile above, which names a missing field
         spec["in_batch"] = recipe.batch_size
     return spec

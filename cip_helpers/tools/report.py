@@ -13,8 +13,9 @@ from torch import nn
 
 from ..course import attacks, pipeline
 from ..course.config import Profile
-from ..course.store import read_json, weights_sha256, write_json, write_png, write_text
+from ..course.store import read_json, write_json, write_png, write_text
 from ..method import verification
+from ..method.digests import weights_sha256
 
 PAPER_TABLE = Path(__file__).with_name("paper_table_iv.json")
 # the paper task we put next to each of our attacks (Table IV has no MNIST row for Knockoff/IDA/DQA)
