@@ -241,6 +241,11 @@ def test_issue16_runner_trains_the_innocent_models_as_a_task_before_11():
     assert run.prerequisites("07", {"02", "07"}) == {"02"}  # without 03 in the run, still after 02
     only = run.schedule(run.list_notebooks(["07"]), [0], 2)
     assert [j.task for j in only] == [None]
+    # the evidence run's grid reuses the attack notebooks' surrogates: it waits for 07, 09 and 10
+    evidence = next(j for j in jobs if j.task == "evidence")
+    assert evidence.needs == {(0, "07"), (0, "09"), (0, "10")} and (0, "evidence") in eleven.needs
+    partial = run.schedule(run.list_notebooks(["09", "11"]), [0], 2)
+    assert next(j for j in partial if j.task == "evidence").needs == {(0, "09")}
     with pytest.raises(ValueError, match="unknown task"):
         run.run_task("verify", "smoke", {})
 

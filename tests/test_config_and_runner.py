@@ -126,7 +126,7 @@ def test_case7_bad_value_names_field_and_type():
 def test_case7_every_field_type_is_coerced_by_declared_type():
     """Coercion comes from the dataclass declaration: every field's type is one coerce_field
     knows, and every profile's own values pass through it unchanged."""
-    known = {str, int, float, tuple[int, ...], tuple[float, ...], tuple[int, int]}
+    known = {str, int, float, bool, tuple[int, ...], tuple[float, ...], tuple[int, int]}
     types_ = config.field_types()
     assert set(types_) == {f for f in config.Profile.__dataclass_fields__}
     assert set(types_.values()) <= known, set(types_.values()) - known
@@ -338,3 +338,14 @@ def test_case11_widget_notebooks_render_without_widgets_in_batch(monkeypatch):
     plots.slider_view(view, **sliders)
     assert calls == [] and shown == ["ui"] and made["function"] is view
     assert made["controls"]["threshold"][1]["value"] == 95.0 and made["controls"]["width"][1]["description"] == "w"
+
+
+def test_bool_fields_take_bools_and_their_text_only():
+    assert config.get_profile("smoke", evidence="true").evidence is True
+    assert config.get_profile("smoke", evidence="0").evidence is False
+    assert config.coerce_field("evidence", "True", from_text=True) is True
+    for bad in (0.5, "yes", None, 2):
+        with pytest.raises(ValueError, match="evidence"):
+            config.get_profile("smoke", evidence=bad)
+    with pytest.raises(ValueError, match="pbd_r1_among"):
+        config.get_profile("smoke", pbd_r1_among="some")

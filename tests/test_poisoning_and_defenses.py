@@ -296,6 +296,27 @@ def test_r1_from_scores_is_a_percentile_of_training_scores():
         r1_from_scores(scores, 101)
 
 
+def test_r1_is_calibrated_among_the_training_images_cip_routes_id():
+    """R1 as the percentile of R over the ID-routed training images only (energy < E1): the low-R
+    images that route OOD (here the two with high energy) no longer pull R1 down, so the
+    percentile is the share of ID-routed queries online PBD flips."""
+    from cip_helpers.method.defenses import R1_AMONG, r1_population
+
+    scores = torch.tensor([0.05, 0.1, 0.5, 0.6, 0.7, 0.8])
+    energy = torch.tensor([-1.0, -2.0, -9.0, -9.5, -10.0, -11.0])  # the two lowest R: high energy
+    mask = r1_population(energy, e1=-5.0)
+    assert mask.tolist() == [False, False, True, True, True, True]
+    assert r1_from_scores(scores, 0, routed_id=mask) == 0.5
+    assert r1_from_scores(scores, 0) == pytest.approx(0.05)
+    assert r1_population(energy, -5.0, "all") is None and R1_AMONG == ("id_routed", "all")
+    with pytest.raises(ValueError, match="r1_among"):
+        r1_population(energy, -5.0, "ood")
+    with pytest.raises(ValueError, match="raise p1"):
+        r1_from_scores(scores, 1, routed_id=torch.zeros(6, dtype=torch.bool))
+    with pytest.raises(ValueError, match="shape"):
+        r1_from_scores(scores, 1, routed_id=torch.ones(3, dtype=torch.bool))
+
+
 # --- defenses on a real (tiny, untrained) CNN --------------------------------------------------
 
 def cip_for(model: nn.Module, x: Tensor, strong: str = "shuffle_noise", logits: Tensor | None = None,

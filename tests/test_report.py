@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
+
 from cip_helpers.tools import report
 
 
@@ -40,10 +42,11 @@ def test_trigger_counts_print_as_integers_and_empty_cip_trigger_sets_are_explain
     md = report.to_markdown(df)
     assert "| 38 |" in md and "38.00" not in md and "<NA>" not in md and "nan" not in md
     notes = report.table_notes(df, records)
-    assert len(notes) == 5 and "knockoff soft" in notes[-1] and "high-ES OOD 7984" in notes[-1]
+    assert len(notes) == 6 and "knockoff soft" in notes[-1] and "high-ES OOD 7984" in notes[-1]
+    assert "_online" in notes[4] and "offline top-T" in notes[4]  # the paper's rows are labelled as such
     assert "every answer got performance-degradation poisoning" in notes[-1]
     records[0]["n_triggers"] = 5
-    assert len(report.table_notes(report.table_iv(records), records)) == 4
+    assert len(report.table_notes(report.table_iv(records), records)) == 5
 
 
 def test_a_run_on_cached_checkpoints_never_replaces_the_from_scratch_time(results_root):
@@ -90,11 +93,44 @@ def test_verification_summary_counts_distinct_pairs_with_their_bound_and_power_p
     assert s["innocent"] == {"flagged": 0, "of": 16, "verdicts": 24,
                              "false_claim_upper": s["innocent"]["false_claim_upper"]}
     assert abs(s["innocent"]["false_claim_upper"] - (1 - 0.05 ** (1 / 16))) < 1e-12
-    assert s["stolen"]["ida/cip"] == {"flagged": 1, "of": 2, "missed": ["seed 2: ida_cip"]}
+    assert s["stolen"]["ida/cip"] == {"flagged": 1, "of": 2, "suspects": 2, "copies": 0, "same_as": [],
+                                      "missed": ["seed 2: ida_cip"]}
     assert s["stolen"]["dqa/cip"]["flagged"] == 1  # another surrogate: its own verdict
     assert s["min_innocent_p"] == 0.3
     assert s["ablations"]["one_rate"]["innocent"]["flagged"] == 16
     assert s["ablations"]["drop_agreed"]["stolen"]["ida/cip"]["flagged"] == 0
+
+
+def test_power_counts_each_suspect_and_trigger_set_once():
+    """Claims count once (issue 27): CIP's DQA surrogate is its IDA soft surrogate judged on the same
+    trigger set; the second verdict on that (suspect sha256, trigger-set sha256) pair is a copy,
+    credited to the first row and never counted as power again, also across ratios and ablations."""
+    def stolen(attack, name, suspect, triggers, flagged=True, ablation=None, pbd=None):
+        return {"kind": "stolen", "attack": attack, "defense": "cip", "trigger_set": name, "pbd": pbd,
+                "suspect": f"surrogate of {name}", "suspect_sha256": suspect, "triggers_sha256": triggers,
+                "flagged": flagged, "p_value": 1e-4 if flagged else 0.5, "ablation": ablation}
+
+    per_seed = {0: [stolen("dqa", "dqa_cip_r1", "w-soft", "t-soft"),  # a copy listed first: main rows win anyway
+                    stolen("ida", "ida_cip_soft", "w-soft", "t-soft"),
+                    stolen("dqa", "dqa_cip_r0.5", "w-soft", "t-soft"),
+                    stolen("ida", "ida_cip_hard", "w-hard", "t-hard"),
+                    stolen("ida", "ida_cip_soft_p1-95", "w-soft", "t-soft", ablation="E1 at p1 = 95"),
+                    stolen("ida", "ida_cip_soft_online", "w-on", "t-on", pbd="online"),
+                    stolen("dqa", "dqa_cip_r1_online", "w-on", "t-on", pbd="online")],
+                1: [stolen("dqa", "dqa_cip_r1", "w-soft1", "t-soft1", flagged=False)]}
+    s = report.verification_summary(per_seed)
+    st = s["stolen"]
+    # seed 0's DQA verdicts (both ratios) are copies of the IDA soft pair, credited to IDA
+    assert st["dqa/cip"] == {"flagged": 0, "of": 1, "suspects": 1, "copies": 2, "same_as": ["ida/cip"],
+                             "missed": ["seed 1: dqa_cip_r1"]}
+    assert st["ida/cip"]["of"] == 2 and st["ida/cip"]["suspects"] == 2 and st["ida/cip"]["copies"] == 0
+    assert st["ida/cip [E1 at p1 = 95]"] == {"flagged": 0, "of": 0, "suspects": 0, "copies": 1,
+                                            "same_as": ["ida/cip"], "missed": []}
+    assert st["ida/cip online"]["of"] == 1 and st["dqa/cip online"]["of"] == 0
+    assert st["dqa/cip online"]["same_as"] == ["ida/cip online"]
+    # every main-row pair counted once: 4 distinct pairs, 3 flagged, behind 4 distinct surrogates
+    assert s["stolen_total"] == {"flagged": 3, "of": 4, "suspects": 4}
+    assert sum(d["flagged"] for d in st.values()) == 3
 
 
 def test_readme_opens_with_the_overview_figure_of_the_committed_summary():
@@ -154,3 +190,30 @@ def test_paper_targets_are_table_iv_for_the_tasks_the_course_compares_with():
     assert cip.loc["dqa (r = 1)", "Trig(M_S)"] == 98.85 and cip.loc["ida", "Test(M'_V)"] == 94.97
     assert set(t["defense"]) == {"none", "dp", "dawn", "cip"} and len(t) == 16
     assert report.paper_targets("fashionmnist").set_index(["attack", "defense"]).loc[("dfme", "dp"), "Test(M_S)"] == 42.09
+
+
+def test_queries_to_conviction_needs_the_flag_at_every_larger_budget():
+    """A thief counts as convicted after n queries only if it stays flagged at every larger
+    budget of the grid: one lucky small budget is not a conviction."""
+    def point(n, p, seed=0, defense="cip", thief="ida_hard", t=5):
+        return {"kind": "stolen", "grid": "conviction", "thief": thief, "defense": defense, "queries": n,
+                "T": t, "m": t, "p_value": p, "flagged": p < 0.01}
+
+    per_seed = {0: [point(250, 0.5), point(500, 0.001), point(1000, 0.02), point(2000, 1e-6),
+                    point(2000, 0.2, defense="dawn"), {"kind": "innocent", "grid": "conviction", "p_value": 0.001}],
+                1: [point(250, 0.001, seed=1), point(2000, 1e-5, seed=1),
+                    point(250, 1.0, thief="dqa", t=0)]}  # a point without triggers: p = 1
+    rows = report.conviction_rows(per_seed)
+    assert len(rows) == 8  # stolen grid verdicts only
+    q = report.queries_to_conviction(rows).set_index(["thief", "defense", "seed"])
+    assert q.loc[("ida_hard", "cip", 0), "queries_to_conviction"] == 2000
+    assert q.loc[("ida_hard", "cip", 1), "queries_to_conviction"] == 250
+    assert pd.isna(q.loc[("ida_hard", "dawn", 0), "queries_to_conviction"])
+    s = report.conviction_summary(per_seed)
+    cip = next(r for r in s["table"] if r["thief"] == "ida_hard" and r["defense"] == "cip")
+    assert cip["queries_to_conviction"] == [2000, 250] and cip["convicted"] == 2 and cip["median_queries"] == 1125
+    table = report.conviction_table(s)
+    assert set(table["convicted"]) == {"2 of 2", "0 of 1"}
+    assert report.conviction_summary({0: [point(250, 0.5)][:0]}) is None
+    # the grid never counts as power in verification_summary
+    assert report.verification_summary(per_seed)["stolen"] == {}

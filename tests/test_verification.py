@@ -270,3 +270,39 @@ def test_a_suspect_that_is_in_the_pool_is_refused():
     x, labels = digits([1, 2, 3]), torch.tensor([2, 3, 4])
     with pytest.raises(ValueError, match="m1"):
         v.ownership_test(pool["m1"], pool, x, labels, np.zeros(3, bool))
+
+
+# ----------------------------------------------------------------------------- planning (issue 27)
+
+
+def test_null_floor_is_the_clopper_pearson_bound_of_no_agreeing_innocent():
+    for k in (2, 7, 23):
+        assert v.null_floor(k) == pytest.approx(1 - 0.05 ** (1 / k), rel=1e-9)
+
+
+def test_conviction_power_matches_the_binomial_closed_form():
+    q = v.null_floor(7)  # 0.348: five of five reproduced give p = q^5 = 0.0051 < 0.01
+    assert v.conviction_power(5, 1.0, q) == pytest.approx(1.0)
+    assert v.conviction_power(4, 1.0, q) == 0.0  # 0.348^4 = 0.015: four triggers never convict
+    # T = 5 at reproduction 0.9: all five must agree, 0.9^5
+    assert v.conviction_power(5, 0.9, q) == pytest.approx(0.9 ** 5)
+    assert list(v.conviction_power(np.array([0, 4, 5]), 1.0, q)) == [0.0, 0.0, 1.0]
+
+
+def test_plan_pbd_share_is_the_smallest_share_that_reaches_the_power():
+    plan = v.plan_pbd_share(2000, power=0.9, reproduction=0.88, pool_size=23, id_share=0.77)
+    assert 0.001 <= plan["share"] <= 0.02 and plan["power"] >= 0.9
+    below = v.expected_power(1540, plan["share"] - 0.0005, 0.88, plan["null"])
+    assert below < 0.9 <= v.expected_power(1540, plan["share"], 0.88, plan["null"])
+    # a smaller pool (larger null) needs a larger share; an unreachable target says so
+    assert v.plan_pbd_share(2000, pool_size=7)["share"] > plan["share"]
+    assert v.plan_pbd_share(10, pool_size=2)["share"] is None
+
+
+def test_plan_queries_is_the_fewest_queries_for_a_share():
+    n = v.plan_queries(0.01, power=0.9, reproduction=0.88, pool_size=23, id_share=0.77)
+    null = v.null_floor(23)
+    assert v.expected_power(round(n * 0.77), 0.01, 0.88, null) >= 0.9
+    assert v.expected_power(round((n - 1) * 0.77), 0.01, 0.88, null) < 0.9
+    assert v.plan_queries(0.02) < n  # more flips, fewer queries
+    assert v.plan_queries(1e-6, max_queries=10_000) is None

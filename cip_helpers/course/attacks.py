@@ -588,7 +588,7 @@ def cip_routes(cfg: Profile, queries: Tensor, split: str = "all", p1: float | No
 
 def run_knockoff(cfg: Profile, defense: str, label_type: str, n_queries: int | None = None,
                  verbose: bool = True, arch: str | None = None, pool: str = "photos",
-                 p1: float | None = None, branch: int | None = None) -> dict:
+                 p1: float | None = None, branch: int | None = None, pbd: str = "offline_top_T") -> dict:
     """KnockoffNets (Orekondy et al. 2019) against the ``all`` victim: unlabelled images from
     ``pool`` (:data:`KNOCKOFF_POOLS`), answers from ``defense``, a surrogate trained on them. CIP as
     in the authors' release (``knockoffnets/main.py``): strong PPD ``shuffle_noise`` and offline
@@ -601,7 +601,9 @@ def run_knockoff(cfg: Profile, defense: str, label_type: str, n_queries: int | N
     ``cnn_plain``), ``_p1-<p1>`` CIP with E1 at another percentile (notebook 03's trade-off),
     ``_branch<k>`` an attacker whose transfer set is only the pool's queries CIP routes to branch
     ``k`` (``scores.ROUTE_NAMES``; e.g. 1 = low-ES, where weak PPD answers). Mixed-pool records carry
-    ``routes_by_source`` (CIP: routing counts per :data:`MIXED_SOURCES`).
+    ``routes_by_source`` (CIP: routing counts per :data:`MIXED_SOURCES`). ``pbd="online"``: CIP as
+    an owner serves it (online PBD, R1 from :func:`pipeline.get_thresholds`), setting
+    ``<...>_online``, a main row of its own beside the paper's offline top-T row.
 
     Raises ``ValueError`` for an unknown pool or branch, a pool the data does not have (``mixed``
     needs :func:`data.has_near_pool`) and more queries than the pool holds."""
@@ -611,6 +613,7 @@ def run_knockoff(cfg: Profile, defense: str, label_type: str, n_queries: int | N
         raise ValueError(f"branch must be one of 0, 1, 2 ({', '.join(ROUTE_NAMES)}), got {branch!r}")
     if p1 is not None and defense != "cip":
         raise ValueError(f"p1 sets CIP's E1; defense {defense!r} has no thresholds (use defense='cip')")
+    _check_pbd(defense, pbd)
     queries, source = pool_queries(cfg, pool)
     n = len(queries) if n_queries is None else n_queries
     if not 1 <= n <= len(queries):
@@ -618,6 +621,7 @@ def run_knockoff(cfg: Profile, defense: str, label_type: str, n_queries: int | N
     curve = n != len(queries)
     queries, source = queries[:n], (source[:n] if source is not None else None)
     setting = ("mixed_" if pool == "mixed" else "") + label_type + (f"_q{n}" if curve else "")
+    setting += "_online" if pbd == "online" else ""
     ablation = None
     if arch is not None and arch != cfg.surrogate_arch:
         setting += f"_{arch}"
@@ -633,7 +637,9 @@ def run_knockoff(cfg: Profile, defense: str, label_type: str, n_queries: int | N
         setting += f"_branch{branch}"
         ablation = f"only the queries CIP routes {ROUTE_NAMES[branch]}"  # how many: the record's queries
     kwargs: dict = {}
-    if defense == "cip":
+    if defense == "cip" and pbd == "online":
+        kwargs = {"strong": "shuffle_noise", "pbd": "online", **({"p1": p1} if p1 is not None else {})}
+    elif defense == "cip":
         t = offline_pbd_T(cfg, queries, "all", cfg.knockoff_pbd_T, p1=p1)
         kwargs = {"strong": "shuffle_noise", "pbd": "offline_top_T" if t else None, "pbd_T": t}
         if p1 is not None:
@@ -678,8 +684,22 @@ def knockoff_curve(cfg: Profile, defense: str, label_type: str | None = None,
     return points
 
 
+PBD_CHOICES = ("offline_top_T", "online")
+"""How CIP's PBD runs in an attack: ``offline_top_T`` (the paper's evaluation: the T least reliable
+ID-routed queries of the whole transfer set) or ``online`` (as served: R < R1 per query)."""
+
+
+def _check_pbd(defense: str, pbd: str) -> None:
+    if pbd not in PBD_CHOICES:
+        raise ValueError(f"pbd must be one of {PBD_CHOICES}, got {pbd!r}")
+    if pbd == "online" and defense != "cip":
+        raise ValueError(f"pbd='online' is CIP's served mode; defense {defense!r} has no PBD")
+
+
 def _ida_defense_kwargs(cfg: Profile, defense: str, queries: Tensor, n_id: int,
-                        p1: float | None = None) -> dict:
+                        p1: float | None = None, pbd: str = "offline_top_T") -> dict:
+    if defense == "cip" and pbd == "online":
+        return {"strong": "reverse_rank", "pbd": "online", **({"p1": p1} if p1 is not None else {})}
     if defense == "cip":
         t = offline_pbd_T(cfg, queries, p1=p1)
         kwargs = {"strong": "reverse_rank", "pbd": "offline_top_T" if t else None, "pbd_T": t}
@@ -690,17 +710,19 @@ def _ida_defense_kwargs(cfg: Profile, defense: str, queries: Tensor, n_id: int,
 
 
 def run_ida(cfg: Profile, defense: str, label_type: str | None = None, verbose: bool = True,
-            p1: float | None = None, pbd_answer: str | None = None) -> dict:
+            p1: float | None = None, pbd_answer: str | None = None, pbd: str = "offline_top_T") -> dict:
     """In-distribution attack against the ``half`` victim: the attacker queries all of its own
     half of the ID data (``split("attacker")``) and trains on the answers (``label_type``,
     default ``cfg.ida_label_type``; ``cfg.ida_epochs``). CIP as in the authors' release: strong
     PPD ``reverse_rank``, offline top-T PBD with T = ``pbd_offline_T`` among ID-routed queries,
     E1 at the half victim's ``cfg.p1_half``; DAWN watermarks the same fraction. Setting: the
-    label type. Ablations (CIP only): ``p1`` (another E1 percentile, setting
+    label type. ``pbd="online"``: CIP as served (online PBD), setting ``<label>_online``, a main
+    row beside the paper's offline one. Ablations (CIP only): ``p1`` (another E1 percentile, setting
     ``<label>_p1-<p1>``) and ``pbd_answer`` (setting ``<label>_<answer>``)."""
+    _check_pbd(defense, pbd)
     label_type = cfg.ida_label_type if label_type is None else label_type
     x, _ = data.id_data(cfg).split("attacker")
-    setting, ablation = label_type, None
+    setting, ablation = label_type + ("_online" if pbd == "online" else ""), None
     if p1 is not None and p1 != cfg.p1_half:
         setting, ablation = f"{setting}_p1-{p1:g}", f"E1 at p1 = {p1:g}"
     else:
@@ -709,7 +731,7 @@ def run_ida(cfg: Profile, defense: str, label_type: str | None = None, verbose: 
         cfg = dataclasses.replace(cfg, pbd_answer=pbd_answer)
         setting, ablation = f"{setting}_{pbd_answer}", f"PBD answer {pbd_answer}"
     return steal(cfg, "ida", defense, x, label_type, split="half", setting=setting,
-                 defense_kwargs=_ida_defense_kwargs(cfg, defense, x, len(x), p1),
+                 defense_kwargs=_ida_defense_kwargs(cfg, defense, x, len(x), p1, pbd),
                  fit={"epochs": cfg.ida_epochs}, extra={"ablation": ablation}, verbose=verbose)
 
 
@@ -732,14 +754,17 @@ def dqa_queries(cfg: Profile, r: float) -> tuple[Tensor, Tensor]:
     return mixed, mixed_is_id
 
 
-def run_dqa(cfg: Profile, defense: str, r: float, verbose: bool = True) -> dict:
+def run_dqa(cfg: Profile, defense: str, r: float, verbose: bool = True, pbd: str = "offline_top_T") -> dict:
     """Deceptive query attack: IDA's queries mixed with ``n_id / r`` uniform-noise queries in ONE
     transfer set; the attacker discards the noise answers and trains on the ID part exactly as IDA.
     DAWN's rate is IDA's (fraction of ALL queries), CIP's offline PBD counts ID-routed queries only.
-    Labels: ``cfg.dqa_label_type`` (soft, as in the authors' ``DQA/main.py``)."""
+    Labels: ``cfg.dqa_label_type`` (soft, as in the authors' ``DQA/main.py``). ``pbd="online"``:
+    CIP as served, setting ``r<r>_online``."""
+    _check_pbd(defense, pbd)
     queries, is_id = dqa_queries(cfg, r)
-    kwargs = _ida_defense_kwargs(cfg, defense, queries, int(is_id.sum()))
-    return steal(cfg, "dqa", defense, queries, cfg.dqa_label_type, split="half", setting=f"r{r:g}",
+    kwargs = _ida_defense_kwargs(cfg, defense, queries, int(is_id.sum()), pbd=pbd)
+    setting = f"r{r:g}" + ("_online" if pbd == "online" else "")
+    return steal(cfg, "dqa", defense, queries, cfg.dqa_label_type, split="half", setting=setting,
                  keep=is_id, defense_kwargs=kwargs, fit={"epochs": cfg.ida_epochs},
                  extra={"dqa_ratio": r, "n_noise": int((~is_id).sum())}, verbose=verbose)
 

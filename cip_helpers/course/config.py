@@ -85,7 +85,8 @@ class Profile:
     snr_db: float = 10.0  # shuffle_noise: white Gaussian noise at this SNR
     rs_beta: float = 0.9  # reverse sigmoid (weak PPD and DP)
     rs_gamma: float = 0.6
-    pbd_r1_percentile: float = 0.5  # online PBD: flip when R < this percentile of ID-train R
+    pbd_r1_percentile: float = 0.75  # online PBD: flip when R < R1, this percentile of ID-train R ...
+    pbd_r1_among: str = "id_routed"  # ... over the ID-train digits CIP routes ID ("all": every one)
     pbd_offline_T: float = 0.0035  # offline PBD: fraction (<1) of ID-routed queries or a count (>=1)
     pbd_answer: str = "authors"  # PBD's flipped answer: "authors" (near one-hot, random class) or "inverse"
     # --- 06 DAWN -------------------------------------------------------------------------
@@ -143,6 +144,10 @@ class Profile:
     # --- 11 verification -----------------------------------------------------------------
     n_innocent: int = 8  # the innocent pool (pipeline.INNOCENT_RECIPES); >= 8 for calibrated verdicts
     alpha: float = 0.01
+    # --- the evidence run (multi-seed; notebook 11 reads what it wrote) -------------------
+    evidence: bool = False  # queries-to-conviction grid + memorisation curve (runner task "evidence")
+    conviction_queries: tuple[int, ...] = (250, 500, 1000, 2000)  # thief budgets of the grid
+    memorisation_epochs: int = 24  # mixed-pool KnockoffNets vs deployed CIP, trigger accuracy per epoch
     # --- bookkeeping ---------------------------------------------------------------------
     cell_timeout: int = 1800  # seconds one notebook cell may run in the batch runner (0 = no limit)
     tag: str = ""  # results go to results/<tag or name>/
@@ -199,6 +204,8 @@ LABEL_TYPES = ("hard", "soft")
 """``knockoff_curve_label_type`` / ``ida_label_type`` / ``dqa_label_type``: ``attacks.LABEL_TYPES``."""
 PBD_ANSWERS = ("authors", "inverse")
 """``pbd_answer``: ``poisoning.PBD_ANSWERS``."""
+R1_AMONG = ("id_routed", "all")
+"""``pbd_r1_among``: ``defenses.R1_AMONG``."""
 GRAD_QUERIES = ("defended", "victim")
 """``dfme_grad_queries``: ``attacks.GRAD_QUERIES``."""
 LR_SCHEDULES = ("constant", "cosine", "drop")
@@ -272,7 +279,17 @@ def _numpy_bool_types() -> tuple[type, ...]:
     return (np.bool_,) if np is not None else ()
 
 
-_SCALARS = {int: _to_int, float: _to_float}
+def _to_bool(value: Any) -> bool:
+    """bool (numpy's too), or the text true/false/1/0 (any case) -> bool; anything else (0.5,
+    "yes", None) raises ``ValueError``."""
+    if isinstance(value, (bool, _numpy_bool_types())):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    raise ValueError("not a bool (True/False, or the text true/false/1/0)")
+
+
+_SCALARS = {int: _to_int, float: _to_float, bool: _to_bool}
 
 
 def coerce_field(name: str, value: Any, *, from_text: bool = False) -> Any:
@@ -280,6 +297,7 @@ def coerce_field(name: str, value: Any, *, from_text: bool = False) -> Any:
 
     * ``int``: an int, or an integral float / numeric string (``"3"``, ``"1e3"``); never a bool.
     * ``float``: an int, float or numeric string, finite; never a bool.
+    * ``bool``: a bool, or the text true/false/1/0.
     * ``tuple[T, ...]`` / ``tuple[T, T]``: a list or tuple, or a string that ``ast.literal_eval``s
       to one (papermill turns a tuple into its repr string); every element converted to ``T``;
       a fixed-length tuple must have exactly that length.
@@ -355,6 +373,7 @@ def check_ranges(p: Profile) -> list[str]:
     one_of("ida_label_type", LABEL_TYPES)
     one_of("dqa_label_type", LABEL_TYPES)
     one_of("pbd_answer", PBD_ANSWERS)
+    one_of("pbd_r1_among", R1_AMONG)
     one_of("dfme_grad_queries", GRAD_QUERIES)
     one_of("dfme_lr_schedule", LR_SCHEDULES)
     one_of("oe_optimizer", OE_OPTIMIZERS)
@@ -417,6 +436,9 @@ def check_ranges(p: Profile) -> list[str]:
         need(t >= 0 and (t < 1 or float(t).is_integer()), f, "a fraction in [0, 1) or a whole count >= 1")
     need(0 <= p.dawn_rate <= 1, "dawn_rate", "in [0, 1]")
     need(0 < p.alpha < 1, "alpha", "in (0, 1) (a significance level)")
+    need(len(p.conviction_queries) >= 1 and all(n >= 1 for n in p.conviction_queries), "conviction_queries",
+         "one or more query counts >= 1")
+    need(p.memorisation_epochs >= 1, "memorisation_epochs", ">= 1")
     need(len(p.knockoff_curve) >= 1 and all(n >= 1 for n in p.knockoff_curve), "knockoff_curve",
          "a non-empty tuple of query counts >= 1")
     need(all(1 <= n <= p.n_near + p.mixed_photos for n in p.mixed_curve), "mixed_curve, n_near, mixed_photos",

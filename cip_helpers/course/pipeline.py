@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from ..method.defenses import CIP, DAWN, DP, Defense, NoDefense, OEOnly, r1_from_scores, softmax
+from ..method.defenses import CIP, DAWN, DP, Defense, NoDefense, OEOnly, r1_from_scores, r1_population, softmax
 from ..method.digests import tensor_sha256, weights_sha256
 from ..method.models import build_model, predict_logits
 from ..method.scores import energy_score, reliability_score, select_thresholds
@@ -122,7 +122,8 @@ def compute_thresholds(cfg: Profile, split: str = "all", p1: float | None = None
                        p2: float | None = None, temperature: float | None = None,
                        model: nn.Module | None = None) -> dict:
     """E1/E2 (Section III-B: the p1-th / p2-th percentiles of ID-training energies) and R1 (online
-    PBD: the ``cfg.pbd_r1_percentile``-th percentile of ID-training reliability scores) of the
+    PBD: the ``cfg.pbd_r1_percentile``-th percentile of the reliability scores of the ID-training
+    images CIP routes ID, or of all of them with ``cfg.pbd_r1_among="all"``) of the
     OE-tuned ``split`` victim (or of ``model``, which must be that victim). The entry records the
     sha256 of the weights (``weights_sha256``) and of the ID images (``data_sha256``) it was
     computed from, so a loader can tell whether it belongs to the checkpoint at hand."""
@@ -133,10 +134,13 @@ def compute_thresholds(cfg: Profile, split: str = "all", p1: float | None = None
         model, _ = get_oe_victim(cfg, split, verbose=False)
     x, _ = data.id_data(cfg).split(split)
     logits = predict_logits(model, x)
-    e1, e2 = select_thresholds(energy_score(logits, t), p1, p2)
-    r1 = r1_from_scores(reliability_score(softmax(logits)), cfg.pbd_r1_percentile)
+    energy = energy_score(logits, t)
+    e1, e2 = select_thresholds(energy, p1, p2)
+    population = r1_population(energy, e1, cfg.pbd_r1_among)
+    r1 = r1_from_scores(reliability_score(softmax(logits)), cfg.pbd_r1_percentile, routed_id=population)
     return {"E1": e1, "E2": e2, "p1": p1, "p2": p2, "T": t,
-            "R1": r1, "r1_percentile": cfg.pbd_r1_percentile,
+            "R1": r1, "r1_percentile": cfg.pbd_r1_percentile, "r1_among": cfg.pbd_r1_among,
+            "r1_population": len(x) if population is None else int(population.sum()),
             "model": f"checkpoints/oe_victim_{split}.pt (OE-tuned '{split}' victim)",
             "weights_sha256": weights_sha256(model), "model_spec_hash": spec_hash(oe_spec(cfg, split)),
             "data": f"ID training images of the '{split}' victim ({len(x)} from {cfg.dataset})",
@@ -152,7 +156,7 @@ def split_p1(cfg: Profile, split: str) -> float:
     return cfg.p1_half if split == "half" else cfg.p1
 
 
-THRESHOLD_KEYS = ("weights_sha256", "data_sha256", "p1", "p2", "T", "r1_percentile")
+THRESHOLD_KEYS = ("weights_sha256", "data_sha256", "p1", "p2", "T", "r1_percentile", "r1_among")
 """What a stored thresholds entry must match to be reused: the bits of the weights and of the ID
 data it was computed from, and the percentiles and temperature asked for."""
 
@@ -178,7 +182,7 @@ def get_thresholds(cfg: Profile, split: str = "all", verbose: bool = True, p1: f
     x, _ = data.id_data(cfg).split(split)
     wanted = {"weights_sha256": info["weights_sha256"], "data_sha256": tensor_sha256(x),
               "p1": split_p1(cfg, split) if p1 is None else p1, "p2": cfg.p2 if p2 is None else p2,
-              "T": cfg.temperature, "r1_percentile": cfg.pbd_r1_percentile}
+              "T": cfg.temperature, "r1_percentile": cfg.pbd_r1_percentile, "r1_among": cfg.pbd_r1_among}
     if (wanted["p1"], wanted["p2"]) != (split_p1(cfg, split), cfg.p2):
         key = tuple(wanted[k] for k in THRESHOLD_KEYS)
         if key not in _ABLATION_THRESHOLDS:
@@ -319,3 +323,42 @@ def get_innocent_models(cfg: Profile, verbose: bool = True) -> dict[str, nn.Modu
         models[name], _ = load_or_train(cfg.checkpoint_dir / f"{name}.pt", spec, build, train, verbose,
                                         name=name)
     return models
+
+
+PRICE_SHARES = (0.25, 0.5, 0.75, 1.0, 2.0)
+"""Online-PBD shares (percent of ID-routed queries, ``pbd_r1_percentile``) at which notebook 05
+measures the benign price for the owner's trade-off (notebook 11)."""
+
+
+def benign_price(cfg: Profile, split: str = "half", r1_percentile: float | None = None) -> dict:
+    """What the served CIP (online PBD) costs benign users of the ``split`` victim, on the ID test
+    digits: the share whose top-1 answer changes, split in two. ``oe_part``: the OE-tuned victim
+    M'_V vs the plain victim M_V (what fine-tuning the detector costs); ``pbd_part``: the served
+    CIP vs M'_V (what poisoning adds: PBD's flips, and any top-1 that weak or strong PPD moves);
+    ``total``: served CIP vs M_V. Also ``n`` (test digits), ``pbd_flipped`` (PBD flips among them),
+    ``routes`` (CIP's routing counts), ``r1_percentile`` / ``r1_among`` (the calibration) and the
+    accuracies ``plain_acc``, ``oe_acc``, ``cip_acc``. ``r1_percentile`` other than the profile's
+    recomputes R1 for this call only (thresholds.json is not touched)."""
+    _check_split(split)
+    x, y = data.id_data(cfg).split("test")
+    plain = get_defense(cfg, "none", split)(x).argmax(1)
+    oe = get_defense(cfg, "oe", split)(x).argmax(1)
+    cip = get_defense(cfg, "cip", split, strong="reverse_rank" if split == "half" else "shuffle_noise")
+    pct = cfg.pbd_r1_percentile if r1_percentile is None else float(r1_percentile)
+    if pct != cfg.pbd_r1_percentile:
+        train_x, _ = data.id_data(cfg).split(split)
+        logits = predict_logits(cip.model, train_x)
+        population = r1_population(energy_score(logits, cip.temperature), cip.e1, cfg.pbd_r1_among)
+        cip = cip.fresh(r1=r1_from_scores(reliability_score(softmax(logits)), pct, routed_id=population))
+    served = cip(x).argmax(1)
+
+    def share(a: Tensor, b: Tensor) -> float:
+        return float((a != b).double().mean())
+
+    def acc(a: Tensor) -> float:
+        return float((a == y).double().mean())
+
+    counts = cip.route_counts()
+    return {"n": len(x), "oe_part": share(oe, plain), "pbd_part": share(served, oe), "total": share(served, plain),
+            "pbd_flipped": counts["PBD flipped"], "routes": counts, "r1_percentile": pct, "r1": cip.r1,
+            "r1_among": cfg.pbd_r1_among, "plain_acc": acc(plain), "oe_acc": acc(oe), "cip_acc": acc(served)}

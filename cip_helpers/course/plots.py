@@ -432,20 +432,21 @@ def reliability_histograms(scores: Mapping[str, Tensor], r1: float | None = None
 
 
 def r1_threshold(scores: Tensor, percentile: float, queries: Tensor | None = None,
-                 query_name: str = "benign queries") -> tuple[plt.Figure, int]:
-    """R1 = the ``percentile``-th percentile of ``scores`` (ID TRAINING reliability scores); draw
-    both distributions with R1 and return ``(figure, count)``, count = how many of ``queries``
-    (default: ``scores`` themselves) fall below R1, i.e. would be flipped by online PBD. Notebook
-    05's slider calls exactly this function; a plain call renders the default."""
+                 query_name: str = "benign queries", population: str = "ID train") -> tuple[plt.Figure, int]:
+    """R1 = the ``percentile``-th percentile of ``scores`` (the reliability scores R1 is calibrated
+    on, ID TRAINING images named ``population``, e.g. those CIP routes ID); draw both
+    distributions with R1 and return ``(figure, count)``, count = how many of ``queries`` (default:
+    ``scores`` themselves) fall below R1, i.e. would be flipped by online PBD if they route ID.
+    Notebook 05's slider calls exactly this function; a plain call renders the default."""
     from ..method.defenses import r1_from_scores
 
     r1 = r1_from_scores(scores, percentile)
     target = scores if queries is None else queries
     count = int((target.detach().double() < r1).sum())
-    sets = {"ID train": scores} if queries is None else {"ID train": scores, query_name: queries}
+    sets = {population: scores} if queries is None else {population: scores, query_name: queries}
     fig, ax = plt.subplots(figsize=(6.5, 3.2))
     reliability_histograms(sets, r1, ax=ax)
-    ax.set_title(f"R1 = {percentile:g}th percentile of ID-train R: {count} of {len(target)} "
+    ax.set_title(f"R1 = {percentile:g}th percentile of {population} R: {count} of {len(target)} "
                  f"{query_name} ({100 * count / max(len(target), 1):.2f} %) would be flipped", fontsize=9)
     fig.tight_layout()
     return fig, count
@@ -890,8 +891,10 @@ def overview(summary: Mapping, value: str = "surrogate_acc", n_classes: int = 10
     ``rows`` (``attack``, ``setting`` or ``label_type``, ``defense``, ``victim``, ``ablation``,
     ``value`` = ``{"mean", "sd", "n", "values"}`` with fractions) and ``victims``; ablation rows are
     left out; DQA settings are ordered with more noise to the right. Raises ``ValueError`` without
-    main rows."""
-    rows = [r for r in summary.get("rows", []) if not r.get("ablation")]
+    main rows. The served CIP's rows (setting ``*_online``: CIP alone, beside the paper's offline
+    row of the same attack) are left out too."""
+    rows = [r for r in summary.get("rows", []) if not r.get("ablation")
+            and not str(r.get("setting") or "").endswith("_online")]
     if not rows:
         raise ValueError("summary has no main (non-ablation) rows")
 
@@ -969,6 +972,98 @@ def verification_pvalues(verdicts: Sequence[Mapping], alpha: float = 0.01, title
     ax.set_ylabel("-log10 p  (higher = stronger evidence)")
     ax.set_title(title or "ownership test per suspect: flagged above the dashed line")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def conviction_curves(points, alpha: float = 0.01, thieves: Mapping[str, str] | None = None,
+                      title: str = "") -> plt.Figure:
+    """Queries to conviction: -log10 p of the ownership test (y) against the thief's number of
+    queries (x, log scale, ticks at the grid's budgets), one panel per thief (in the order of
+    ``thieves``, else as they come), one line per (defense, seed) in the defense's colour (seeds:
+    markers), the flagging line at -log10 ``alpha``. ``points`` is a DataFrame with ``thief``,
+    ``defense``, ``seed``, ``queries``, ``p_value`` (``report.conviction_rows``); ``thieves`` maps
+    thief keys to panel titles. p is floored at 1e-300."""
+    present = list(dict.fromkeys(points["thief"]))
+    names = [t for t in (thieves or {}) if t in present] + [t for t in present if t not in (thieves or {})]
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names) + 1.2, 3.4), sharey=True, squeeze=False)
+    for ax, thief in zip(axes[0], names):
+        sub = points[points["thief"] == thief]
+        for (defense, seed), g in sub.groupby(["defense", "seed"], sort=True):
+            g = g.sort_values("queries")
+            y = -np.log10(np.maximum(g["p_value"].astype(float).to_numpy(), 1e-300))
+            marker = RUN_MARKERS[int(seed) % len(RUN_MARKERS)]
+            _tag(ax.plot(g["queries"], y, marker=marker, ms=4, lw=1.2, alpha=0.85, color=defense_color(defense),
+                         label=f"{defense}, seed {seed}")[0], defense)
+        ax.axhline(-np.log10(alpha), color=NEUTRAL["reference"], ls="--", lw=1, label=f"alpha = {alpha:g}")
+        ax.set_xscale("log")
+        budgets = sorted({int(q) for q in sub["queries"]})
+        ax.set_xticks(budgets, [f"{q:,}" for q in budgets], rotation=45, fontsize=7)
+        ax.minorticks_off()
+        ax.set_title((thieves or {}).get(thief, thief), fontsize=9)
+        ax.set_xlabel("queries sent by the thief", fontsize=8)
+    axes[0][0].set_ylabel("-log10 p (flagged above the dashed line)", fontsize=8)
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    axes[0][-1].legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle(title or "queries to conviction: the ownership test as the thief queries more", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def owner_tradeoff(prices: Sequence[Mapping], planned: Mapping[str, Sequence[tuple[float, float | None]]],
+                   measured: Sequence[Mapping] = (), title: str = "") -> plt.Figure:
+    """The owner's choice of online-PBD share. Left: the benign price, the share of ID test digits
+    whose top-1 the served CIP changes beyond what OE already changes (``prices``: dicts with
+    ``share`` in %, ``pbd_part`` a fraction, ``seed``), against the share flipped. Right: queries
+    to conviction against the share, as the planning model predicts (``planned``: label ->
+    [(share %, queries or None)], e.g. per reproduction rate) and as measured (``measured``:
+    dicts with ``share`` %, ``queries`` and ``label``)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.5, 3.5))
+    for i, seed in enumerate(sorted({p["seed"] for p in prices})):
+        pts = sorted((p["share"], 100 * p["pbd_part"]) for p in prices if p["seed"] == seed)
+        left.plot(*zip(*pts), marker=RUN_MARKERS[i % len(RUN_MARKERS)], color=defense_color("cip"), lw=1,
+                  alpha=0.8, label=f"seed {seed}")
+    top = max([p["share"] for p in prices] + [1.0])
+    left.plot([0, top], [0, top], color=NEUTRAL["chance"], ls=":", lw=1, label="price = share")
+    left.set_xlabel("share of ID-routed queries flipped (%)")
+    left.set_ylabel("benign price: ID test digits with\na changed top-1, PBD's part (%)")
+    left.legend(fontsize=7)
+    styles = ("-", "--", ":", "-.")
+    for (label, pts), ls in zip(planned.items(), styles):
+        pts = [(a, b) for a, b in pts if b is not None]
+        if pts:
+            right.plot(*zip(*pts), ls=ls, color=NEUTRAL["reference"], lw=1, label=f"planned: {label}")
+    for i, m in enumerate(measured):
+        right.scatter(m["share"], m["queries"], color=defense_color("cip"), edgecolor="black", zorder=3,
+                      marker=RUN_MARKERS[i % len(RUN_MARKERS)], label=m["label"])
+    right.set_yscale("log")
+    right.set_xlabel("share of ID-routed queries flipped (%)")
+    right.set_ylabel("queries to conviction")
+    right.legend(fontsize=7)
+    fig.suptitle(title or "what the owner pays (left) for how fast it convicts (right)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def memorisation_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], title: str = "") -> plt.Figure:
+    """Per epoch, the surrogate's accuracy on its own training answers (left) and on the owner's
+    trigger set (right): ``histories`` maps a run label (e.g. ``"seed 0, hard"``; a label with
+    "soft" is drawn dashed) to its per-epoch history (keys ``epoch``, ``train_acc``,
+    ``trigger_acc``). One marker per run, every line in CIP's colour."""
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.4), sharey=True)
+    for ax, (key, name) in zip(axes, (("train_acc", "train accuracy (the API's answers)"),
+                                      ("trigger_acc", "trigger accuracy (flipped answers)"))):
+        for i, (label, history) in enumerate(histories.items()):
+            epochs = [h["epoch"] for h in history]
+            values = [h.get(key) for h in history]
+            _tag(ax.plot(epochs, values, ls="--" if "soft" in label else "-", marker=RUN_MARKERS[i % len(RUN_MARKERS)],
+                         ms=3, lw=1.1, alpha=0.8, color=defense_color("cip"), label=label)[0], "cip")
+        ax.set_xlabel("epoch")
+        ax.set_title(name, fontsize=9)
+        ax.set_ylim(0, 1.02)
+    axes[0].set_ylabel("accuracy")
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle(title or "does the surrogate memorise the flipped answers as it trains longer?", fontsize=10)
     fig.tight_layout()
     return fig
 

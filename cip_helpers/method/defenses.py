@@ -465,13 +465,16 @@ class CIP(Defense):
 
     @classmethod
     def calibrate(cls, model: nn.Module, id_train_x: Tensor, p1: float = 95.0, p2: float = 99.9,
-                  r1_percentile: float = 0.5, temperature: float = 1.0, **kwargs) -> CIP:
+                  r1_percentile: float = 1.0, temperature: float = 1.0, r1_among: str = "id_routed",
+                  **kwargs) -> CIP:
         """Wrap your own (OE-tuned) model: E1/E2 (the ``p1``-th / ``p2``-th percentiles of its ID
-        training energies, CIP Sec. III-B) and R1 (the ``r1_percentile``-th percentile of their
-        reliability scores, for online PBD) are computed from ``id_train_x`` (N, C, H, W) in
+        training energies, CIP Sec. III-B) and R1 for online PBD (:func:`r1_from_scores`: the
+        ``r1_percentile``-th percentile of the reliability scores of the training images CIP routes
+        ID, ``r1_among="id_routed"``, so about ``r1_percentile`` % of ID-routed queries are flipped;
+        ``"all"``: of every training image) are computed from ``id_train_x`` (N, C, H, W) in
         [0, 1] (tensor or numpy; N >= 1). ``kwargs`` go to :class:`CIP` (PBD stays ``"online"``,
-        batch-invariant, unless you pass another mode). Raises ``ValueError`` for bad images or
-        percentiles (0 <= p1 < p2 <= 100, 0 <= r1_percentile <= 100)."""
+        batch-invariant, unless you pass another mode). Raises ``ValueError`` for bad images,
+        percentiles (0 <= p1 < p2 <= 100, 0 <= r1_percentile <= 100) or ``r1_among``."""
         from .scores import select_thresholds
 
         if not isinstance(model, nn.Module):
@@ -482,8 +485,10 @@ class CIP(Defense):
         if len(id_train_x) == 0:
             raise ValueError("CIP.calibrate needs at least one ID training image (got an empty batch)")
         logits = predict_logits(model, id_train_x)
-        e1, e2 = select_thresholds(energy_score(logits, temperature), p1, p2)
-        r1 = r1_from_scores(reliability_score(softmax(logits)), r1_percentile)
+        energy = energy_score(logits, temperature)
+        e1, e2 = select_thresholds(energy, p1, p2)
+        r1 = r1_from_scores(reliability_score(softmax(logits)), r1_percentile,
+                            routed_id=r1_population(energy, e1, r1_among))
         return cls(model, tuple(id_train_x.shape[1:]), e1, e2, temperature=temperature, r1=r1, **kwargs)
 
 def triggers_by_call_size(cip: CIP, x: Tensor, sizes: Sequence[int | None] = (1, 10, 100, None)
@@ -518,14 +523,38 @@ def softmax(logits: Tensor) -> Tensor:
     return logits.double().softmax(1).float()
 
 
-def r1_from_scores(train_scores: Tensor, percentile: float) -> float:
+R1_AMONG = ("id_routed", "all")
+"""Which ID training images R1 is a percentile of (:func:`r1_population`): ``"id_routed"`` (the
+course's default: those CIP routes ID, the only queries online PBD can flip, so the percentile IS
+the share of ID-routed queries flipped) or ``"all"`` (every training image; low-R images are
+mostly low-confidence, hence high-energy and routed OOD, so far fewer ID-routed queries fall
+below R1: about 0.1 % of them at the 0.5th percentile on quick, notebook 05)."""
+
+
+def r1_population(energy: Tensor, e1: float, among: str = "id_routed") -> Tensor | None:
+    """(N,) bool mask of the training images R1 is calibrated on: energy < ``e1`` (routed ID) for
+    ``among="id_routed"``, ``None`` (all of them) for ``"all"`` (:data:`R1_AMONG`). Raises
+    ``ValueError`` for another ``among``."""
+    if among not in R1_AMONG:
+        raise ValueError(f"r1_among must be one of {R1_AMONG}, got {among!r}")
+    return energy < e1 if among == "id_routed" else None
+
+
+def r1_from_scores(train_scores: Tensor, percentile: float, routed_id: Tensor | None = None) -> float:
     """R1 for online PBD: the ``percentile``-th percentile (0-100, linear interpolation) of the
-    reliability scores of the ID TRAINING queries (never of test data)."""
+    reliability scores (N,) of the ID TRAINING images (never of test data), among those with
+    ``routed_id`` True when given (:func:`r1_population`). Raises ``ValueError`` for a percentile
+    outside [0, 100], non-finite scores or an empty population."""
     if not 0 <= percentile <= 100:
         raise ValueError(f"percentile must be in [0, 100], got {percentile}")
     scores = train_scores.detach().double().flatten()
+    if routed_id is not None:
+        if routed_id.shape != scores.shape:
+            raise ValueError(f"routed_id must be a mask of shape {tuple(scores.shape)}, got {tuple(routed_id.shape)}")
+        scores = scores[routed_id]
     if len(scores) == 0 or not torch.isfinite(scores).all():
-        raise ValueError("R1 needs a non-empty tensor of finite reliability scores")
+        raise ValueError("R1 needs a non-empty tensor of finite reliability scores (no training image "
+                         "routes ID? then E1 is below every training energy: raise p1)")
     return float(torch.quantile(scores, percentile / 100))
 
 

@@ -407,3 +407,100 @@ def false_claim_bound(flagged: int, pairs: int, confidence: float = CONFIDENCE) 
     """Upper ``confidence`` Clopper-Pearson bound on the false-claim rate after ``flagged`` false
     claims in ``pairs`` (innocent model, trigger set) tests (0 of n: 1 - (1 - c)^(1/n))."""
     return float(clopper_pearson_upper(flagged, pairs, confidence))
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def null_floor(pool_size: int, confidence: float = CONFIDENCE) -> float:
+    """The smallest per-unit null rate a sub-pool of ``pool_size`` innocent models can give: the
+    Clopper-Pearson upper bound of 0 agreeing models, 1 - (1 - c)^(1/K) (0.35 for K = 7, 0.122
+    for K = 23). Raises ``ValueError`` for K < 1."""
+    return float(clopper_pearson_upper(0, pool_size, confidence))
+
+
+def conviction_power(n_triggers: int | np.ndarray, reproduction: float, null: float,
+                     alpha: float = 0.01) -> float | np.ndarray:
+    """P(flagged) of a stolen surrogate with ``n_triggers`` distinct in-distribution triggers (each
+    its own unit), each reproduced independently with probability ``reproduction``, when every
+    unit's null rate is ``null`` (at best :func:`null_floor`; an innocent model that agrees with a
+    unit raises it): P(m >= m*) for m ~ Binomial(T, reproduction), m* the fewest agreements with
+    Binomial(T, null) tail < ``alpha``. A planning model (independence, one rate), not the test.
+    Returns a float for an int ``n_triggers``, else an array."""
+    _check_alpha(alpha)
+    if not (0 <= reproduction <= 1 and 0 < null < 1):
+        raise ValueError(f"need reproduction in [0, 1] and null in (0, 1), got {reproduction}, {null}")
+    t = np.atleast_1d(np.asarray(n_triggers, dtype=np.int64))
+    if np.any(t < 0):
+        raise ValueError(f"trigger counts must be >= 0, got {t.min()}")
+    out = np.zeros(len(t))
+    for i, n in enumerate(t):
+        if n == 0:
+            continue
+        m = np.arange(n + 1)
+        tail = stats.binom.sf(m - 1, n, null)  # p-value of m agreements
+        convicting = m[tail < alpha]
+        if len(convicting):
+            out[i] = stats.binom.sf(convicting[0] - 1, n, reproduction)
+    return float(out[0]) if np.ndim(n_triggers) == 0 else out
+
+
+def expected_power(n_eligible: int, share: float, reproduction: float, null: float,
+                   alpha: float = 0.01) -> float:
+    """:func:`conviction_power` averaged over the trigger count when each of ``n_eligible``
+    queries (those online PBD can flip: routed ID) is flipped with probability ``share``:
+    T ~ Binomial(n_eligible, share)."""
+    if not 0 <= share <= 1 or n_eligible < 0:
+        raise ValueError(f"need share in [0, 1] and n_eligible >= 0, got {share}, {n_eligible}")
+    t = np.arange(int(n_eligible) + 1)
+    weights = stats.binom.pmf(t, int(n_eligible), share)
+    keep = weights > 1e-12
+    return float(np.sum(weights[keep] * conviction_power(t[keep], reproduction, null, alpha)))
+
+
+def plan_pbd_share(n_queries: int, power: float = 0.9, alpha: float = 0.01, reproduction: float = 0.88,
+                   pool_size: int = 23, id_share: float = 0.77, confidence: float = CONFIDENCE,
+                   shares: Sequence[float] | None = None) -> dict:
+    """The smallest online-PBD share (fraction of ID-routed queries flipped, the R1 percentile / 100
+    of ``defenses.r1_from_scores``) that convicts a thief of ``n_queries`` queries, ``id_share`` of
+    them routed ID, with probability >= ``power`` at ``alpha``, if it reproduces each flip with
+    probability ``reproduction`` and is judged against sub-pools of ``pool_size`` innocent models
+    that agree with no trigger (:func:`null_floor`). The owner's price is the same share of benign
+    ID-routed answers flipped. Returns ``share`` (None when no candidate in ``shares``, default
+    0.1 % to 20 %, reaches the power), ``expected_triggers``, ``power``, ``null``. A planning model:
+    measured reproduction rates and queries to conviction are in notebook 11."""
+    if not 0 < power < 1:
+        raise ValueError(f"power must be in (0, 1), got {power}")
+    if n_queries < 1 or not 0 < id_share <= 1:
+        raise ValueError(f"need n_queries >= 1 and id_share in (0, 1], got {n_queries}, {id_share}")
+    null = null_floor(pool_size, confidence)
+    n_eligible = int(round(n_queries * id_share))
+    grid = np.round(np.arange(0.001, 0.2001, 0.0005), 4) if shares is None else np.asarray(shares, float)
+    for share in grid:
+        achieved = expected_power(n_eligible, float(share), reproduction, null, alpha)
+        if achieved >= power:
+            return {"share": float(share), "expected_triggers": float(share * n_eligible),
+                    "power": achieved, "null": null}
+    return {"share": None, "expected_triggers": None, "power": None, "null": null}
+
+
+def plan_queries(share: float, power: float = 0.9, alpha: float = 0.01, reproduction: float = 0.88,
+                 pool_size: int = 23, id_share: float = 0.77, confidence: float = CONFIDENCE,
+                 max_queries: int = 1_000_000) -> int | None:
+    """The fewest queries after which a thief is convicted with probability >= ``power`` when
+    online PBD flips ``share`` of the ID-routed queries (the inverse of :func:`plan_pbd_share`;
+    same model and arguments). ``None`` beyond ``max_queries``."""
+    null = null_floor(pool_size, confidence)
+
+    def ok(n: int) -> bool:
+        return expected_power(int(round(n * id_share)), share, reproduction, null, alpha) >= power
+
+    lo, hi = 1, 1
+    while not ok(hi):
+        if hi >= max_queries:
+            return None
+        lo, hi = hi, min(2 * hi, max_queries)
+    while lo < hi:  # power grows with n up to the binomial's lattice wiggles: the first n found
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if not ok(mid) else (lo, mid)
+    return hi

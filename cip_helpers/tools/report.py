@@ -140,7 +140,7 @@ def table_iv(records: list[dict], ablations: bool = False) -> pd.DataFrame:
     main rows."""
     # an ablation without its own undefended run is compared with its base setting's (prefix)
     undefended = {(r["attack"], _setting(r)): r["surrogate_acc"] for r in records if r["defense"] == "none"}
-    records = [r for r in records if bool(r.get("ablation")) == ablations]
+    records = [r for r in records if not r.get("grid") and bool(r.get("ablation")) == ablations]
     rows = []
     for r in records:
         paper = ((paper_row(r["attack"], r["defense"], r.get("setting"), r.get("dataset")) or {})
@@ -234,7 +234,11 @@ def table_notes(df: pd.DataFrame, records: Sequence[dict] = ()) -> list[str]:
              "oe (not in the paper): the OE-tuned victim answering with its own softmax, no poisoning; "
              "between none and cip it separates what outlier exposure does from what the poisoning "
              f"adds. KnockoffNets mixed_*: the mixed pool of {_near_label(dataset)} (near-"
-             "distribution) and photo crops (notebook 07); the paper has no such pool."]
+             "distribution) and photo crops (notebook 07); the paper has no such pool.",
+             "CIP rows come in two kinds. Settings ending in _online: CIP as an owner serves it, online "
+             "PBD (flip an ID-routed query iff R < R1; notebooks 05, 09). Every other CIP row: the paper's "
+             "evaluation, offline top-T PBD over the whole transfer set in one call (an evaluation device, "
+             "not an API), which is what its Table IV reports."]
     if df.empty:
         return notes
     routes = {(r["attack"], _setting(r)): r.get("routes") for r in records if r.get("defense") == "cip"}
@@ -282,6 +286,14 @@ def verification_verdicts(cfg: Profile, records: list[dict], innocents: dict[str
             continue
         triggers = attacks.load_trigger_set(cfg, r["name"])
         if triggers is None or len(triggers) == 0:
+            if r.get("grid") == "conviction":  # a grid point without triggers: no evidence, p = 1
+                verdicts.append({"suspect": f"surrogate of {r['name']}", "kind": "stolen", "attack": r["attack"],
+                                 "defense": r["defense"], "setting": r.get("setting"), "ablation": r.get("ablation"),
+                                 "trigger_set": r["name"], "triggers_sha256": r.get("triggers_sha256"),
+                                 "pbd": (r.get("defense_kwargs") or {}).get("pbd"), "queries": r.get("queries"),
+                                 "grid": "conviction", "thief": r.get("thief"), "n_logged": 0, "n_ood": 0,
+                                 "suspect_sha256": r.get("surrogate_sha256"), "m": 0, "T": 0, "units": 0,
+                                 "m_units": 0, "expected_units": 0.0, "p_value": 1.0, "flagged": False})
             continue
         x, labels = verification.distinct_triggers(triggers.x, triggers.labels)
         split = r.get("victim", "all")
@@ -295,6 +307,8 @@ def verification_verdicts(cfg: Profile, records: list[dict], innocents: dict[str
         stolen = verification.agreements(attacks.load_surrogate(cfg, r["name"]), x, labels)
         base = {"attack": r["attack"], "defense": r["defense"], "setting": r.get("setting"),
                 "ablation": r.get("ablation"), "trigger_set": r["name"], "triggers_sha256": r.get("triggers_sha256"),
+                "pbd": (r.get("defense_kwargs") or {}).get("pbd"), "queries": r.get("queries"),
+                "grid": r.get("grid"), "thief": r.get("thief"),
                 "n_logged": len(triggers), "n_ood": int(ood.sum())}
         detector = {"ood_detector": f"checkpoints/oe_victim_{split}.pt, energy >= E1 = {th['E1']:.4f}"}
 
@@ -447,7 +461,7 @@ def seed_summary(profile_dir: Path, seeds: Sequence[int]) -> dict:
     victims' test accuracies, the ID-test share CIP answers unpoisoned, and the verification
     counts, each over ``seeds``."""
     profile_dir = Path(profile_dir)
-    per_seed = {s: {r["name"]: r for r in seed_records(profile_dir, s)} for s in seeds}
+    per_seed = {s: {r["name"]: r for r in seed_records(profile_dir, s) if not r.get("grid")} for s in seeds}
     names: list[str] = []
     for recs in per_seed.values():
         names += [n for n in recs if n not in names]
@@ -478,7 +492,8 @@ def seed_summary(profile_dir: Path, seeds: Sequence[int]) -> dict:
         return stat(values)
 
     paths = {s: profile_dir / f"seed-{s}" / "verification.json" for s in seeds}
-    verification = verification_summary({s: read_json(p) if p.exists() else [] for s, p in paths.items()})
+    verdicts = {s: read_json(p) if p.exists() else [] for s, p in paths.items()}
+    verification = verification_summary(verdicts)
     extra = {}  # snapshots, so that later single-seed runs (which rewrite timings.json) leave it be
     if (profile_dir / "reproducibility.json").exists():
         extra["reproducibility"] = read_json(profile_dir / "reproducibility.json")
@@ -496,49 +511,82 @@ def seed_summary(profile_dir: Path, seeds: Sequence[int]) -> dict:
                         for split in ("all", "half")},
             "id_test_answered_unpoisoned": per_seed_json(
                 "routing.json", lambda d: d["fractions"]["ID test"]["ID"]),
-            "verification": verification, "rows": rows}
+            "benign_price": {split: {part: per_seed_json("benign_price.json",
+                                                         lambda d, split=split, part=part: (d.get(split) or {}).get(part))
+                                     for part in ("oe_part", "pbd_part", "total")} for split in ("all", "half")},
+            "verification": verification, "conviction": conviction_summary(verdicts), "rows": rows}
+
+
+def verdict_row(v: dict) -> str:
+    """The row a stolen verdict is tallied under: ``attack/defense``, ``online`` added for CIP as
+    served (online PBD), the ablation in brackets (``ida/cip [E1 at p1 = 95]``)."""
+    return (f"{v['attack']}/{v['defense']}" + (" online" if v.get("pbd") == "online" else "")
+            + (f" [{v['ablation']}]" if v.get("ablation") else ""))
 
 
 def verification_summary(per_seed: dict[int, list[dict]], confidence: float = verification.CONFIDENCE) -> dict:
     """Counts over seeds of ``verification.json`` lists (``{seed: verdicts}``), for the course's
-    test and each of :data:`ABLATIONS`.
+    test and each of :data:`ABLATIONS`. The grid's verdicts (``grid`` set) are left to
+    :func:`conviction_summary`.
 
-    A verdict is counted once per distinct (trigger set bits, suspect weights) pair: several runs
-    share one trigger set (CIP's IDA and DQA sets hold the same ID digits; KnockoffNets hard and
-    soft send the same queries), and a copy of a test is not a second test. ``innocent``: false
+    Claims count once: a verdict is counted once per distinct (trigger set bits, suspect weights)
+    pair. Several runs share one: CIP's DQA surrogates are its IDA soft surrogate judged on the
+    same trigger set; KnockoffNets hard and soft send the same queries. ``innocent``: false
     claims ``flagged`` of ``of`` distinct pairs (``verdicts``: before removing copies) with the
     one-sided ``confidence`` Clopper-Pearson upper bound ``false_claim_upper`` (it treats the pairs
     as independent; pairs that share a model or a trigger set are not, so read it as indicative).
-    ``stolen`` per ``attack/defense`` (ablation runs apart, as ``attack/defense [ablation]``):
-    power, ``flagged`` of ``of`` surrogates, and ``missed`` (seed and trigger set).
-    ``min_innocent_p``: the smallest p-value of any innocent model."""
+    ``stolen`` per row (:func:`verdict_row`; main rows first, and in :data:`ATTACK_ORDER`, so a
+    copy is credited to the main row and DQA's copies of IDA to IDA): ``flagged`` of ``of`` distinct pairs first seen in that row, ``suspects`` (distinct
+    surrogate weights behind them), ``copies`` (verdicts on a pair counted under an earlier row,
+    named in ``same_as``) and ``missed`` (seed and trigger set). ``stolen_total``: the same over
+    every main row. ``min_innocent_p``: the smallest p-value of any innocent model."""
     def key(seed: int, v: dict) -> tuple:
-        return (seed, v.get("triggers_sha256") or v["trigger_set"], v.get("suspect_sha256") or v.get("suspect"))
+        return (v.get("triggers_sha256") or (seed, v["trigger_set"]), v.get("suspect_sha256") or (seed, v.get("suspect")))
 
     def tally(pick) -> dict:
         inn = {"flagged": 0, "of": 0, "verdicts": 0}
         stolen: dict[str, dict] = {}
         seen: set[tuple] = set()
-        for seed, verdicts in per_seed.items():
-            for v in verdicts:
-                flagged = bool(pick(v)["flagged"])
-                if v.get("kind") == "innocent":
-                    inn["verdicts"] += 1
-                    if key(seed, v) in seen:
-                        continue
-                    seen.add(key(seed, v))
-                    inn["flagged"] += flagged
-                    inn["of"] += 1
-                else:  # ablations are tallied apart from the table's main rows
-                    name = f"{v['attack']}/{v['defense']}" + (f" [{v['ablation']}]" if v.get("ablation") else "")
-                    d = stolen.setdefault(name, {"flagged": 0, "of": 0, "missed": []})
-                    d["flagged"] += flagged
-                    d["of"] += 1
-                    if not flagged:
-                        d["missed"].append(f"seed {seed}: {v['trigger_set']}")
+        counted: dict[tuple, str] = {}  # stolen pair -> the row it was counted under
+        suspects: dict[str, set] = {}
+        total = {"flagged": 0, "of": 0, "suspects": set()}
+        ordered = sorted(((seed, v) for seed, vs in per_seed.items() for v in vs if not v.get("grid")),
+                         key=lambda sv: (bool(sv[1].get("ablation")),  # main rows first, then IDA before DQA
+                                         ATTACK_ORDER.index(sv[1]["attack"]) if sv[1].get("attack") in ATTACK_ORDER else 9))
+        for seed, v in ordered:
+            flagged = bool(pick(v)["flagged"])
+            k = key(seed, v)
+            if v.get("kind") == "innocent":
+                inn["verdicts"] += 1
+                if k in seen:
+                    continue
+                seen.add(k)
+                inn["flagged"] += flagged
+                inn["of"] += 1
+                continue
+            name = verdict_row(v)
+            d = stolen.setdefault(name, {"flagged": 0, "of": 0, "suspects": 0, "copies": 0, "same_as": [],
+                                         "missed": []})
+            if k in counted:
+                d["copies"] += 1
+                if counted[k] not in d["same_as"]:
+                    d["same_as"].append(counted[k])
+                continue
+            counted[k] = name
+            d["flagged"] += flagged
+            d["of"] += 1
+            suspects.setdefault(name, set()).add(k[1])
+            d["suspects"] = len(suspects[name])
+            if not v.get("ablation"):
+                total["flagged"] += flagged
+                total["of"] += 1
+                total["suspects"].add(k[1])
+            if not flagged:
+                d["missed"].append(f"seed {seed}: {v['trigger_set']}")
         if inn["of"]:
             inn["false_claim_upper"] = verification.false_claim_bound(inn["flagged"], inn["of"], confidence)
-        return {"innocent": inn, "stolen": dict(sorted(stolen.items()))}
+        total["suspects"] = len(total["suspects"])
+        return {"innocent": inn, "stolen": dict(sorted(stolen.items())), "stolen_total": total}
 
     out = tally(lambda v: v)
     ps = [v["p_value"] for verdicts in per_seed.values() for v in verdicts if v.get("kind") == "innocent"]
@@ -547,6 +595,152 @@ def verification_summary(per_seed: dict[int, list[dict]], confidence: float = ve
     out["ablations"] = {name: tally(lambda v, name=name: v.get("ablations", {}).get(name, v))
                         for name in ABLATIONS}
     return out
+
+
+def conviction_rows(per_seed: dict[int, list[dict]]) -> pd.DataFrame:
+    """The queries-to-conviction grid as a long table, from ``verification.json`` lists
+    (``{seed: verdicts}``): one row per stolen verdict of the grid (``grid == "conviction"``):
+    ``thief``, ``defense``, ``seed``, ``queries`` (sent, noise included), ``T`` (distinct
+    triggers), ``m`` (reproduced), ``p_value``, ``flagged``. Empty without grid verdicts."""
+    rows = [{"thief": v["thief"], "defense": v["defense"], "seed": seed, "queries": v["queries"], "T": v["T"],
+             "m": v["m"], "p_value": v["p_value"], "flagged": v["flagged"]}
+            for seed, verdicts in per_seed.items() for v in verdicts
+            if v.get("grid") == "conviction" and v.get("kind") == "stolen"]
+    return pd.DataFrame(rows, columns=["thief", "defense", "seed", "queries", "T", "m", "p_value", "flagged"])
+
+
+def queries_to_conviction(rows: pd.DataFrame, alpha: float = 0.01) -> pd.DataFrame:
+    """Per (thief, defense, seed): the fewest queries of the grid after which the thief's surrogate
+    is flagged (p < ``alpha``) at that budget AND every larger one (``None``: not by the grid's
+    largest budget), and the p-value at the largest budget. Input: :func:`conviction_rows`."""
+    out = []
+    for (thief, defense, seed), g in rows.groupby(["thief", "defense", "seed"], sort=False):
+        g = g.sort_values("queries")
+        hit = (g["p_value"] < alpha).to_numpy()
+        first = None
+        for i in range(len(g)):
+            if hit[i:].all():
+                first = int(g["queries"].iloc[i])
+                break
+        out.append({"thief": thief, "defense": defense, "seed": int(seed), "queries_to_conviction": first,
+                    "largest_budget": int(g["queries"].iloc[-1]), "T_at_largest": int(g["T"].iloc[-1]),
+                    "p_at_largest": float(g["p_value"].iloc[-1])})
+    return pd.DataFrame(out)
+
+
+def conviction_summary(per_seed: dict[int, list[dict]], alpha: float = 0.01) -> dict | None:
+    """``{"points": [...], "per_seed": [...], "table": [...]}`` of the grid (``None`` without it):
+    the points (:func:`conviction_rows`), queries to conviction per seed
+    (:func:`queries_to_conviction`) and per (thief, defense) over seeds: how many seeds were
+    convicted within the grid, and the median of their queries to conviction."""
+    rows = conviction_rows(per_seed)
+    if rows.empty:
+        return None
+    q = queries_to_conviction(rows, alpha)
+    table = []
+    for (thief, defense), g in q.groupby(["thief", "defense"], sort=False):
+        done = [v for v in g["queries_to_conviction"] if v is not None and not pd.isna(v)]
+        table.append({"thief": thief, "defense": defense, "seeds": int(len(g)), "convicted": len(done),
+                      "queries_to_conviction": [None if v is None or pd.isna(v) else int(v)
+                                                for v in g["queries_to_conviction"]],
+                      "median_queries": float(np.median(done)) if done else None,
+                      "largest_budget": int(g["largest_budget"].max())})
+    return {"alpha": alpha, "points": rows.to_dict("records"),
+            "per_seed": q.astype(object).where(q.notna(), None).to_dict("records"), "table": table}
+
+
+def load_verdicts(profile_dir: Path, seeds: Sequence[int]) -> dict[int, list[dict]]:
+    """``{seed: verdicts}`` from ``seed-<k>/verification.json`` of every seed that has one written
+    by this version of the test (every verdict has ``units``)."""
+    out = {}
+    for s in seeds:
+        path = Path(profile_dir) / f"seed-{s}" / "verification.json"
+        found = read_json(path) if path.exists() else []
+        if found and all("units" in v for v in found):
+            out[s] = found
+    return out
+
+
+def conviction_table(conviction: dict) -> pd.DataFrame:
+    """The queries-to-conviction table of a :func:`conviction_summary`: one row per (thief,
+    defense) with the queries after which each seed's thief was convicted (``-``: not within the
+    grid's largest budget), how many seeds, and the median over the convicted ones."""
+    from ..course.evidence import THIEVES
+
+    rows = [{"thief": THIEVES.get(r["thief"], r["thief"]), "defense": r["defense"],
+             "queries to conviction, per seed": ", ".join("-" if q is None else f"{q:,}"
+                                                          for q in r["queries_to_conviction"]),
+             "convicted": f"{r['convicted']} of {r['seeds']}",
+             "median (convicted)": None if r["median_queries"] is None else f"{r['median_queries']:,.0f}",
+             "largest budget": f"{r['largest_budget']:,}"} for r in conviction["table"]]
+    return pd.DataFrame(rows)
+
+
+def tradeoff_data(profile_dir: Path, seeds: Sequence[int], conviction: dict | None,
+                  pool_size: int = 23, alpha: float = 0.01) -> tuple[list[dict], dict, list[dict]]:
+    """The inputs of ``plots.owner_tradeoff``: the benign price by share of every seed
+    (``seed-<k>/benign_price.json``, half victim), the planning model's queries to conviction by
+    share (:func:`verification.plan_queries` at reproduction 1.0, 0.88 and 0.5, ``pool_size``
+    innocent models, the ID share the half victim's served CIP routed of the IDA thief's digits),
+    and the measured median queries to conviction of the served CIP per thief at the profile's
+    share."""
+    from ..course.evidence import THIEVES
+
+    prices, id_shares, share_now = [], [], None
+    for s in seeds:
+        path = Path(profile_dir) / f"seed-{s}" / "benign_price.json"
+        if not path.exists():
+            continue
+        d = read_json(path)
+        share_now = d["half"]["r1_percentile"]
+        prices += [{"seed": s, "share": r["r1_percentile"], "pbd_part": r["pbd_part"]}
+                   for r in d["half"].get("by_share", [])]
+        rec = Path(profile_dir) / f"seed-{s}" / "metrics" / "ida_cip_hard_online.json"
+        if rec.exists():
+            r = read_json(rec)
+            id_shares.append(r["routes"]["ID"] / r["queries"])
+    id_share = float(np.mean(id_shares)) if id_shares else 0.77
+    shares = sorted({p["share"] for p in prices}) or [0.25, 0.5, 0.75, 1.0, 2.0]
+    planned = {f"reproduction {rho:g}": [(sh, verification.plan_queries(sh / 100, 0.9, alpha, rho, pool_size, id_share))
+                                        for sh in shares] for rho in (1.0, 0.88, 0.5)}
+    measured = []
+    if conviction and share_now is not None:
+        for r in conviction["table"]:
+            if r["defense"] == "cip" and r["median_queries"] is not None:
+                measured.append({"share": share_now, "queries": r["median_queries"],
+                                 "label": f"measured: {THIEVES.get(r['thief'], r['thief'])} "
+                                          f"({r['convicted']} of {r['seeds']} seeds)"})
+    return prices, planned, measured
+
+
+def write_conviction(profile_dir: Path, seeds: Sequence[int], summary: dict) -> list[Path]:
+    """``conviction.md`` (the table), ``conviction.png`` (p-value against queries) and
+    ``tradeoff.png`` (the owner's trade-off) under ``profile_dir`` when the summary holds the
+    evidence run's grid; nothing otherwise. Returns the paths written."""
+    import matplotlib.pyplot as plt
+
+    from ..course import plots
+    from ..course.evidence import THIEVES
+
+    conviction = summary.get("conviction")
+    if not conviction:
+        return []
+    profile_dir = Path(profile_dir)
+    text = (f"Queries to conviction, profile `{profile_dir.name}`, seeds {', '.join(map(str, seeds))}: the "
+            f"fewest queries after which the thief's surrogate is flagged (p < {conviction['alpha']:g}) at that "
+            "budget and every larger one of the grid (written by the evidence run: `python3 tasks.py course "
+            "--seeds 0,1,2 --set evidence=true --set n_innocent=24`; notebook 11).\n\n"
+            + to_markdown(conviction_table(conviction)))
+    written = [write_text(profile_dir / "conviction.md", text + "\n")]
+    points = pd.DataFrame(conviction["points"])
+    figures = {"conviction.png": plots.conviction_curves(points, conviction["alpha"], THIEVES),
+               "tradeoff.png": plots.owner_tradeoff(*tradeoff_data(profile_dir, seeds, conviction))}
+    for name, fig in figures.items():
+        try:
+            written.append(write_png(profile_dir / name, fig, dpi=100))
+        finally:
+            plt.close(fig)
+    return written
 
 
 def write_seed_aggregate(profile_dir: Path, seeds: Sequence[int]) -> list[Path]:
@@ -567,7 +761,7 @@ def write_seed_aggregate(profile_dir: Path, seeds: Sequence[int]) -> list[Path]:
     written = [write_json(profile_dir / "summary.json", summary),
                write_text(profile_dir / "table.md", header + to_markdown(table) + "\nNotes:\n\n" + notes + "\n"
                           + (ABLATION_HEADER + to_markdown(ablation) if not ablation.empty else ""))]
-    return written + [write_overview(profile_dir)]
+    return written + [write_overview(profile_dir)] + write_conviction(profile_dir, seeds, summary)
 
 
 OVERVIEW_KEY = "Source"
@@ -832,7 +1026,11 @@ def readme_block(summary: dict) -> str:
                + "; ".join(trig) + ".")
     v = summary.get("verification", {})
     inn = v.get("innocent", {"flagged": 0, "of": 0})
-    power = "; ".join(f"{k} {d['flagged']} of {d['of']}" for k, d in v.get("stolen", {}).items() if "[" not in k)
+    main_rows = {k: d for k, d in v.get("stolen", {}).items() if "[" not in k}
+    power = "; ".join(f"{k} {d['flagged']} of {d['of']}" + (f" ({d['suspects']} surrogates)" if d.get("suspects", d["of"]) != d["of"] else "")
+                      for k, d in main_rows.items() if d["of"])
+    copies = "; ".join(f"{k}: {d['copies']} verdicts on pairs counted under {', '.join(d['same_as'])}"
+                       for k, d in main_rows.items() if d.get("copies"))
     bound = inn.get("false_claim_upper")
     out.append(f"* **Ownership verification** (alpha = 0.01; per-unit Poisson-binomial test against "
                f"an innocent pool, `cip_helpers/method/verification.py`): false claims {inn['flagged']} of "
@@ -842,7 +1040,24 @@ def readme_block(summary: dict) -> str:
                + (f"; upper bound on the false-claim rate {100 * bound:.2f} % (one-sided 95 % "
                   f"Clopper-Pearson, treating the pairs as independent)" if bound is not None else "")
                + (f"; the closest innocent model had p = {v['min_innocent_p']:.2g}" if v.get("min_innocent_p") is not None else "")
-               + f". Power (stolen surrogates flagged): {power}.")
+               + f". Power, each distinct (surrogate, trigger set) pair counted once (`cip online`: the served "
+               f"CIP, online PBD; `cip`: the paper's offline top-T evaluation): {power}"
+               + (f". Not counted again: {copies}" if copies else "") + ".")
+    price = summary.get("benign_price", {}).get("half", {})
+    if price.get("pbd_part", {}).get("mean") is not None:
+        out.append(f"* **What the served CIP costs benign users** (the `half` victim's ID test {images}; share "
+                   f"whose top-1 changes): {_pct(price['total'], 2)} %, of which outlier exposure "
+                   f"{_pct(price['oe_part'], 2)} % and online PBD {_pct(price['pbd_part'], 2)} %.")
+    conviction = summary.get("conviction")
+    if conviction:
+        from ..course.evidence import THIEVES
+
+        parts = []
+        for r in conviction["table"]:
+            q = ", ".join("-" if x is None else f"{x:,}" for x in r["queries_to_conviction"])
+            parts.append(f"{THIEVES.get(r['thief'], r['thief'])} vs {r['defense']}: {q}")
+        out.append("* **Queries to conviction** (per seed; `-`: not convicted within the grid; "
+                   f"`results/{summary['profile']}/conviction.md`, notebook 11): " + "; ".join(parts) + ".")
     rep = summary.get("reproducibility")
     if rep:
         sds = [r["surrogate_acc"]["sd"] for r in summary["rows"] if r["surrogate_acc"].get("sd") is not None]
@@ -862,8 +1077,10 @@ def readme_block(summary: dict) -> str:
             if r.get("from_scratch", True)}  # runs on cached checkpoints say nothing about set-up time
     if runs:
         parts = [f"{len(r['seeds'])} seed{'s' if len(r['seeds']) > 1 else ''} "
-                 f"({','.join(map(str, r['seeds']))}) {r['wall_seconds'] / 60:.1f} min"
-                 for r in sorted(runs.values(), key=lambda r: len(r["seeds"]))]
+                 f"({','.join(map(str, r['seeds']))}"
+                 + ("".join(f", {k}={v}" for k, v in sorted(r["overrides"].items())) if r.get("overrides") else "")
+                 + f") {r['wall_seconds'] / 60:.1f} min"
+                 for r in sorted(runs.values(), key=lambda r: (len(r["seeds"]), bool(r.get("overrides"))))]
         out.append("* **Run time** from scratch on this course's 2-core machine (`results/"
                    f"{summary['profile']}/timings.json` when this was written): " + "; ".join(parts) + ".")
     out += ["", end]

@@ -59,13 +59,19 @@ DEPENDS = {"02": ("01",), "07": ("03",), "10": ("09",)}
 OE-tuned victims and computes their thresholds (see :func:`prerequisites`). 07 waits for 03,
 whose threshold trade-off grid trains the mixed-pool CIP surrogate that 07 then reuses."""
 
-TASKS = {"innocents": "11"}
+TASKS = {"innocents": "11", "evidence": "11"}
 """Stages that run as jobs of their own, ahead of the notebook that needs them (task -> notebook):
 ``innocents`` trains the innocent models of notebook 11 (``pipeline.get_innocent_models``; they
-need only the ID data), so that 11 (which waits for every other notebook) only loads them. A task
-is scheduled only when its notebook is in the run; the notebook still trains what is missing."""
+need only the ID data), so that 11 (which waits for every other notebook) only loads them;
+``evidence`` runs the queries-to-conviction grid and the memorisation runs
+(``evidence.run_evidence``; nothing unless the profile's ``evidence`` is on). A task is scheduled
+only when its notebook is in the run; the notebook still trains what is missing."""
 
-PRIORITY = ("01", "02", "09", "03", "07", "08", "10", "innocents", "06", "04", "05", "00", "11")
+TASK_NEEDS = {"evidence": ("07", "09", "10")}
+"""Notebooks (of the same seed, among those in the run) a task waits for: the evidence grid reuses
+the surrogates and records of the attack notebooks."""
+
+PRIORITY = ("01", "02", "09", "03", "07", "08", "10", "evidence", "innocents", "06", "04", "05", "00", "11")
 """Order in which ready jobs are started: 09 first (10 waits for it), 03 (07 reuses its surrogates),
 then the longest, so the lanes finish together."""
 
@@ -162,7 +168,12 @@ def run_task(task: str, profile: str, overrides: dict) -> None:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cfg = get_profile(profile, **overrides)
-    pipeline.get_innocent_models(cfg, verbose=False)
+    if task == "innocents":
+        pipeline.get_innocent_models(cfg, verbose=False)
+    else:
+        from ..course import evidence
+
+        evidence.run_evidence(cfg)
 
 
 @dataclass
@@ -217,7 +228,8 @@ def schedule(books: list[Path], seeds: list[int], jobs: int) -> list[Job]:
                     needs |= {(s, "11") for s in seeds[1:]}
             for task, user in TASKS.items():
                 if user == n:
-                    out.append(Job(seed, book, 1, set(), task=task))
+                    out.append(Job(seed, book, 1, {(seed, p) for p in TASK_NEEDS.get(task, ()) if p in present},
+                                   task=task))
                     needs = needs | {(seed, task)}
             out.append(Job(seed, book, min(THREADS.get(n, 1), jobs), needs))
     return out
@@ -446,7 +458,7 @@ def main(argv: list[str] | None = None, notebook_dir: Path = NOTEBOOK_DIR) -> in
                                      for name, sec in times.items()))
     print(f"  total wall time {wall:.1f} s")
     if not args.only:  # a partial run must not overwrite the record of a full one
-        record_timings(first, seeds, args.jobs, wall, per_seed, from_scratch)
+        record_timings(first, seeds, args.jobs, wall, per_seed, from_scratch, overrides)
         if len(seeds) >= 2:
             from . import report
 
@@ -464,17 +476,21 @@ README_PROFILES = ("quick", "quick-fmnist")
 
 
 def record_timings(cfg: Profile, seeds: list[int], jobs: int, wall: float, per_seed: dict,
-                   from_scratch: bool = True) -> Path:
+                   from_scratch: bool = True, overrides: dict | None = None) -> Path:
     """Add this run to ``<profile_dir>/timings.json`` under ``"seeds=<list>"`` (other runs kept).
     A run that started with trained checkpoints on disk (``from_scratch=False``) goes under
-    ``"seeds=<list> (cached)"``: it never replaces the from-scratch time the README quotes."""
+    ``"seeds=<list> (cached)"``: it never replaces the from-scratch time the README quotes. A run
+    with ``--set`` overrides (e.g. the evidence run) adds them to the key, ``[evidence=True, ...]``,
+    and to the entry (``overrides``)."""
     path = cfg.profile_dir / "timings.json"
     old = read_json(path) if path.exists() else {}
     runs = old.get("runs", {}) if isinstance(old.get("runs"), dict) else {}
-    key = "seeds=" + ",".join(map(str, seeds)) + ("" if from_scratch else " (cached)")
+    changed = {k: v for k, v in (overrides or {}).items() if k != "seed"}
+    key = ("seeds=" + ",".join(map(str, seeds)) + ("" if from_scratch else " (cached)")
+           + (" [" + ", ".join(f"{k}={v}" for k, v in sorted(changed.items())) + "]" if changed else ""))
     runs[key] = {
         "seeds": seeds, "jobs": jobs, "wall_seconds": wall, "notebook_seconds": per_seed,
-        "from_scratch": from_scratch,
+        "from_scratch": from_scratch, **({"overrides": changed} if changed else {}),
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform(terse=True)},
         "date": datetime.date.today().isoformat()}
