@@ -217,3 +217,35 @@ def test_queries_to_conviction_needs_the_flag_at_every_larger_budget():
     assert report.conviction_summary({0: [point(250, 0.5)][:0]}) is None
     # the grid never counts as power in verification_summary
     assert report.verification_summary(per_seed)["stolen"] == {}
+
+
+def test_a_run_without_evidence_leaves_the_committed_evidence_grid_alone(results_root):
+    """The failing case of issue 27's first fresh-clone run: the committed evidence run leaves grid
+    records (and their verdicts) in seed-0/; a student's first run (evidence off) retrains the
+    victims, so those records name other weights and surrogates it does not have. They must be
+    neither judged again (no checkpoint) nor mixed into this run's tables, and their verdicts must
+    survive this run's verification.json."""
+    import json
+    import shutil
+
+    from cip_helpers.course import config
+
+    cfg = config.get_profile("quick")
+    committed = Path(__file__).resolve().parents[1] / "results" / "quick" / "seed-0" / "metrics"
+    cfg.metrics_dir.mkdir(parents=True)
+    for name in ("ida_cip_hard", "ida_cip_hard_online_n250"):
+        shutil.copy(committed / f"{name}.json", cfg.metrics_dir)
+    grid = json.loads((cfg.metrics_dir / "ida_cip_hard_online_n250.json").read_text())
+    assert grid["grid"] == "conviction"
+    grid["weights_sha256"] = "0" * 64  # an earlier run's victim
+    (cfg.metrics_dir / "ida_cip_hard_online_n250.json").write_text(json.dumps(grid))
+    assert [r["name"] for r in report.load_all_records(cfg, check=False)] == ["ida_cip_hard"]
+    with_grid = config.get_profile("quick", evidence=True)
+    assert len(report.load_all_records(with_grid, check=False)) == 2
+    assert [r["name"] for r in report.seed_records(cfg.profile_dir, 0)] == ["ida_cip_hard"]  # no "mixed weights"
+    main = {"kind": "stolen", "trigger_set": "ida_cip_hard", "units": 5}
+    grid_verdict = {"kind": "stolen", "trigger_set": "ida_cip_hard_online_n250", "grid": "conviction", "units": 1}
+    report.write_verdicts(with_grid, [main, grid_verdict])
+    report.write_verdicts(cfg, [main])  # a later run without evidence
+    assert report.load_verdicts(cfg.profile_dir, [0]) == {0: [main]}
+    assert report.load_verdicts(cfg.profile_dir, [0], evidence=True) == {0: [grid_verdict]}

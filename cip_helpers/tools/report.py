@@ -44,10 +44,13 @@ DEFENSE_ORDER = ("none", "oe", "dp", "dawn", "cip")
 
 
 def load_all_records(cfg: Profile, check: bool = True) -> list[dict]:
-    """Every main-run record under ``metrics/`` (learning-curve points excluded). With ``check``,
-    a record measured against other victim weights than the checkpoints on disk raises
-    ``ValueError`` (:func:`attacks.check_record`)."""
-    records = _read_records(cfg.metrics_dir)
+    """Every main-run record under ``metrics/`` (learning-curve points excluded), and the evidence
+    run's grid records (``grid`` set: :mod:`cip_helpers.course.evidence`) only when
+    ``cfg.evidence`` is on: a run without it leaves the grid of an earlier evidence run alone (its
+    surrogates and victim weights are that run's) instead of mixing it into this run's verdicts.
+    With ``check``, a record measured against other victim weights than the checkpoints on disk
+    raises ``ValueError`` (:func:`attacks.check_record`)."""
+    records = [r for r in _read_records(cfg.metrics_dir) if cfg.evidence or not r.get("grid")]
     if check:
         for r in records:
             attacks.check_record(cfg, r)
@@ -57,6 +60,35 @@ def load_all_records(cfg: Profile, check: bool = True) -> list[dict]:
 def _read_records(metrics: Path) -> list[dict]:
     """The main-run records under ``metrics`` (curve points excluded; :func:`attacks.read_records`)."""
     return [r for r in attacks.read_records(metrics) if not r.get("curve_point")]
+
+
+EVIDENCE_VERDICTS = "evidence_verification.json"
+"""Per seed, the verdicts on the evidence run's grid records (``seed-<k>/``), apart from
+``verification.json``: a later run without ``evidence`` rewrites the latter and leaves these."""
+
+
+def write_verdicts(cfg: Profile, verdicts: list[dict]) -> list[Path]:
+    """Split ``verdicts`` (:func:`verification_verdicts`) into this run's ``verification.json`` (main
+    and ablation runs) and, with ``cfg.evidence``, :data:`EVIDENCE_VERDICTS` (the grid's). Returns
+    the paths written."""
+    main = [v for v in verdicts if not v.get("grid")]
+    written = [write_json(cfg.results_dir / "verification.json", main)]
+    if cfg.evidence:
+        written.append(write_json(cfg.results_dir / EVIDENCE_VERDICTS, [v for v in verdicts if v.get("grid")]))
+    return written
+
+
+def load_verdicts(profile_dir: Path, seeds: Sequence[int], evidence: bool = False) -> dict[int, list[dict]]:
+    """``{seed: verdicts}`` from ``seed-<k>/verification.json`` (``evidence``: from
+    :data:`EVIDENCE_VERDICTS`, the evidence run's grid) of every seed that has one written by this
+    version of the test (every verdict has ``units``)."""
+    out = {}
+    for s in seeds:
+        path = Path(profile_dir) / f"seed-{s}" / (EVIDENCE_VERDICTS if evidence else "verification.json")
+        found = read_json(path) if path.exists() else []
+        if found and all("units" in v for v in found):
+            out[s] = found
+    return out
 
 
 def paper_task(attack: str, dataset: str | None = None) -> str:
@@ -345,20 +377,23 @@ ABLATION_HEADER = ("\nAblations (not in the paper's table; notebooks 07-10 discu
 
 
 def write_outputs(cfg: Profile, table: pd.DataFrame, records: list[dict], verdicts: list[dict]) -> None:
-    """``table.md``, ``summary.json`` (one row per record) and ``verification.json``."""
+    """``table.md``, ``summary.json`` (one row per record) and the verdicts (:func:`write_verdicts`:
+    ``verification.json``, and the evidence run's grid apart). Grid records stay out of the table
+    and the summary."""
     header = ("Table IV analog, profile `{p}` (ours, percent) with the paper's numbers for the task in "
               "'paper task' (Zhang et al., IEEE TIFS 2023, Table IV).\n\n").format(p=cfg.name)
     notes = "\n".join(f"{i}. {n}" for i, n in enumerate(table_notes(table, records), 1))
     ablation = table_iv(records, ablations=True)
     write_text(cfg.results_dir / "table.md", header + to_markdown(table) + "\nNotes:\n\n" + notes + "\n"
                + (ABLATION_HEADER + to_markdown(ablation) if not ablation.empty else ""))
+    records = [r for r in records if not r.get("grid")]
     summary = [{k: r.get(k) for k in ("name", "attack", "defense", "setting", "ablation", "dataset",
                                       "label_type", "queries", "victim_acc", "oe_victim_acc",
                                       "defended_acc", "surrogate_acc", "surrogate_best_acc",
                                       "trigger_acc", "n_triggers", "dqa_ratio", "seed", "seconds")}
                for r in records]
     write_json(cfg.results_dir / "summary.json", summary)
-    write_json(cfg.results_dir / "verification.json", verdicts)
+    write_verdicts(cfg, verdicts)
 
 
 # ----------------------------------------------------------------------------- across seeds
@@ -393,7 +428,7 @@ def seed_records(profile_dir: Path, seed: int) -> list[dict]:
     """The main-run records of one seed, read from JSON alone (no checkpoints needed). Raises
     ``ValueError`` if they disagree on the weights of one victim (a mix of runs: re-run that seed)."""
     metrics = Path(profile_dir) / f"seed-{seed}" / "metrics"
-    records = _read_records(metrics)
+    records = [r for r in _read_records(metrics) if not r.get("grid")]  # the evidence grid: EVIDENCE_VERDICTS
     seen: dict[tuple[str, str], set[str]] = {}
     for r in records:
         stage = (attacks.answering_checkpoint(r.get("defense")), r.get("victim", "all"))
@@ -514,7 +549,8 @@ def seed_summary(profile_dir: Path, seeds: Sequence[int]) -> dict:
             "benign_price": {split: {part: per_seed_json("benign_price.json",
                                                          lambda d, split=split, part=part: (d.get(split) or {}).get(part))
                                      for part in ("oe_part", "pbd_part", "total")} for split in ("all", "half")},
-            "verification": verification, "conviction": conviction_summary(verdicts), "rows": rows}
+            "verification": verification,
+            "conviction": conviction_summary(load_verdicts(profile_dir, seeds, evidence=True)), "rows": rows}
 
 
 def verdict_row(v: dict) -> str:
@@ -647,18 +683,6 @@ def conviction_summary(per_seed: dict[int, list[dict]], alpha: float = 0.01) -> 
                       "largest_budget": int(g["largest_budget"].max())})
     return {"alpha": alpha, "points": rows.to_dict("records"),
             "per_seed": q.astype(object).where(q.notna(), None).to_dict("records"), "table": table}
-
-
-def load_verdicts(profile_dir: Path, seeds: Sequence[int]) -> dict[int, list[dict]]:
-    """``{seed: verdicts}`` from ``seed-<k>/verification.json`` of every seed that has one written
-    by this version of the test (every verdict has ``units``)."""
-    out = {}
-    for s in seeds:
-        path = Path(profile_dir) / f"seed-{s}" / "verification.json"
-        found = read_json(path) if path.exists() else []
-        if found and all("units" in v for v in found):
-            out[s] = found
-    return out
 
 
 def conviction_table(conviction: dict) -> pd.DataFrame:
