@@ -452,8 +452,10 @@ class NotebookPage:
         def updated() -> dict | None:
             state = self.state(slider)
             kernel = self.js(JS_KERNEL_STATE)
-            shown = all(number(state[key]) is not None and abs(number(state[key]) - value) < 1e-9
-                        for key in ("readout", "handle"))
+            # the readout is exact; the handle's aria-valuenow is rounded to one decimal by the
+            # slider library (0.75 reads "0.8"), so it is checked to that precision
+            shown = all(number(state[key]) is not None and abs(number(state[key]) - value) <= tol
+                        for key, tol in (("readout", 1e-9), ("handle", 0.05 + 1e-9)))
             done = (shown and state["img_sha"] not in (None, before["img_sha"])
                     and (state["table"] is not None or not need_table)
                     and isinstance(kernel, dict) and kernel["status"] == "idle")

@@ -568,3 +568,22 @@ def test_accuracy_vs_queries_marks_a_curve_hidden_under_an_equal_one():
     alone = plots.accuracy_vs_queries({"dp": same, "none": [(100, 0.5), (200, 0.8)]})
     assert "(hidden)" not in " ".join(t.get_text() for t in alone.axes[0].get_legend().get_texts())
     plots.plt.close("all")
+
+
+def test_a_slider_default_off_its_grid_is_refused_with_a_step_that_holds_it(monkeypatch):
+    """The failing case of issue 27's browser run: notebook 05's R1 slider had step 0.1, the new
+    default percentile 0.75 was snapped to 0.8 by the widget, and the first live view was not the
+    profile's (the batch view was). Every slider default must lie on its grid, headless or not."""
+    from cip_helpers.course import progress
+
+    drawn = []
+    monkeypatch.setattr(progress, "batch_mode", lambda: True)
+    monkeypatch.setattr(plots, "batch_mode", lambda: True)
+    with pytest.raises(ValueError, match=r"0.75 is not on its grid 0 \+ k x 0.1.*show 0.8.*e.g. 0.05"):
+        plots.slider_view(lambda percentile: drawn.append(percentile),
+                          percentile=dict(value=0.75, min=0.0, max=10.0, step=0.1))
+    with pytest.raises(ValueError, match="within"):
+        plots.slider_view(lambda p: None, p=dict(value=12.0, min=0.0, max=10.0, step=0.5))
+    plots.slider_view(lambda percentile: drawn.append(percentile),
+                      percentile=dict(value=0.75, min=0.0, max=10.0, step=0.05))
+    assert drawn == [0.75]

@@ -1301,6 +1301,29 @@ def _slider_widgets(**sliders: dict) -> dict[str, Any]:
     return controls
 
 
+def _check_slider_grid(sliders: Mapping[str, dict]) -> None:
+    """Every slider's ``value`` lies on its grid ``min + k * step`` inside ``[min, max]`` (see
+    :func:`slider_view`); raises ``ValueError`` naming the slider and a step that would hold it."""
+    for name, spec in sliders.items():
+        value, lo = float(spec["value"]), float(spec.get("min", 0.0))
+        hi, step = float(spec.get("max", 100.0)), float(spec.get("step", 0.1))
+        k = (value - lo) / step
+        if not lo <= value <= hi or abs(k - round(k)) > 1e-6:
+            raise ValueError(f"slider {name!r}: value {value:g} is not on its grid {lo:g} + k x {step:g} "
+                             f"within [{lo:g}, {hi:g}]; the widget would show {lo + round(k) * step:g} and draw "
+                             f"that instead of the default: use a step that divides {value - lo:g} "
+                             f"(e.g. {_divisor_step(value - lo, step):g})")
+
+
+def _divisor_step(span: float, step: float) -> float:
+    """A step no larger than ``step`` that divides ``span`` (step / 2, / 4, ... or / 10, ...)."""
+    for d in (2, 4, 5, 10, 20, 25, 50, 100):
+        k = span / (step / d)
+        if abs(k - round(k)) < 1e-6:
+            return step / d
+    return step / 1000
+
+
 def slider_view(function: Callable[..., None], drawn_above: bool = False, **sliders: dict) -> None:
     """Live sliders in JupyterLab; the default view, drawn once, in a batch run.
 
@@ -1315,7 +1338,12 @@ def slider_view(function: Callable[..., None], drawn_above: bool = False, **slid
     no widget (``min_from`` is ignored): interact/Output widgets can deadlock headless execution
     (papermill #723, nbclient #312; measured here: notebook 03 hung at this cell under plain
     papermill in 1 of 3 tries), and a batch run has nobody to move them. ``drawn_above=True``
-    says a cell above already shows the default view: headless, one line says so instead."""
+    says a cell above already shows the default view: headless, one line says so instead.
+
+    Raises ``ValueError`` for a ``value`` off its slider's grid (``min`` + k ``step``, within
+    ``[min, max]``): the widget would snap it to a neighbour and draw another view than the
+    default a batch run draws (e.g. 0.75 at step 0.1 shows 0.8)."""
+    _check_slider_grid(sliders)
     if batch_mode():
         if drawn_above:
             print(f"sliders {', '.join(sliders)}: live in JupyterLab (python3 tasks.py lab); "

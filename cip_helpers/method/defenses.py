@@ -465,7 +465,7 @@ class CIP(Defense):
 
     @classmethod
     def calibrate(cls, model: nn.Module, id_train_x: Tensor, p1: float = 95.0, p2: float = 99.9,
-                  r1_percentile: float = 1.0, temperature: float = 1.0, r1_among: str = "id_routed",
+                  r1_percentile: float = 0.75, temperature: float = 1.0, r1_among: str = "id_routed",
                   **kwargs) -> CIP:
         """Wrap your own (OE-tuned) model: E1/E2 (the ``p1``-th / ``p2``-th percentiles of its ID
         training energies, CIP Sec. III-B) and R1 for online PBD (:func:`r1_from_scores`: the
