@@ -638,10 +638,10 @@ def run_knockoff(cfg: Profile, defense: str, label_type: str, n_queries: int | N
         ablation = f"only the queries CIP routes {ROUTE_NAMES[branch]}"  # how many: the record's queries
     kwargs: dict = {}
     if defense == "cip" and pbd == "online":
-        kwargs = {"strong": "shuffle_noise", "pbd": "online", **({"p1": p1} if p1 is not None else {})}
+        kwargs = served_cip_kwargs("knockoff", p1)
     elif defense == "cip":
         t = offline_pbd_T(cfg, queries, "all", cfg.knockoff_pbd_T, p1=p1)
-        kwargs = {"strong": "shuffle_noise", "pbd": "offline_top_T" if t else None, "pbd_T": t}
+        kwargs = {"strong": STRONG_PPD["knockoff"], "pbd": "offline_top_T" if t else None, "pbd_T": t}
         if p1 is not None:
             kwargs["p1"] = p1
     return steal(cfg, "knockoff", defense, queries, label_type, setting=setting, defense_kwargs=kwargs,
@@ -688,6 +688,16 @@ PBD_CHOICES = ("offline_top_T", "online")
 """How CIP's PBD runs in an attack: ``offline_top_T`` (the paper's evaluation: the T least reliable
 ID-routed queries of the whole transfer set) or ``online`` (as served: R < R1 per query)."""
 
+STRONG_PPD = {"knockoff": "shuffle_noise", "dfme": "shuffle_noise", "ida": "reverse_rank", "dqa": "reverse_rank"}
+"""CIP's strong PPD against each attack, as in the authors' release (``knockoffnets/main.py``,
+``IDA/main.py``, ``DQA/main.py``)."""
+
+
+def served_cip_kwargs(attack: str, p1: float | None = None) -> dict:
+    """The defense settings of CIP as an owner serves it against ``attack``: its strong PPD
+    (:data:`STRONG_PPD`), online PBD and, given ``p1``, E1 at that percentile (an ablation)."""
+    return {"strong": STRONG_PPD[attack], "pbd": "online", **({"p1": p1} if p1 is not None else {})}
+
 
 def _check_pbd(defense: str, pbd: str) -> None:
     if pbd not in PBD_CHOICES:
@@ -699,10 +709,10 @@ def _check_pbd(defense: str, pbd: str) -> None:
 def _ida_defense_kwargs(cfg: Profile, defense: str, queries: Tensor, n_id: int,
                         p1: float | None = None, pbd: str = "offline_top_T") -> dict:
     if defense == "cip" and pbd == "online":
-        return {"strong": "reverse_rank", "pbd": "online", **({"p1": p1} if p1 is not None else {})}
+        return served_cip_kwargs("ida", p1)
     if defense == "cip":
         t = offline_pbd_T(cfg, queries, p1=p1)
-        kwargs = {"strong": "reverse_rank", "pbd": "offline_top_T" if t else None, "pbd_T": t}
+        kwargs = {"strong": STRONG_PPD["ida"], "pbd": "offline_top_T" if t else None, "pbd_T": t}
         return kwargs if p1 is None else {**kwargs, "p1": p1}
     if defense == "dawn":
         return {"dawn_rate": dawn_rate_for(cfg, n_id)}
@@ -812,7 +822,7 @@ def run_dfme(cfg: Profile, defense: str, verbose: bool = True,
     grad_queries = cfg.dfme_grad_queries if grad_queries is None else grad_queries
     if grad_queries not in GRAD_QUERIES:
         raise ValueError(f"grad_queries must be one of {GRAD_QUERIES}, got {grad_queries!r}")
-    kwargs = {"strong": "shuffle_noise", "pbd": None} if defense == "cip" else {}
+    kwargs = {"strong": STRONG_PPD["dfme"], "pbd": None} if defense == "cip" else {}
     d = data.id_data(cfg)
     spec = defense_spec(cfg, defense, **kwargs)
     bypass = grad_queries == "victim" and defense != "none"  # for none the victim IS the API

@@ -42,24 +42,24 @@ def thief_queries(cfg: Profile, thief: str) -> tuple[str, Tensor, Tensor | None,
     Raises ``KeyError``."""
     if thief not in THIEVES:
         raise KeyError(f"unknown thief {thief!r}; choose one of {sorted(THIEVES)}")
+    if thief == "knockoff_mixed":
+        x, source = attacks.pool_queries(cfg, "mixed")
+        return "knockoff", x, None, source, cfg.knockoff_curve_label_type
     x_att, _ = data.id_data(cfg).split("attacker")
     order = torch.randperm(len(x_att), generator=torch.Generator().manual_seed(ORDER_SEED + 1000 * cfg.seed))
     if thief.startswith("ida"):
         return "ida", x_att[order], None, None, thief.split("_")[1]
-    if thief == "dqa":
-        x, is_id = attacks.dqa_queries(cfg, 1.0)
-        x = x.clone()
-        x[is_id] = x_att[order]  # dqa_queries puts the digits into the ID slots in their order
-        return "dqa", x, is_id, None, cfg.dqa_label_type
-    x, source = attacks.pool_queries(cfg, "mixed")
-    return "knockoff", x, None, source, cfg.knockoff_curve_label_type
+    x, is_id = attacks.dqa_queries(cfg, 1.0)  # thief == "dqa"
+    x = x.clone()
+    x[is_id] = x_att[order]  # dqa_queries puts the digits into the ID slots in their order
+    return "dqa", x, is_id, None, cfg.dqa_label_type
 
 
 def defense_kwargs(cfg: Profile, attack: str, defense: str) -> dict:
-    """The grid's defended API: CIP with online PBD (strong PPD as in the attack's notebook), DAWN
-    at ``cfg.pbd_r1_percentile`` % of the queries."""
+    """The grid's defended API: CIP as served (:func:`attacks.served_cip_kwargs`), DAWN at
+    ``cfg.pbd_r1_percentile`` % of the queries."""
     if defense == "cip":
-        return {"strong": "shuffle_noise" if attack == "knockoff" else "reverse_rank", "pbd": "online"}
+        return attacks.served_cip_kwargs(attack)
     if defense == "dawn":
         return {"dawn_rate": cfg.pbd_r1_percentile / 100}
     raise ValueError(f"the grid's defenses are {GRID_DEFENSES}, got {defense!r}")
@@ -71,7 +71,12 @@ def conviction_point(cfg: Profile, thief: str, defense: str, n: int, verbose: bo
     (``hard``, ``soft``, ``r1``, ``mixed_<label>``), ``_online`` for CIP, and ``_n<n>``
     (``ida_cip_hard_online_n500``); it carries ``grid="conviction"``, ``thief`` and
     ``grid_queries`` = n."""
-    attack, x, keep, sources, label_type = thief_queries(cfg, thief)
+    return _steal_prefix(cfg, thief, thief_queries(cfg, thief), defense, n, verbose)
+
+
+def _steal_prefix(cfg: Profile, thief: str, transfer: tuple, defense: str, n: int, verbose: bool) -> dict:
+    """:func:`conviction_point` with the thief's transfer set (:func:`thief_queries`) at hand."""
+    attack, x, keep, sources, label_type = transfer
     if not 1 <= n <= len(x):
         raise ValueError(f"n must be in [1, {len(x)}] (the {thief} transfer set), got {n}")
     epochs = cfg.surrogate_epochs if attack == "knockoff" else cfg.ida_epochs
@@ -92,10 +97,11 @@ def conviction_grid(cfg: Profile, verbose: bool = False) -> list[dict]:
     (query, answer) pairs were trained before are loaded (DQA's ID part is IDA's)."""
     records = []
     for thief in THIEVES:
-        full = len(thief_queries(cfg, thief)[1])
+        transfer = thief_queries(cfg, thief)  # built once per thief, cut per budget
+        full = len(transfer[1])
         for n in sorted({*(n for n in cfg.conviction_queries if n < full), full}):
             for defense in GRID_DEFENSES:
-                records.append(conviction_point(cfg, thief, defense, n, verbose))
+                records.append(_steal_prefix(cfg, thief, transfer, defense, n, verbose))
     return records
 
 
@@ -107,7 +113,7 @@ def memorisation_run(cfg: Profile, label_type: str, verbose: bool = False) -> di
     x, source = attacks.pool_queries(cfg, "mixed")
     return attacks.steal(
         cfg, "knockoff", "cip", x, label_type, setting=f"mixed_{label_type}_online_ep{cfg.memorisation_epochs}",
-        defense_kwargs={"strong": "shuffle_noise", "pbd": "online"}, sources=source,
+        defense_kwargs=attacks.served_cip_kwargs("knockoff"), sources=source,
         fit={"epochs": cfg.memorisation_epochs, "trigger_curve": True},
         extra={"grid": "memorisation", "ablation": "memorisation: longer training"}, verbose=verbose)
 

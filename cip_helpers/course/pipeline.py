@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from ..method.defenses import CIP, DAWN, DP, Defense, NoDefense, OEOnly, r1_from_scores, r1_population, softmax
+from ..method.defenses import CIP, DAWN, DP, Defense, NoDefense, OEOnly, calibrate_thresholds
 from ..method.digests import tensor_sha256, weights_sha256
 from ..method.models import build_model, predict_logits
-from ..method.scores import energy_score, reliability_score, select_thresholds
+from ..method.scores import energy_score
 from . import data
 from .config import Profile
 from .progress import progress as progress_bar
@@ -133,14 +133,10 @@ def compute_thresholds(cfg: Profile, split: str = "all", p1: float | None = None
     if model is None:
         model, _ = get_oe_victim(cfg, split, verbose=False)
     x, _ = data.id_data(cfg).split(split)
-    logits = predict_logits(model, x)
-    energy = energy_score(logits, t)
-    e1, e2 = select_thresholds(energy, p1, p2)
-    population = r1_population(energy, e1, cfg.pbd_r1_among)
-    r1 = r1_from_scores(reliability_score(softmax(logits)), cfg.pbd_r1_percentile, routed_id=population)
-    return {"E1": e1, "E2": e2, "p1": p1, "p2": p2, "T": t,
-            "R1": r1, "r1_percentile": cfg.pbd_r1_percentile, "r1_among": cfg.pbd_r1_among,
-            "r1_population": len(x) if population is None else int(population.sum()),
+    c = calibrate_thresholds(predict_logits(model, x), p1, p2, t, cfg.pbd_r1_percentile, cfg.pbd_r1_among)
+    return {"E1": c["E1"], "E2": c["E2"], "p1": p1, "p2": p2, "T": t,
+            "R1": c["R1"], "r1_percentile": cfg.pbd_r1_percentile, "r1_among": cfg.pbd_r1_among,
+            "r1_population": c["r1_population"],
             "model": f"checkpoints/oe_victim_{split}.pt (OE-tuned '{split}' victim)",
             "weights_sha256": weights_sha256(model), "model_spec_hash": spec_hash(oe_spec(cfg, split)),
             "data": f"ID training images of the '{split}' victim ({len(x)} from {cfg.dataset})",
@@ -347,9 +343,8 @@ def benign_price(cfg: Profile, split: str = "half", r1_percentile: float | None 
     pct = cfg.pbd_r1_percentile if r1_percentile is None else float(r1_percentile)
     if pct != cfg.pbd_r1_percentile:
         train_x, _ = data.id_data(cfg).split(split)
-        logits = predict_logits(cip.model, train_x)
-        population = r1_population(energy_score(logits, cip.temperature), cip.e1, cfg.pbd_r1_among)
-        cip = cip.fresh(r1=r1_from_scores(reliability_score(softmax(logits)), pct, routed_id=population))
+        cip = cip.fresh(r1=calibrate_thresholds(predict_logits(cip.model, train_x), split_p1(cfg, split), cfg.p2,
+                                                cip.temperature, pct, cfg.pbd_r1_among)["R1"])
     served = cip(x).argmax(1)
 
     def share(a: Tensor, b: Tensor) -> float:

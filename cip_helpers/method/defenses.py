@@ -475,8 +475,6 @@ class CIP(Defense):
         [0, 1] (tensor or numpy; N >= 1). ``kwargs`` go to :class:`CIP` (PBD stays ``"online"``,
         batch-invariant, unless you pass another mode). Raises ``ValueError`` for bad images,
         percentiles (0 <= p1 < p2 <= 100, 0 <= r1_percentile <= 100) or ``r1_among``."""
-        from .scores import select_thresholds
-
         if not isinstance(model, nn.Module):
             raise TypeError(f"CIP.calibrate: model must be a torch.nn.Module mapping raw images to "
                             f"logits, got {type(model).__name__}")
@@ -484,12 +482,9 @@ class CIP(Defense):
         id_train_x = as_images(id_train_x)
         if len(id_train_x) == 0:
             raise ValueError("CIP.calibrate needs at least one ID training image (got an empty batch)")
-        logits = predict_logits(model, id_train_x)
-        energy = energy_score(logits, temperature)
-        e1, e2 = select_thresholds(energy, p1, p2)
-        r1 = r1_from_scores(reliability_score(softmax(logits)), r1_percentile,
-                            routed_id=r1_population(energy, e1, r1_among))
-        return cls(model, tuple(id_train_x.shape[1:]), e1, e2, temperature=temperature, r1=r1, **kwargs)
+        t = calibrate_thresholds(predict_logits(model, id_train_x), p1, p2, temperature, r1_percentile, r1_among)
+        return cls(model, tuple(id_train_x.shape[1:]), t["E1"], t["E2"], temperature=temperature, r1=t["R1"],
+                   **kwargs)
 
 def triggers_by_call_size(cip: CIP, x: Tensor, sizes: Sequence[int | None] = (1, 10, 100, None)
                           ) -> dict[str, int]:
@@ -538,6 +533,24 @@ def r1_population(energy: Tensor, e1: float, among: str = "id_routed") -> Tensor
     if among not in R1_AMONG:
         raise ValueError(f"r1_among must be one of {R1_AMONG}, got {among!r}")
     return energy < e1 if among == "id_routed" else None
+
+
+def calibrate_thresholds(train_logits: Tensor, p1: float, p2: float, temperature: float,
+                         r1_percentile: float, r1_among: str = "id_routed") -> dict:
+    """CIP's thresholds from the ID TRAINING images' logits (N, K): ``E1`` / ``E2``, the ``p1``-th /
+    ``p2``-th percentiles of their energies (CIP Sec. III-B), and ``R1`` for online PBD
+    (:func:`r1_from_scores` over :func:`r1_population`), with ``r1_population``, how many images R1
+    is a percentile of. What :meth:`CIP.calibrate` and the course's thresholds compute. Raises
+    ``ValueError`` as :func:`scores.select_thresholds`, :func:`r1_population` and
+    :func:`r1_from_scores` do."""
+    from .scores import select_thresholds
+
+    energy = energy_score(train_logits, temperature)
+    e1, e2 = select_thresholds(energy, p1, p2)
+    population = r1_population(energy, e1, r1_among)
+    r1 = r1_from_scores(reliability_score(softmax(train_logits)), r1_percentile, routed_id=population)
+    return {"E1": e1, "E2": e2, "R1": r1,
+            "r1_population": len(train_logits) if population is None else int(population.sum())}
 
 
 def r1_from_scores(train_scores: Tensor, percentile: float, routed_id: Tensor | None = None) -> float:

@@ -319,13 +319,10 @@ def verification_verdicts(cfg: Profile, records: list[dict], innocents: dict[str
         triggers = attacks.load_trigger_set(cfg, r["name"])
         if triggers is None or len(triggers) == 0:
             if r.get("grid") == "conviction":  # a grid point without triggers: no evidence, p = 1
-                verdicts.append({"suspect": f"surrogate of {r['name']}", "kind": "stolen", "attack": r["attack"],
-                                 "defense": r["defense"], "setting": r.get("setting"), "ablation": r.get("ablation"),
-                                 "trigger_set": r["name"], "triggers_sha256": r.get("triggers_sha256"),
-                                 "pbd": (r.get("defense_kwargs") or {}).get("pbd"), "queries": r.get("queries"),
-                                 "grid": "conviction", "thief": r.get("thief"), "n_logged": 0, "n_ood": 0,
-                                 "suspect_sha256": r.get("surrogate_sha256"), "m": 0, "T": 0, "units": 0,
-                                 "m_units": 0, "expected_units": 0.0, "p_value": 1.0, "flagged": False})
+                verdicts.append({"suspect": f"surrogate of {r['name']}", "kind": "stolen", **_verdict_fields(r),
+                                 "n_logged": 0, "n_ood": 0, "suspect_sha256": r.get("surrogate_sha256"), "m": 0,
+                                 "T": 0, "units": 0, "m_units": 0, "expected_units": 0.0, "p_value": 1.0,
+                                 "flagged": False})
             continue
         x, labels = verification.distinct_triggers(triggers.x, triggers.labels)
         split = r.get("victim", "all")
@@ -337,11 +334,7 @@ def verification_verdicts(cfg: Profile, records: list[dict], innocents: dict[str
         units = {True: verification.dependence_units(labels, ood), False: verification.dependence_units(labels)}
         pool = np.stack([verification.agreements(m, x, labels) for m in innocents.values()])
         stolen = verification.agreements(attacks.load_surrogate(cfg, r["name"]), x, labels)
-        base = {"attack": r["attack"], "defense": r["defense"], "setting": r.get("setting"),
-                "ablation": r.get("ablation"), "trigger_set": r["name"], "triggers_sha256": r.get("triggers_sha256"),
-                "pbd": (r.get("defense_kwargs") or {}).get("pbd"), "queries": r.get("queries"),
-                "grid": r.get("grid"), "thief": r.get("thief"),
-                "n_logged": len(triggers), "n_ood": int(ood.sum())}
+        base = {**_verdict_fields(r), "n_logged": len(triggers), "n_ood": int(ood.sum())}
         detector = {"ood_detector": f"checkpoints/oe_victim_{split}.pt, energy >= E1 = {th['E1']:.4f}"}
 
         def run(suspect: np.ndarray | None, **variant) -> dict | list[dict]:
@@ -370,6 +363,16 @@ def verification_verdicts(cfg: Profile, records: list[dict], innocents: dict[str
             verdicts.append({"suspect": name, "kind": "innocent", **base, "suspect_sha256": hashes[name],
                              **v, "ablations": ablations({k: res[i] for k, res in loo_ablations.items()})})
     return verdicts
+
+
+def _verdict_fields(r: dict) -> dict:
+    """What every verdict on record ``r``'s trigger set says about the run: attack, defense,
+    setting, ablation, the trigger set (name and sha256), CIP's PBD mode, the queries sent and,
+    for the evidence grid, ``grid`` and ``thief``."""
+    return {"attack": r["attack"], "defense": r["defense"], "setting": r.get("setting"),
+            "ablation": r.get("ablation"), "trigger_set": r["name"], "triggers_sha256": r.get("triggers_sha256"),
+            "pbd": (r.get("defense_kwargs") or {}).get("pbd"), "queries": r.get("queries"),
+            "grid": r.get("grid"), "thief": r.get("thief")}
 
 
 ABLATION_HEADER = ("\nAblations (not in the paper's table; notebooks 07-10 discuss them): the same attack "
@@ -496,7 +499,7 @@ def seed_summary(profile_dir: Path, seeds: Sequence[int]) -> dict:
     victims' test accuracies, the ID-test share CIP answers unpoisoned, and the verification
     counts, each over ``seeds``."""
     profile_dir = Path(profile_dir)
-    per_seed = {s: {r["name"]: r for r in seed_records(profile_dir, s) if not r.get("grid")} for s in seeds}
+    per_seed = {s: {r["name"]: r for r in seed_records(profile_dir, s)} for s in seeds}
     names: list[str] = []
     for recs in per_seed.values():
         names += [n for n in recs if n not in names]
@@ -527,8 +530,7 @@ def seed_summary(profile_dir: Path, seeds: Sequence[int]) -> dict:
         return stat(values)
 
     paths = {s: profile_dir / f"seed-{s}" / "verification.json" for s in seeds}
-    verdicts = {s: read_json(p) if p.exists() else [] for s, p in paths.items()}
-    verification = verification_summary(verdicts)
+    verification = verification_summary({s: read_json(p) if p.exists() else [] for s, p in paths.items()})
     extra = {}  # snapshots, so that later single-seed runs (which rewrite timings.json) leave it be
     if (profile_dir / "reproducibility.json").exists():
         extra["reproducibility"] = read_json(profile_dir / "reproducibility.json")
@@ -1074,12 +1076,8 @@ def readme_block(summary: dict) -> str:
                    f"{_pct(price['oe_part'], 2)} % and online PBD {_pct(price['pbd_part'], 2)} %.")
     conviction = summary.get("conviction")
     if conviction:
-        from ..course.evidence import THIEVES
-
-        parts = []
-        for r in conviction["table"]:
-            q = ", ".join("-" if x is None else f"{x:,}" for x in r["queries_to_conviction"])
-            parts.append(f"{THIEVES.get(r['thief'], r['thief'])} vs {r['defense']}: {q}")
+        parts = [f"{r['thief']} vs {r['defense']}: {r['queries to conviction, per seed']}"
+                 for r in conviction_table(conviction).to_dict("records")]
         out.append("* **Queries to conviction** (per seed; `-`: not convicted within the grid; "
                    f"`results/{summary['profile']}/conviction.md`, notebook 11): " + "; ".join(parts) + ".")
     rep = summary.get("reproducibility")
