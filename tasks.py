@@ -81,7 +81,7 @@ def lab_command(argv: list[str], uid: int | None = None) -> list[str]:
     return cmd
 
 
-DATA_PROFILES = {"quick-fmnist": "fashionmnist"}
+DATA_PROFILES = {"quick-fmnist": "fashionmnist", "paper-fmnist": "fashionmnist"}
 """Profiles on data that ``python -m data_prep.fetch --dataset <name>`` lays out before the run."""
 
 

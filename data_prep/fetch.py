@@ -29,6 +29,7 @@ from cip_helpers.course.data_full import (DATASETS, OUTLIER_SOURCE_NAME, fetch_c
 from .build import (FittedLoader, atomic_path, build_dataset_pool, build_image_folder_pool,
                     convert_torchvision_split, copy_outlier_file, log, read_manifest,
                     record_in_manifest)
+from .standins import is_stand_in
 
 OUTLIER_URL = "https://people.eecs.berkeley.edu/~hendrycks/300K_random_images.npy"
 OUTLIER_N = 300_000
@@ -97,6 +98,15 @@ def _manual_hint(what: str, root: Path, err: BaseException) -> FetchError:
         f"({type(err).__name__}: {err}).\n  Download by hand: {source}\n"
         f"  Put the file(s) in: {Path(root) / where}\n  Then rerun: {fetch_command(what, root)}\n"
         "  (torchvision checks the archive's MD5 and extracts it.)" + offline)
+
+
+def _replacing_stand_in(root: Path, path: Path, name: str) -> bool:
+    """Whether the existing pool file ``path`` is a stand-in (:func:`data_prep.standins.is_stand_in`),
+    which a real fetch step replaces instead of skipping (saying so)."""
+    if not is_stand_in(root, path):
+        return False
+    log(f"[{name}] {path} is a STAND-IN (data_prep.standins): replacing it with the real pool")
+    return True
 
 
 def _skip_or_record(root: Path, path: Path, **info: Any) -> None:
@@ -249,7 +259,7 @@ def fetch_outlier(root: Path, src: Path | None = None, force: bool = False,
     ``<root>/manual/300K_random_images.npy``) and write ``<root>/pools/outlier.npy`` (NCHW)."""
     root = Path(root)
     out = pool_path(root, "outlier")
-    if out.exists() and not force:
+    if out.exists() and not force and not _replacing_stand_in(root, out, "outlier"):
         try:
             arr = open_pool_file(out, "outlier", root)
         except ValueError as err:
@@ -283,7 +293,7 @@ def fetch_knockoff(root: Path, src_dir: Path | None = None, force: bool = False,
     (default ``<root>/manual/knockoff/``), e.g. an ImageNet subset."""
     root = Path(root)
     out = pool_path(root, "knockoff")
-    if out.exists() and not force:
+    if out.exists() and not force and not _replacing_stand_in(root, out, "knockoff"):
         try:
             arr = open_pool_file(out, "knockoff", root)
         except ValueError as err:
@@ -317,7 +327,7 @@ def fetch_textures(root: Path, force: bool = False, download: bool = True) -> Pa
     partition 1) as ``<root>/pools/textures.npy`` (RGB 32x32)."""
     root = Path(root)
     out = pool_path(root, "textures")
-    if out.exists() and not force:
+    if out.exists() and not force and not _replacing_stand_in(root, out, "textures"):
         try:
             arr = open_pool_file(out, "textures", root)
         except ValueError as err:

@@ -48,3 +48,22 @@ def one_thread_smoke(root) -> Iterator:
             yield config.get_profile("smoke")
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real single-node SLURM cluster for the session (tests/slurm_util.py), with ``SLURM_CONF``
+    set while it runs; skips (or fails under ``CIP_REQUIRE_SLURM=1``) where it cannot start."""
+    from slurm_util import local_cluster, slurm_or_skip
+
+    slurm_or_skip()
+    old = os.environ.get("SLURM_CONF")
+    with local_cluster(tmp_path_factory.mktemp("slurm")) as env:
+        os.environ.update(env)
+        try:
+            yield env
+        finally:
+            if old is None:
+                os.environ.pop("SLURM_CONF", None)
+            else:
+                os.environ["SLURM_CONF"] = old

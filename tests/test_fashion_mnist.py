@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,20 +16,8 @@ from cip_helpers.tools import report, run
 from cip_helpers.course.config import get_profile
 from data_prep import fetch
 
-PACKAGE = fetch.LOCAL_SOURCES["fashionmnist"]
-ARCHIVES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-            "t10k-labels-idx1-ubyte.gz")
-
-
-def _package_folder() -> Path:
-    for folder in map(Path, PACKAGE.folders):
-        if all((folder / a).is_file() for a in ARCHIVES):
-            return folder
-    why = (f"Debian's {PACKAGE.package} is not installed ({PACKAGE.install}, as root; .ci/run does it "
-           f"when it can)")
-    if os.environ.get("CIP_REQUIRE_FMNIST") == "1":
-        pytest.fail(why + ", but CIP_REQUIRE_FMNIST=1 says it must be")
-    pytest.skip(why)
+from fmnist_util import PACKAGE
+from fmnist_util import package_folder as _package_folder
 
 
 @pytest.fixture(scope="module")

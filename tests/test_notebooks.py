@@ -70,6 +70,31 @@ def test_two_smoke_runs_on_one_machine_give_identical_metrics(smoke_run, tmp_pat
 
 
 @pytest.mark.slow
+def test_smoke_course_through_slurm_equals_the_local_run(smoke_run, slurm_cluster, tmp_path_factory):
+    """Issue 29: the whole smoke course as SLURM jobs (submitit, afterok dependencies) on a real
+    single-node cluster gives the local run's metrics (every JSON artifact, wall times aside)."""
+    import os
+
+    _, local = smoke_run
+    root = tmp_path_factory.mktemp("smoke_slurm")
+    old = os.environ["CIP_RESULTS_ROOT"]
+    os.environ["CIP_RESULTS_ROOT"] = str(root)
+    try:
+        assert run.main(["--profile", "smoke", "--executor", "slurm"]) == 0
+        on_slurm = get_profile("smoke").results_dir
+    finally:
+        os.environ["CIP_RESULTS_ROOT"] = old
+    logs = sorted((on_slurm.parent / "slurm-logs").glob("*/*_log.out"))
+    assert len(logs) == len(NOTEBOOKS) + len(run.TASKS)  # one SLURM job per notebook and task
+    timings = json.loads((on_slurm.parent / "timings.json").read_text())["runs"]
+    assert list(timings) == ["seeds=0 {slurm}"]
+    a, b = _metrics_jsons(local), _metrics_jsons(on_slurm)
+    assert len(a) >= 20 and sorted(a) == sorted(b)
+    different = [name for name in a if a[name] != b[name]]
+    assert not different, f"the SLURM run differs from the local one in {different}"
+
+
+@pytest.mark.slow
 def test_smoke_run_writes_the_artifacts_later_notebooks_need(smoke_run):
     _, results = smoke_run
     victims = json.loads((results / "victims.json").read_text())

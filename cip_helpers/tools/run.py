@@ -4,6 +4,7 @@
     python -m cip_helpers.tools.run --profile quick --seeds 0,1,2      # per seed, then the aggregate
     python -m cip_helpers.tools.run --profile smoke --only 01,03
     python -m cip_helpers.tools.run --profile full --set dataset=cifar100 --set tag=full-cifar100
+    python -m cip_helpers.tools.run --profile smoke --executor slurm     # one SLURM job per notebook
 
 Executed copies go to ``results/<profile>/seed-<k>/executed/``. With two or more seeds the runner
 then aggregates the seeds (``report.write_seed_aggregate``: ``summary.json`` and ``table.md`` with
@@ -25,6 +26,13 @@ process (a fresh kernel) with a FIXED number of torch threads (:data:`THREADS`: 
 numbers therefore never depend on how many jobs ran beside it: same machine, same seed, same
 numbers. (Two 1-thread jobs do twice the work of one in the same time here; one 2-thread job only
 1.3x, measured on the 2-core course machine: so parallel lanes beat threads.)
+
+**Executors.** ``--executor local`` (the default) fills this machine's slots as above;
+``--executor slurm`` submits the same jobs to a SLURM cluster through submitit
+(:mod:`cip_helpers.tools.cluster`: prerequisites as ``afterok`` dependencies, resources from the
+profile's ``job_*`` fields). Both run the same worker command with the same thread counts, so the
+metrics are the same. The local scheduler stays our own: submitit's local executor has neither
+dependencies nor slot packing, and it would add a second process layer for no change in numbers.
 """
 from __future__ import annotations
 
@@ -266,13 +274,8 @@ def _run_loop(pending: list[Job], running: list[Job], profile: str, overrides: d
         free = jobs - sum(j.threads for j in running)
         for job in list(pending):
             if job.needs <= done and job.threads <= free:
-                cfg = cfg_for[job.seed]
-                out = cfg.results_dir / "executed" / job.book.name
-                env = {**os.environ, "OMP_NUM_THREADS": str(job.threads), "MKL_NUM_THREADS": str(job.threads),
-                       BATCH_ENV: "1"}  # one-line progress, default slider views (cip_helpers.course.progress)
-                arg = json.dumps({"path": str(job.book), "profile": profile, "out": str(out),
-                                  "overrides": {**overrides, "seed": job.seed}, "cell_timeout": cell_timeout,
-                                  "task": job.task})
+                env = {**os.environ, **worker_env(job.threads)}
+                arg = job_arg(job, profile, overrides, cfg_for[job.seed], cell_timeout)
                 job.log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: never blocks
                 # its own process group, so a stop reaches the worker and anything it forked; the
                 # kernel (jupyter_client gives it a session of its own) is shut down by the worker
@@ -298,13 +301,7 @@ def _run_loop(pending: list[Job], running: list[Job], profile: str, overrides: d
             if job.proc.returncode != 0:
                 _stop(running, grace=30.0)
                 running.clear()
-                lines = [ln for ln in err.strip().splitlines() if ln.startswith("CIP-RUN-FAILED ")]
-                if lines:
-                    why = lines[-1][len("CIP-RUN-FAILED "):]
-                elif job.proc.returncode < 0:
-                    why = f"an unknown cell: the job was stopped by signal {-job.proc.returncode}"
-                else:
-                    why = f"an unknown cell (exit status {job.proc.returncode}): {err.strip()[-500:]}"
+                why = failure_reason(err, job.proc.returncode)
                 out = cfg_for[job.seed].results_dir / "executed" / job.book.name
                 if job.task:
                     return False, f"{job.label} (seed {job.seed}) failed: {why}"
@@ -314,6 +311,34 @@ def _run_loop(pending: list[Job], running: list[Job], profile: str, overrides: d
             print(f"  done   seed {job.seed} {job.label} in {job.seconds:.1f} s "
                   f"[{len(done)}/{total}]", flush=True)
     return True, ""
+
+
+def worker_env(threads: int) -> dict[str, str]:
+    """The environment a worker of ``threads`` torch threads runs with (on top of the runner's),
+    the same for every executor: thread counts, one-line progress and default slider views
+    (:data:`cip_helpers.course.progress.BATCH_ENV`), and the absolute results/data roots."""
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), BATCH_ENV: "1"}
+    env.update({v: os.environ[v] for v in ("CIP_RESULTS_ROOT", "CIP_DATA_ROOT") if os.environ.get(v)})
+    return env
+
+
+def job_arg(job: Job, profile: str, overrides: dict, cfg: Profile, cell_timeout: int) -> str:
+    """The worker's JSON job spec for ``job`` (``python -m cip_helpers.tools.run --worker SPEC``)."""
+    out = cfg.results_dir / "executed" / job.book.name
+    return json.dumps({"path": str(job.book), "profile": profile, "out": str(out),
+                       "overrides": {**overrides, "seed": job.seed}, "cell_timeout": cell_timeout,
+                       "task": job.task})
+
+
+def failure_reason(stderr: str, returncode: int) -> str:
+    """The one-line reason a worker failed: its last ``CIP-RUN-FAILED`` line (``cell [k]: ename:
+    evalue``), else the signal or exit status with the end of its stderr."""
+    lines = [ln for ln in stderr.strip().splitlines() if ln.startswith("CIP-RUN-FAILED ")]
+    if lines:
+        return lines[-1][len("CIP-RUN-FAILED "):]
+    if returncode < 0:
+        return f"an unknown cell: the job was stopped by signal {-returncode}"
+    return f"an unknown cell (exit status {returncode}): {stderr.strip()[-500:]}"
 
 
 def _wait_or_kill(proc: subprocess.Popen, grace: float = 30.0) -> None:
@@ -417,6 +442,10 @@ def main(argv: list[str] | None = None, notebook_dir: Path = NOTEBOOK_DIR) -> in
                              "more also write the aggregate summary.json / table.md")
     parser.add_argument("--jobs", type=int, default=max(1, min(os.cpu_count() or 1, 8)),
                         help="CPU slots for parallel notebooks (default: the number of cores, at most 8)")
+    parser.add_argument("--executor", choices=EXECUTORS, default="local",
+                        help="local: this machine's CPU slots (default); slurm: one SLURM job per notebook "
+                             "and seed through submitit, ordered by afterok dependencies, resources from the "
+                             "profile's job_* fields (cip_helpers.tools.cluster); the numbers are the same")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override one profile field in every notebook; VALUE is converted by the "
                              "field's declared type (str fields take the text as it is, tuples a list "
@@ -439,14 +468,25 @@ def main(argv: list[str] | None = None, notebook_dir: Path = NOTEBOOK_DIR) -> in
     if not books:
         raise SystemExit(f"no notebooks found in {notebook_dir}")
     first = cfg_for[seeds[0]]
+    where = f"{args.jobs} CPU slot(s)" if args.executor == "local" else "SLURM, one job per notebook and seed"
     print(f"running {len(books)} notebook(s) x {len(seeds)} seed(s) on profile '{args.profile}' "
-          f"-> {first.profile_dir}/seed-<k>/executed ({args.jobs} CPU slot(s))", flush=True)
-    job_list = schedule(books, seeds, args.jobs)
+          f"-> {first.profile_dir}/seed-<k>/executed ({where})", flush=True)
+    # threads per notebook: THREADS, capped by the local slots; a SLURM job gets its own CPUs
+    job_list = schedule(books, seeds, args.jobs if args.executor == "local" else max(THREADS.values()))
     # a run that reuses trained checkpoints takes a fraction of the time: it is recorded apart
     from_scratch = not any(any(c.checkpoint_dir.rglob("*.pt")) for c in cfg_for.values())
     start = time.perf_counter()
     with _sigterm_unwinds():  # a CI cancel or `timeout` stops the workers like Ctrl-C does
-        ok, why = run_jobs(job_list, args.profile, overrides, cfg_for, args.jobs, first.cell_timeout)
+        if args.executor == "slurm":
+            from . import cluster
+
+            problem = cluster.slurm_available()
+            if problem:
+                raise SystemExit(f"--executor slurm: {problem}")
+            ok, why = cluster.run_jobs_slurm(job_list, args.profile, overrides, cfg_for, first.cell_timeout,
+                                             first.profile_dir / "slurm-logs")
+        else:
+            ok, why = run_jobs(job_list, args.profile, overrides, cfg_for, args.jobs, first.cell_timeout)
     wall = round(time.perf_counter() - start, 1)
     if not ok:
         print(f"\n{why}", file=sys.stderr)
@@ -458,7 +498,7 @@ def main(argv: list[str] | None = None, notebook_dir: Path = NOTEBOOK_DIR) -> in
                                      for name, sec in times.items()))
     print(f"  total wall time {wall:.1f} s")
     if not args.only:  # a partial run must not overwrite the record of a full one
-        record_timings(first, seeds, args.jobs, wall, per_seed, from_scratch, overrides)
+        record_timings(first, seeds, args.jobs, wall, per_seed, from_scratch, overrides, args.executor)
         if len(seeds) >= 2:
             from . import report
 
@@ -471,26 +511,33 @@ def main(argv: list[str] | None = None, notebook_dir: Path = NOTEBOOK_DIR) -> in
     return 0
 
 
+EXECUTORS = ("local", "slurm")
+"""``--executor``: ``local`` (:func:`run_jobs`, CPU slots of this machine) or ``slurm``
+(:func:`cip_helpers.tools.cluster.run_jobs_slurm`)."""
+
 README_PROFILES = ("quick", "quick-fmnist")
 """Profiles whose multi-seed aggregate the README quotes (:func:`report.readme_markers`)."""
 
 
 def record_timings(cfg: Profile, seeds: list[int], jobs: int, wall: float, per_seed: dict,
-                   from_scratch: bool = True, overrides: dict | None = None) -> Path:
+                   from_scratch: bool = True, overrides: dict | None = None, executor: str = "local") -> Path:
     """Add this run to ``<profile_dir>/timings.json`` under ``"seeds=<list>"`` (other runs kept).
     A run that started with trained checkpoints on disk (``from_scratch=False``) goes under
     ``"seeds=<list> (cached)"``: it never replaces the from-scratch time the README quotes. A run
     with ``--set`` overrides (e.g. the evidence run) adds them to the key, ``[evidence=True, ...]``,
-    and to the entry (``overrides``)."""
+    and to the entry (``overrides``); a run on another executor than ``local`` adds it to the key,
+    ``{slurm}``, and to the entry (``executor``)."""
     path = cfg.profile_dir / "timings.json"
     old = read_json(path) if path.exists() else {}
     runs = old.get("runs", {}) if isinstance(old.get("runs"), dict) else {}
     changed = {k: v for k, v in (overrides or {}).items() if k != "seed"}
     key = ("seeds=" + ",".join(map(str, seeds)) + ("" if from_scratch else " (cached)")
-           + (" [" + ", ".join(f"{k}={v}" for k, v in sorted(changed.items())) + "]" if changed else ""))
+           + (" [" + ", ".join(f"{k}={v}" for k, v in sorted(changed.items())) + "]" if changed else "")
+           + (f" {{{executor}}}" if executor != "local" else ""))
     runs[key] = {
         "seeds": seeds, "jobs": jobs, "wall_seconds": wall, "notebook_seconds": per_seed,
         "from_scratch": from_scratch, **({"overrides": changed} if changed else {}),
+        **({"executor": executor} if executor != "local" else {}),
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform(terse=True)},
         "date": datetime.date.today().isoformat()}
