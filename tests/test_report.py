@@ -249,3 +249,37 @@ def test_a_run_without_evidence_leaves_the_committed_evidence_grid_alone(results
     report.write_verdicts(cfg, [main])  # a later run without evidence
     assert report.load_verdicts(cfg.profile_dir, [0]) == {0: [main]}
     assert report.load_verdicts(cfg.profile_dir, [0], evidence=True) == {0: [grid_verdict]}
+
+
+def test_issue29_compare_machines_measures_the_change_of_the_seed_means(tmp_path):
+    """Per row: diff of the 3-seed means against sqrt(sd_a^2/n_a + sd_b^2/n_b); the rows beyond 2
+    standard errors and beyond their seed sd are named, and the README line says both."""
+    import json
+    import math
+
+    def summary(rows):
+        return {"profile": "quick", "seeds": [], "rows": [
+            {"name": n, "surrogate_acc": {"mean": m, "sd": sd, "n": 3}} for n, m, sd in rows]}
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, rows in ((a, [("steady", 0.90, 0.01), ("bimodal", 0.50, 0.20), ("moved", 0.80, 0.01)]),
+                    (b, [("steady", 0.90, 0.01), ("bimodal", 0.70, 0.25), ("moved", 0.85, 0.01)])):
+        d.mkdir()
+        (d / "summary.json").write_text(json.dumps(summary(rows)))
+    out = report.compare_machines(a, b, "machine A", "machine B")
+    rows = {r["name"]: r for r in out["rows"]}
+    assert rows["steady"]["diff"] == 0 and rows["steady"]["z"] == 0
+    assert math.isclose(rows["moved"]["se"], math.sqrt(2 * 0.01 ** 2 / 3))
+    assert math.isclose(rows["moved"]["z"], 0.05 / math.sqrt(2 * 0.01 ** 2 / 3))
+    assert out["beyond_2se"] == ["moved"]  # bimodal: 0.2 apart but within its wide spread
+    assert out["beyond_seed_sd"] == ["moved"]
+    assert math.isclose(out["surrogate_acc_abs_diff"]["max"], 0.2) and out["surrogate_acc_abs_diff"]["max_row"] == "bimodal"
+    committed = json.loads((Path(__file__).parents[1] / "results/quick/summary.json").read_text())
+    line = report._reproducibility_line({"same_machine": {"identical": 5, "json_files": 5, "differing": []},
+                                         "other_machine": out}, committed)
+    assert "Another machine (machine B, against machine A)" in line and "max 20.0, `bimodal`" in line
+    assert "1 of 3 rows differ by more than 2 standard errors" in line and "`moved`" in line
+    same = report.compare_machines(a, a)
+    line = report._reproducibility_line({"same_machine": {"identical": 5, "json_files": 5, "differing": []},
+                                         "other_machine": same}, committed)
+    assert "none of the 3 rows'" in line and "moves by" not in line

@@ -987,6 +987,47 @@ def compare_runs(a: Path, b: Path) -> dict:
             "records": rows}
 
 
+def compare_machines(a: Path, b: Path, label_a: str = "", label_b: str = "") -> dict:
+    """Compare two multi-seed runs of one profile made on two machines (``a``, ``b``: profile
+    directories with ``summary.json`` and ``seed-<k>/``). Per row of the summary with a surrogate
+    accuracy in both: the means, sds and seed counts, ``diff`` = mean_b - mean_a, its standard error
+    ``se`` = sqrt(sd_a^2 / n_a + sd_b^2 / n_b) and ``z`` = diff / se (0 when both are 0, inf when
+    only se is); ``beyond_2se``: rows with |z| > 2; ``beyond_seed_sd``: rows whose |diff| exceeds
+    the larger of their two seed sds (too few seeds to summarise them across machines);
+    ``per_seed``: per common seed, how many JSON artifacts are identical (:func:`compare_runs`).
+    All in fractions. Raises ``FileNotFoundError`` without a ``summary.json``."""
+    import math
+
+    a, b = Path(a), Path(b)
+    sa, sb = read_json(a / "summary.json"), read_json(b / "summary.json")
+    rows_b = {r["name"]: r for r in sb["rows"]}
+    rows = []
+    for ra in sa["rows"]:
+        rb = rows_b.get(ra["name"])
+        x, y = ra["surrogate_acc"], (rb or {}).get("surrogate_acc", {})
+        if x.get("mean") is None or y.get("mean") is None:
+            continue
+        diff = y["mean"] - x["mean"]
+        se = math.sqrt((x["sd"] or 0) ** 2 / x["n"] + (y["sd"] or 0) ** 2 / y["n"])
+        z = diff / se if se > 0 else (0.0 if diff == 0 else math.inf)
+        rows.append({"name": ra["name"], "mean_a": x["mean"], "sd_a": x["sd"], "n_a": x["n"], "mean_b": y["mean"],
+                     "sd_b": y["sd"], "n_b": y["n"], "diff": diff, "se": se, "z": z,
+                     "beyond_seed_sd": abs(diff) > max(x["sd"] or 0, y["sd"] or 0)})
+    diffs = [abs(r["diff"]) for r in rows]
+    worst = max(rows, key=lambda r: abs(r["diff"]))["name"] if rows else None
+    per_seed = {}
+    for seed in sorted(set(sa["seeds"]) & set(sb["seeds"])):
+        c = compare_runs(a / f"seed-{seed}", b / f"seed-{seed}")
+        per_seed[f"seed-{seed}"] = {"json_files": c["json_files"], "identical": c["identical"],
+                                    "surrogate_acc_abs_diff": c["surrogate_acc_abs_diff"]}
+    return {"a": label_a or str(a), "b": label_b or str(b), "seeds": sorted(set(sa["seeds"]) & set(sb["seeds"])),
+            "surrogate_acc_abs_diff": {"mean": sum(diffs) / len(diffs) if diffs else None,
+                                       "max": max(diffs) if diffs else None, "max_row": worst, "n": len(diffs)},
+            "beyond_2se": [r["name"] for r in rows if abs(r["z"]) > 2],
+            "beyond_seed_sd": [r["name"] for r in rows if r["beyond_seed_sd"]],
+            "per_seed": per_seed, "rows": rows}
+
+
 # ----------------------------------------------------------------------------- the README block
 
 README_BEGIN = "<!-- results:begin (written by python -m cip_helpers.tools.report readme; do not edit) -->"
@@ -1082,19 +1123,7 @@ def readme_block(summary: dict) -> str:
                    f"`results/{summary['profile']}/conviction.md`, notebook 11): " + "; ".join(parts) + ".")
     rep = summary.get("reproducibility")
     if rep:
-        sds = [r["surrogate_acc"]["sd"] for r in summary["rows"] if r["surrogate_acc"].get("sd") is not None]
-        same, other = rep["same_machine"], rep["other_threads"]
-        out.append(
-            f"* **Reproducibility.** Same machine, same seed: two from-scratch runs of seed 0 agree on "
-            f"{same['identical']} of {same['json_files']} JSON artifacts, wall times aside"
-            + (f" ({', '.join(same['differing'])} differ: {rep['same_machine_why']})" if same["differing"] else "")
-            + ". Other thread "
-            f"counts (our stand-in for another machine; `--jobs 1` runs every notebook on one thread): "
-            f"surrogate accuracy moves by {100 * other['surrogate_acc_abs_diff']['mean']:.1f} points on "
-            f"average (max {100 * other['surrogate_acc_abs_diff']['max']:.1f}) over "
-            f"{other['surrogate_acc_abs_diff']['n']} runs, against a seed-to-seed sd of "
-            f"{100 * sum(sds) / len(sds):.1f} points averaged over the table's rows (up to "
-            f"{100 * max(sds):.1f}).")
+        out.append(_reproducibility_line(rep, summary))
     runs = {k: r for k, r in summary.get("timings", {}).get("runs", {}).items()
             if r.get("from_scratch", True)}  # runs on cached checkpoints say nothing about set-up time
     if runs:
@@ -1107,6 +1136,40 @@ def readme_block(summary: dict) -> str:
                    f"{summary['profile']}/timings.json` when this was written): " + "; ".join(parts) + ".")
     out += ["", end]
     return "\n".join(out)
+
+
+def _reproducibility_line(rep: dict, summary: dict) -> str:
+    """The README's reproducibility bullet from ``reproducibility.json`` (``same_machine``, and
+    ``other_machine`` from :func:`compare_machines` or, in older files, ``other_threads``)."""
+    sds = [r["surrogate_acc"]["sd"] for r in summary["rows"] if r["surrogate_acc"].get("sd") is not None]
+    spread = (f"against a seed-to-seed sd of {100 * sum(sds) / len(sds):.1f} points averaged over the table's "
+              f"rows (up to {100 * max(sds):.1f})")
+    same = rep["same_machine"]
+    text = (f"* **Reproducibility.** Same machine, same seed: two from-scratch runs of seed 0 agree on "
+            f"{same['identical']} of {same['json_files']} JSON artifacts, wall times aside"
+            + (f" ({', '.join(same['differing'])} differ: {rep['same_machine_why']})" if same["differing"] else "")
+            + ". ")
+    other = rep.get("other_machine")
+    if other:
+        d = other["surrogate_acc_abs_diff"]
+        seeds = ", ".join(f"{k} {v['identical']} of {v['json_files']}" for k, v in other["per_seed"].items())
+        moved = other["beyond_seed_sd"]
+        change = (f"none of the {d['n']} rows' {len(other['seeds'])}-seed mean surrogate accuracies moves"
+                  if not d["max"] else
+                  f"the {len(other['seeds'])}-seed mean surrogate accuracy moves by {100 * d['mean']:.1f} points "
+                  f"on average (max {100 * d['max']:.1f}, `{d['max_row']}`) over {d['n']} rows")
+        return text + (
+            f"Another machine ({other['b']}, against {other['a']}): identical JSON artifacts per seed {seeds}; "
+            f"{change}, {spread}; "
+            f"{len(other['beyond_2se'])} of {d['n']} rows differ by more than 2 standard errors"
+            + (f", and {len(moved)} move by more than their seed sd ({', '.join(f'`{m}`' for m in moved)}: three "
+               f"seeds do not pin them down across machines)" if moved else "") + ".")
+    other = rep["other_threads"]
+    return text + (
+        f"Other thread counts (our stand-in for another machine; `--jobs 1` runs every notebook on one "
+        f"thread): surrogate accuracy moves by {100 * other['surrogate_acc_abs_diff']['mean']:.1f} points on "
+        f"average (max {100 * other['surrogate_acc_abs_diff']['max']:.1f}) over "
+        f"{other['surrogate_acc_abs_diff']['n']} runs, {spread}.")
 
 
 def update_readme(readme: Path, summary_path: Path) -> bool:
@@ -1128,8 +1191,10 @@ def update_readme(readme: Path, summary_path: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """``python -m cip_helpers.tools.report readme [--profile-dir results/quick]``: rewrite the README's
     results block from that directory's ``summary.json``;
-    ``python -m cip_helpers.tools.report reproducibility --same A B --other A C``: compare runs of one
-    seed (:func:`compare_runs`) into ``reproducibility.json`` (read by the next aggregate);
+    ``python -m cip_helpers.tools.report reproducibility --same A B --machines P Q``: compare two
+    runs of one seed on one machine (:func:`compare_runs`) and two multi-seed runs from two machines
+    (:func:`compare_machines`) into ``reproducibility.json`` (read by the next aggregate; a part
+    not given is kept from the file);
     ``python -m cip_helpers.tools.report aggregate --profile-dir results/quick --seeds 0,1,2``: rewrite
     the multi-seed ``summary.json`` and ``table.md`` from the per-seed records."""
     import argparse
@@ -1142,16 +1207,28 @@ def main(argv: list[str] | None = None) -> int:
                         help="reproducibility: two runs of one seed on the same machine and threads")
     parser.add_argument("--other", nargs=2, type=Path, metavar=("A", "C"),
                         help="reproducibility: the same seed at other thread counts")
+    parser.add_argument("--machines", nargs=2, type=Path, metavar=("A", "B"),
+                        help="reproducibility: two multi-seed runs (profile directories) from two machines")
+    parser.add_argument("--labels", nargs=2, default=("", ""), metavar=("LA", "LB"),
+                        help="reproducibility: how to name the two machines' runs of --machines")
     parser.add_argument("--why", default="", help="reproducibility: why the differing files differ")
     parser.add_argument("--profile-dir", type=Path, default=REPO_ROOT / "results" / "quick")
     parser.add_argument("--seeds", default="", help="comma-separated (aggregate; default: all found)")
     args = parser.parse_args(argv)
     if args.command == "reproducibility":
-        if not (args.same and args.other):
-            parser.error("reproducibility needs --same A B and --other A C")
-        out = {"same_machine": compare_runs(*args.same), "same_machine_why": args.why,
-               "other_threads": compare_runs(*args.other)}
-        print("wrote", write_json(args.profile_dir / "reproducibility.json", out))
+        if not (args.same or args.other or args.machines):
+            parser.error("reproducibility needs --same A B, --other A C and/or --machines A B")
+        path = args.profile_dir / "reproducibility.json"
+        out = read_json(path) if path.exists() else {}
+        if args.same:
+            out.update(same_machine=compare_runs(*args.same), same_machine_why=args.why)
+        if args.other:
+            out["other_threads"] = compare_runs(*args.other)
+        if args.machines:
+            out["other_machine"] = compare_machines(*args.machines, *args.labels)
+        if "same_machine" not in out:
+            parser.error(f"{path} has no same-machine comparison yet: give --same A B")
+        print("wrote", write_json(path, out))
         return 0
     if args.command == "aggregate":
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()] or available_seeds(args.profile_dir)
