@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .build import image_to_array, log, read_manifest, record_in_manifest, save_npy
+from .build import image_to_array, log, record_in_manifest, save_npy
 
 SIZE = 32  # every stored pool is RGB 32 x 32 (data_full.POOL_SHAPE)
 STANDIN_SEED = 2024  # crops of pool k use seed STANDIN_SEED + k (k: index in STANDINS)
@@ -110,9 +110,11 @@ def photo_crops(photos: Sequence[str], n: int, seed: int, scale: tuple[float, fl
 
 
 def is_stand_in(root: Path, path: Path) -> bool:
-    """Whether ``manifest.json`` under ``root`` marks the file ``path`` as a stand-in."""
-    rel = Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
-    return bool(read_manifest(root)["files"].get(rel, {}).get("stand_in", False))
+    """Whether ``manifest.json`` under ``root`` marks the file ``path`` as a stand-in
+    (:func:`cip_helpers.course.data_full.is_stand_in`, which warns when a run reads one)."""
+    from cip_helpers.course.data_full import is_stand_in as marked
+
+    return marked(root, path)
 
 
 def build_standin(root: Path, name: str, n: int | None = None, force: bool = False) -> Path:

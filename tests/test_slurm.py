@@ -47,6 +47,43 @@ def test_job_resources_come_from_the_profile():
         get_profile("smoke", job_minutes=0)
 
 
+def test_every_job_asks_for_its_own_resources(monkeypatch, tmp_path):
+    """submitit keeps parameters across update_parameters calls: a GPU asked for by one notebook
+    must not carry over to the next seed's CPU-only 00 (one executor per job)."""
+    import submitit
+
+    asked: list[dict] = []
+
+    class Recorder:
+        def __init__(self, folder, python):
+            self.params: dict = {}
+
+        def update_parameters(self, **kwargs):
+            self.params.update(kwargs)
+
+        def submit(self, fn, *args):
+            asked.append(dict(self.params))
+            job = type("J", (), {})()
+            job.job_id = str(len(asked))
+            job.paths = type("P", (), {"result_pickle": tmp_path / "none"})()
+            return job
+
+    monkeypatch.setattr(submitit, "SlurmExecutor", Recorder)
+    monkeypatch.setattr(cluster, "_wait", lambda submitted, *rest: (True, ""))
+    books = [b for b in run.list_notebooks() if b.name[:2] in ("00", "01", "02")]
+    jobs = run.schedule(books, [0, 1], jobs=2)
+    cfg = {s: get_profile("full", job_gpus=1, seed=s) for s in (0, 1)}
+    assert cluster.run_jobs_slurm(jobs, "full", {}, cfg, 0, tmp_path, say=lambda s: None) == (True, "")
+    by_name = {a["job_name"]: a for a in asked}
+    job_id = {a["job_name"]: str(i + 1) for i, a in enumerate(asked)}  # the recorder's ids, in order
+    assert set(by_name) == {f"cip-full-s{s}-{n}" for s in (0, 1) for n in ("00", "01", "02")}
+    for s in (0, 1):
+        assert "gpus_per_node" not in by_name[f"cip-full-s{s}-00"] and by_name[f"cip-full-s{s}-00"]["dependency"] is None
+        assert by_name[f"cip-full-s{s}-01"]["gpus_per_node"] == 1 and by_name[f"cip-full-s{s}-01"]["cpus_per_task"] == 2
+        assert by_name[f"cip-full-s{s}-02"]["dependency"] == f"afterok:{job_id[f'cip-full-s{s}-01']}"
+        assert by_name[f"cip-full-s{s}-02"]["additional_parameters"] == {"kill_on_invalid_dep": "yes"}
+
+
 def test_jobs_are_submitted_after_their_prerequisites():
     jobs = run.schedule(run.list_notebooks(), [0, 1], jobs=2)
     order = cluster._topological(jobs)

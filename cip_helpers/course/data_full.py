@@ -19,6 +19,8 @@ the whole file); :func:`load_pool_array` converts them to the ID image size and 
 """
 from __future__ import annotations
 
+import json
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -184,6 +186,18 @@ def convert_images(x: Tensor, image_size: int, channels: int) -> Tensor:
     return out
 
 
+def is_stand_in(root: Path, path: Path) -> bool:
+    """Whether ``root/manifest.json`` marks ``path`` (under ``root``) as a stand-in (written by
+    ``python -m data_prep.standins``). False without a manifest or an entry."""
+    manifest = Path(root) / "manifest.json"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        rel = Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return bool(files.get(rel, {}).get("stand_in", False))
+
+
 def load_pool_array(name: str, root: Path, image_size: int, channels: int, n: int,
                     seed: int) -> Tensor:
     """A seeded random subset of ``n`` images (``n=0``: all) of pool ``name`` (``outlier``,
@@ -198,6 +212,10 @@ def load_pool_array(name: str, root: Path, image_size: int, channels: int, n: in
     root = Path(root)
     path = pool_path(root, name)
     arr = open_pool_file(path, name, root)
+    if is_stand_in(root, path):
+        warnings.warn(f"{path} is a STAND-IN pool (python -m data_prep.standins: crops of scikit-image's "
+                      f"photos), not the paper's {name} pool: results on it only show that the code runs. "
+                      f"Lay out the real pool with {fetch_command(name, root)}", UserWarning, stacklevel=2)
     available = len(arr)
     if n > available:
         raise ValueError(f"{name}: asked for {n} images but {path} holds only {available}; "

@@ -9,7 +9,7 @@ seed) becomes one SLURM job; its prerequisites become ``--dependency=afterok:<id
 run when a prerequisite fails, while jobs that do not depend on the failure (other seeds) go on.
 Inside its allocation a job runs the very worker command the local scheduler runs
 (``python -m cip_helpers.tools.run --worker ...``) with the same thread environment, so the
-numbers do not depend on the executor (``tests/test_slurm.py`` compares the two on smoke).
+numbers do not depend on the executor (``tests/test_notebooks.py`` compares the two on smoke).
 
 Resources per job come from the profile (:class:`JobResources`). The driver stays in the
 foreground: it waits for every job, prints each as it ends, and reports a failed, timed-out or
@@ -34,9 +34,9 @@ from typing import Any, Callable
 CPU_ONLY = ("00",)
 """Notebooks that never need a GPU (the orientation reads committed results only)."""
 
-GONE_POLLS = 3
-"""Polls a job must be out of the queue without a result file before it counts as ended without
-a result (a shared filesystem may show the result file a little late)."""
+GONE_SECONDS = 30.0
+"""How long a job must be out of the queue without a result file before it counts as ended
+without a result (a shared filesystem may show the result file late; submitit waits 15 s)."""
 
 
 @dataclass(frozen=True)
@@ -81,11 +81,18 @@ def run_worker_job(arg: str, env: dict[str, str]) -> float:
     from .run import failure_reason
 
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "cip_helpers.tools.run", "--worker", arg],
-                          env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    sys.stderr.write(proc.stderr)  # into the job's log
-    if proc.returncode != 0:
-        raise JobFailed(failure_reason(proc.stderr, proc.returncode))
+    proc = subprocess.Popen([sys.executable, "-m", "cip_helpers.tools.run", "--worker", arg],
+                            env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:  # into the job's log as it comes, so a job killed midway still shows it
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        lines.append(line)
+    if proc.wait() != 0:
+        why = failure_reason("".join(lines), proc.returncode)
+        if proc.returncode == -9:
+            why += " (SIGKILL: out of memory? raise --set job_mem_gb=GB)"
+        raise JobFailed(why)
     return round(time.perf_counter() - start, 1)
 
 
@@ -105,8 +112,11 @@ def slurm_available() -> str:
 
 
 def _queued(job_ids: list[str]) -> dict[str, tuple[str, str]]:
-    """job id -> (state, reason) of those of ``job_ids`` still in the queue."""
-    proc = subprocess.run(["squeue", "-h", "-o", "%i|%T|%r"], capture_output=True, text=True)
+    """job id -> (state, reason) of those of ``job_ids`` still in the queue (one ``squeue`` call
+    for this user's jobs)."""
+    import getpass
+
+    proc = subprocess.run(["squeue", "-h", "-u", getpass.getuser(), "-o", "%i|%T|%r"], capture_output=True, text=True)
     if proc.returncode != 0:  # a busy controller: treat every job as still there, ask again later
         return {j: ("UNKNOWN", "") for j in job_ids}
     rows = dict(line.strip().split("|", 1) for line in proc.stdout.splitlines() if "|" in line)
@@ -123,7 +133,7 @@ def _final_state(job_id: str) -> tuple[str, str]:
 
 
 def run_jobs_slurm(job_list: list, profile: str, overrides: dict, cfg_for: dict, cell_timeout: int,
-                   folder: Path, poll: float = 2.0,
+                   folder: Path, poll: float = 5.0,
                    say: Callable[[str], None] = lambda s: print(s, flush=True)) -> tuple[bool, str]:
     """Submit ``job_list`` (:class:`cip_helpers.tools.run.Job`, prerequisites in ``needs``) to
     SLURM with submitit, wait for all, and fill each job's ``seconds``. Returns ``(ok, message)``;
@@ -135,7 +145,6 @@ def run_jobs_slurm(job_list: list, profile: str, overrides: dict, cfg_for: dict,
 
     logging.getLogger("submitit").setLevel(logging.ERROR)  # its sacct fallback warning: we never call sacct
     folder.mkdir(parents=True, exist_ok=True)
-    executor = submitit.SlurmExecutor(folder=folder / "%j", python=sys.executable)
     submitted: dict[tuple[int, str], Any] = {}
     minutes: dict[tuple[int, str], int] = {}
     by_key = {j.key: j for j in job_list}
@@ -144,6 +153,9 @@ def run_jobs_slurm(job_list: list, profile: str, overrides: dict, cfg_for: dict,
             res = JobResources.of(cfg_for[job.seed], job.stem, job.threads)
             minutes[job.key] = res.minutes
             deps = sorted(submitted[k].job_id for k in job.needs)
+            # a fresh executor per job: submitit keeps parameters across update_parameters calls, so
+            # one executor would carry a GPU request over to a CPU-only notebook
+            executor = submitit.SlurmExecutor(folder=folder / "%j", python=sys.executable)
             executor.update_parameters(job_name=f"cip-{profile}-s{job.seed}-{job.stem[:2] if job.task is None else job.task}",
                                        dependency=("afterok:" + ":".join(deps)) if deps else None,
                                        additional_parameters={"kill_on_invalid_dep": "yes"} if deps else {},
@@ -185,7 +197,7 @@ def _timeout(minutes: int) -> str:
 def _wait(submitted: dict, by_key: dict, minutes: dict, poll: float,
           say: Callable[[str], None]) -> tuple[bool, str]:
     open_keys = set(submitted)
-    gone = {key: 0 for key in submitted}
+    gone: dict = {}
     failures: list[str] = []
     cancelled: list[str] = []
     while open_keys:
@@ -206,12 +218,11 @@ def _wait(submitted: dict, by_key: dict, minutes: dict, poll: float,
                     continue
                 say(f"  done   seed {job.seed} {job.label} in {job.seconds:.1f} s (SLURM job {sj.job_id})")
             elif sj.job_id not in queued:
-                gone[key] += 1
-                if gone[key] < GONE_POLLS:
+                if time.monotonic() - gone.setdefault(key, time.monotonic()) < GONE_SECONDS:
                     continue
                 open_keys.discard(key)
                 state, reason = _final_state(sj.job_id)
-                if "Dependency" in reason or (state == "CANCELLED" and not sj.paths.stderr.exists()):
+                if "Dependency" in reason:  # --kill-on-invalid-dep: DependencyNeverSatisfied
                     cancelled.append(f"seed {job.seed} {job.label}")
                     say(f"  cancelled seed {job.seed} {job.label}: a prerequisite failed")
                 elif state == "TIMEOUT":
