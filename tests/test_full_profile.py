@@ -189,6 +189,7 @@ def full_profile_data_root(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*is a STAND-IN pool:UserWarning")  # on purpose: stand-ins are all there is
 def test_issue29_full_profile_chain_runs_on_real_fashionmnist(full_profile_data_root, tmp_path, monkeypatch):
     """Notebooks 01, 02, 03, 07, 08, 09 and 10 of ``paper-fmnist`` (the full profile on
     Fashion-MNIST) through the runner, to the end, on the real Fashion-MNIST and the stand-in
