@@ -76,15 +76,6 @@ def _cost_table():
     return module
 
 
-def _clear_data_caches() -> None:
-    """The course's data caches are keyed by sizes, not by the data root: clear them around a
-    test that points CIP_DATA_ROOT elsewhere."""
-    from cip_helpers.course import data
-
-    for f in (data._id_data, data._query_pool, data._cached_pool):
-        f.cache_clear()
-
-
 # ----------------------------------------------------------------------------- paper-fmnist
 
 
@@ -136,18 +127,20 @@ def test_issue29_standin_pools_are_in_the_stored_format_and_marked(tmp_path, mon
     assert {name: sha256_file(p) for name, p in paths.items()} == before
     # the full profile's loader converts them to the ID format (28 x 28 gray for Fashion-MNIST)
     monkeypatch.setenv("CIP_DATA_ROOT", str(tmp_path))
-    _clear_data_caches()
-    try:
-        cfg = get_profile("paper-fmnist", n_outlier=0, n_knockoff=5, n_textures=0)
-        with pytest.warns(UserWarning, match="STAND-IN pool .* not the paper's outlier pool"):  # a run says so
-            x = data.query_pool(cfg, "outlier")
-        assert x.shape == (12, 1, 28, 28) and x.dtype.is_floating_point and 0 <= float(x.min()) <= float(x.max()) <= 1
-        with pytest.warns(UserWarning, match="STAND-IN"):
-            assert data.query_pool(cfg, "knockoff").shape == (5, 1, 28, 28)
-        with pytest.warns(UserWarning, match="STAND-IN"):
-            assert data.query_pool(cfg, "textures").shape == (6, 1, 28, 28)
-    finally:
-        _clear_data_caches()
+    cfg = get_profile("paper-fmnist", n_outlier=0, n_knockoff=5, n_textures=0)
+    with pytest.warns(UserWarning, match="STAND-IN pool .* not the paper's outlier pool"):  # a run says so
+        x = data.query_pool(cfg, "outlier")
+    assert x.shape == (12, 1, 28, 28) and x.dtype.is_floating_point and 0 <= float(x.min()) <= float(x.max()) <= 1
+    with pytest.warns(UserWarning, match="STAND-IN"):
+        assert data.query_pool(cfg, "knockoff").shape == (5, 1, 28, 28)
+    with pytest.warns(UserWarning, match="STAND-IN"):
+        assert data.query_pool(cfg, "textures").shape == (6, 1, 28, 28)
+    # another data root in the same process is read anew, not served from the cache of the first
+    other = tmp_path / "other"
+    standins.build_standins(other, {"outlier": 7, "knockoff": 8, "textures": 6})
+    monkeypatch.setenv("CIP_DATA_ROOT", str(other))
+    with pytest.warns(UserWarning, match=f"{other}.*STAND-IN"):
+        assert data.query_pool(cfg, "outlier").shape == (7, 1, 28, 28)
 
 
 def test_issue29_a_standin_never_replaces_a_real_pool_and_fetch_replaces_a_standin(tmp_path, capsys):
@@ -215,7 +208,6 @@ def test_issue29_full_profile_chain_runs_on_real_fashionmnist(full_profile_data_
     sets = [a for k, v in SHRINK.items() for a in ("--set", f"{k}={v}")]
     assert run.main(["--profile", "paper-fmnist", "--only", ",".join(CHAIN), *sets]) == 0
 
-    _clear_data_caches()
     cfg = get_profile("paper-fmnist", **{k: config.coerce_field(k, v) for k, v in SHRINK.items()})
     out = cfg.results_dir
     executed = sorted(p.name[:2] for p in (out / "executed").glob("*.ipynb"))
@@ -314,7 +306,6 @@ def test_issue29_full_profile_chain_runs_on_real_fashionmnist(full_profile_data_
     spec, _, state = load_checkpoint(out / wrn["surrogate_checkpoint"])
     assert (spec["arch"], spec["input_shape"], spec["lr_schedule"]) == ("wrn28_10", [1, 28, 28], "step")
     assert sum(v.numel() for k, v in state.items() if k.endswith("weight")) > 30_000_000  # WRN-28-10: 36.5M
-    _clear_data_caches()
 
 
 # ----------------------------------------------------------------------------- cost table

@@ -143,18 +143,19 @@ def _embedded_mnist() -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 def id_data(cfg: Profile) -> IDData:
     """The ID data of ``cfg``: victim-train, test and the class-balanced half/attacker split."""
-    return _id_data(cfg.dataset, cfg.n_train, cfg.n_test)
+    root = "" if cfg.dataset == "mnist_embedded" else str(data_root())  # in the cache key: a new
+    return _id_data(cfg.dataset, cfg.n_train, cfg.n_test, root)       # CIP_DATA_ROOT reads anew
 
 
 @functools.lru_cache(maxsize=4)
-def _id_data(dataset: str, n_train: int, n_test: int) -> IDData:
+def _id_data(dataset: str, n_train: int, n_test: int, root: str = "") -> IDData:
     if dataset == "mnist_embedded":
         train_x, train_y, test_x, test_y = _embedded_mnist()
         classes = MNIST_CLASSES
     else:
         from . import data_full
 
-        tx, ty, vx, vy, classes = data_full.load_id_arrays(dataset, data_root())
+        tx, ty, vx, vy, classes = data_full.load_id_arrays(dataset, Path(root) if root else data_root())
         train_x, test_x = tx.float().div_(255), vx.float().div_(255)
         train_y, test_y = ty.long(), vy.long()
     keep = stratified_subset(train_y, n_train, SPLIT_SEED)
@@ -341,7 +342,8 @@ def query_pool(cfg: Profile, name: str) -> Tensor:
     source = _pool_source(cfg, name)
     if source in ("embedded", "characters", "mnist_digits"):
         return _cached_pool(str(cfg.profile_dir / "cache"), cfg.dataset, name, n, cfg.seed, source)
-    return _query_pool(cfg.dataset, name, n, cfg.seed, source)
+    # the data root is part of the cache key of stored pools: a new CIP_DATA_ROOT reads anew
+    return _query_pool(cfg.dataset, name, n, cfg.seed, source, str(data_root()) if source == "stored" else "")
 
 
 def _pool_source(cfg: Profile, name: str) -> str:
@@ -402,7 +404,7 @@ def _pool_size(cfg: Profile, name: str) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def _query_pool(dataset: str, name: str, n: int, seed: int, source: str) -> Tensor:
+def _query_pool(dataset: str, name: str, n: int, seed: int, source: str, root: str = "") -> Tensor:
     c, h, _ = _id_data_shape(dataset)
     pool_seed = _pool_seed(name, seed)
     if name == "near":
@@ -434,7 +436,7 @@ def _query_pool(dataset: str, name: str, n: int, seed: int, source: str) -> Tens
         raise ValueError(f"unknown pool source {source!r}; choose 'embedded' or 'stored'")
     from . import data_full
 
-    return data_full.load_pool_array(name, data_root(), h, c, n, pool_seed).float().div_(255)
+    return data_full.load_pool_array(name, Path(root) if root else data_root(), h, c, n, pool_seed).float().div_(255)
 
 
 def _pool_seed(name: str, seed: int) -> int:
