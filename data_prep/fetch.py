@@ -24,12 +24,11 @@ from typing import Any
 
 from cip_helpers.course.config import data_root
 from cip_helpers.course.data_full import (DATASETS, OUTLIER_SOURCE_NAME, fetch_command, id_path,
-                                   open_pool_file, pool_path, read_id_file)
+                                   is_stand_in, open_pool_file, pool_path, read_id_file)
 
 from .build import (FittedLoader, atomic_path, build_dataset_pool, build_image_folder_pool,
                     convert_torchvision_split, copy_outlier_file, log, read_manifest,
                     record_in_manifest)
-from .standins import is_stand_in
 
 OUTLIER_URL = "https://people.eecs.berkeley.edu/~hendrycks/300K_random_images.npy"
 OUTLIER_N = 300_000
@@ -101,8 +100,9 @@ def _manual_hint(what: str, root: Path, err: BaseException) -> FetchError:
 
 
 def _replacing_stand_in(root: Path, path: Path, name: str) -> bool:
-    """Whether the existing pool file ``path`` is a stand-in (:func:`data_prep.standins.is_stand_in`),
-    which a real fetch step replaces instead of skipping (saying so)."""
+    """Whether the existing pool file ``path`` is a stand-in
+    (:func:`cip_helpers.course.data_full.is_stand_in`), which a real fetch step replaces instead of
+    skipping (saying so)."""
     if not is_stand_in(root, path):
         return False
     log(f"[{name}] {path} is a STAND-IN (data_prep.standins): replacing it with the real pool")

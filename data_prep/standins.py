@@ -19,9 +19,9 @@ contained them would teach the detector that they are OOD.
 
 **They are stand-ins, not the paper's data**: numbers computed on them say nothing about the
 paper. ``manifest.json`` marks each file ``"stand_in": true`` with what it stands in for and
-what it was made from; :func:`is_stand_in` reads that mark. A real pool is never replaced by a
-stand-in (the step skips it), and ``python -m data_prep.fetch`` replaces a stand-in by the real
-pool instead of skipping it.
+what it was made from; :func:`cip_helpers.course.data_full.is_stand_in` reads that mark (and a
+run that reads a stand-in warns). A real pool is never replaced by a stand-in (the step skips
+it), and ``python -m data_prep.fetch`` replaces a stand-in by the real pool instead of skipping it.
 
     python -m data_prep.standins                     # 3,000 / 2,000 / 600 images under the data root
     python -m data_prep.standins --root /tmp/d --n-outlier 512 --n-knockoff 256 --n-textures 64
@@ -109,20 +109,12 @@ def photo_crops(photos: Sequence[str], n: int, seed: int, scale: tuple[float, fl
     return out
 
 
-def is_stand_in(root: Path, path: Path) -> bool:
-    """Whether ``manifest.json`` under ``root`` marks the file ``path`` as a stand-in
-    (:func:`cip_helpers.course.data_full.is_stand_in`, which warns when a run reads one)."""
-    from cip_helpers.course.data_full import is_stand_in as marked
-
-    return marked(root, path)
-
-
 def build_standin(root: Path, name: str, n: int | None = None, force: bool = False) -> Path:
     """Write the stand-in for pool ``name`` (``outlier``, ``knockoff`` or ``textures``) with ``n``
     images (default ``STANDINS[name].n``) to ``<root>/pools/<name>.npy`` atomically and record it
     in the manifest as a stand-in. An existing REAL pool (no stand-in mark) is never replaced;
     an existing stand-in with the same image count is kept unless ``force``. Returns the path."""
-    from cip_helpers.course.data_full import open_pool_file, pool_path
+    from cip_helpers.course.data_full import is_stand_in, open_pool_file, pool_path
 
     if name not in STANDINS:
         raise ValueError(f"unknown pool {name!r}; choose one of {sorted(STANDINS)}")

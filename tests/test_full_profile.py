@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cip_helpers.course import config
+from cip_helpers.course import config, data_full
 from cip_helpers.course.config import DEFAULT_PBD_FRACTION, REPO_ROOT, get_profile
 from data_prep import fetch, standins
 
@@ -100,7 +100,7 @@ def test_issue29_paper_fmnist_is_the_full_profile_on_the_whole_fashionmnist():
 
 
 def test_issue29_standin_pools_are_in_the_stored_format_and_marked(tmp_path, monkeypatch):
-    from cip_helpers.course import data, data_full
+    from cip_helpers.course import data
     from data_prep.build import read_manifest, sha256_file
 
     assert {k: s.photos for k, s in standins.STANDINS.items()} == {
@@ -118,7 +118,7 @@ def test_issue29_standin_pools_are_in_the_stored_format_and_marked(tmp_path, mon
         assert entry["stand_in"] is True and "STAND-IN" in entry["source"]
         assert entry["stands_in_for"] == standins.STANDINS[name].stands_for
         assert entry["made_from"] == [f"skimage.data.{p}" for p in standins.STANDINS[name].photos]
-        assert entry["sha256"] == sha256_file(paths[name]) and standins.is_stand_in(tmp_path, paths[name])
+        assert entry["sha256"] == sha256_file(paths[name]) and data_full.is_stand_in(tmp_path, paths[name])
     # the outlier and Knockoff stand-ins share no photograph (the defender cannot know the thief's images)
     assert not set(standins.STANDINS["outlier"].photos) & set(standins.STANDINS["knockoff"].photos)
     # deterministic: a forced rebuild writes the same bytes
@@ -150,7 +150,7 @@ def test_issue29_a_standin_never_replaces_a_real_pool_and_fetch_replaces_a_stand
     real = save_npy(np.full((3, 3, 32, 32), 7, np.uint8), tmp_path / "pools" / "textures.npy")
     record_in_manifest(tmp_path, real, pool="textures", shape=[3, 3, 32, 32], source="DTD")
     standins.build_standin(tmp_path, "textures", n=5)
-    assert np.load(real).shape == (3, 3, 32, 32) and not standins.is_stand_in(tmp_path, real)
+    assert np.load(real).shape == (3, 3, 32, 32) and not data_full.is_stand_in(tmp_path, real)
     assert "is a real pool" in capsys.readouterr().out
     # a stand-in is replaced by the real file on the next fetch step (not skipped as "exists")
     path = standins.build_standin(tmp_path, "outlier", n=4)
@@ -159,12 +159,12 @@ def test_issue29_a_standin_never_replaces_a_real_pool_and_fetch_replaces_a_stand
     np.save(src, np.arange(5 * 32 * 32 * 3, dtype=np.uint64).astype(np.uint8).reshape(5, 32, 32, 3))
     fetch.fetch_outlier(tmp_path, src, expected_n=5)
     assert "replacing it with the real pool" in capsys.readouterr().out
-    assert np.load(path).shape == (5, 3, 32, 32) and not standins.is_stand_in(tmp_path, path)
+    assert np.load(path).shape == (5, 3, 32, 32) and not data_full.is_stand_in(tmp_path, path)
     entry = read_manifest(tmp_path)["files"]["pools/outlier.npy"]
     assert "stand_in" not in entry and entry["sha256"] == sha256_file(path)
     assert standins.main(["--root", str(tmp_path), "--n-outlier", "3", "--n-knockoff", "3", "--n-textures", "3"]) == 0
-    assert not standins.is_stand_in(tmp_path, path)  # the real outlier pool stayed
-    assert standins.is_stand_in(tmp_path, tmp_path / "pools" / "knockoff.npy")
+    assert not data_full.is_stand_in(tmp_path, path)  # the real outlier pool stayed
+    assert data_full.is_stand_in(tmp_path, tmp_path / "pools" / "knockoff.npy")
 
 
 # ----------------------------------------------------------------------------- the chain, real data
@@ -197,7 +197,7 @@ def test_issue29_full_profile_chain_runs_on_real_fashionmnist(full_profile_data_
     that counts follow the profile (queries, T from the fraction, DFME's budget)."""
     import torch
 
-    from cip_helpers.course import attacks, data, data_full, dfme
+    from cip_helpers.course import attacks, data, dfme
     from cip_helpers.course.store import load_checkpoint, read_json
     from cip_helpers.method.digests import tensor_sha256
     from cip_helpers.tools import report, run

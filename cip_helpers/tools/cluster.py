@@ -111,17 +111,14 @@ def slurm_available() -> str:
     return ""
 
 
-def _queued(job_ids: list[str]) -> dict[str, tuple[str, str]]:
-    """job id -> (state, reason) of those of ``job_ids`` still in the queue (one ``squeue`` call
-    for this user's jobs)."""
+def _queued(job_ids: list[str]) -> set[str]:
+    """Those of ``job_ids`` still in the queue (one ``squeue`` call for this user's jobs)."""
     import getpass
 
-    proc = subprocess.run(["squeue", "-h", "-u", getpass.getuser(), "-o", "%i|%T|%r"], capture_output=True, text=True)
+    proc = subprocess.run(["squeue", "-h", "-u", getpass.getuser(), "-o", "%i"], capture_output=True, text=True)
     if proc.returncode != 0:  # a busy controller: treat every job as still there, ask again later
-        return {j: ("UNKNOWN", "") for j in job_ids}
-    rows = dict(line.strip().split("|", 1) for line in proc.stdout.splitlines() if "|" in line)
-    wanted = set(job_ids)
-    return {j: tuple(v.split("|", 1)) if "|" in v else (v, "") for j, v in rows.items() if j in wanted}
+        return set(job_ids)
+    return set(proc.stdout.split()) & set(job_ids)
 
 
 def _final_state(job_id: str) -> tuple[str, str]:
@@ -146,17 +143,15 @@ def run_jobs_slurm(job_list: list, profile: str, overrides: dict, cfg_for: dict,
     logging.getLogger("submitit").setLevel(logging.ERROR)  # its sacct fallback warning: we never call sacct
     folder.mkdir(parents=True, exist_ok=True)
     submitted: dict[tuple[int, str], Any] = {}
-    minutes: dict[tuple[int, str], int] = {}
     by_key = {j.key: j for j in job_list}
     try:
         for job in _topological(job_list):
             res = JobResources.of(cfg_for[job.seed], job.stem, job.threads)
-            minutes[job.key] = res.minutes
             deps = sorted(submitted[k].job_id for k in job.needs)
             # a fresh executor per job: submitit keeps parameters across update_parameters calls, so
             # one executor would carry a GPU request over to a CPU-only notebook
             executor = submitit.SlurmExecutor(folder=folder / "%j", python=sys.executable)
-            executor.update_parameters(job_name=f"cip-{profile}-s{job.seed}-{job.stem[:2] if job.task is None else job.task}",
+            executor.update_parameters(job_name=f"cip-{profile}-s{job.seed}-{job.key[1]}",
                                        dependency=("afterok:" + ":".join(deps)) if deps else None,
                                        additional_parameters={"kill_on_invalid_dep": "yes"} if deps else {},
                                        **res.slurm_parameters())
@@ -165,7 +160,7 @@ def run_jobs_slurm(job_list: list, profile: str, overrides: dict, cfg_for: dict,
                                                  worker_env(job.threads))
             say(f"  submit seed {job.seed} {job.label}: SLURM job {submitted[job.key].job_id}"
                 + (f" (after {', '.join(deps)})" if deps else ""))
-        return _wait(submitted, by_key, minutes, poll, say)
+        return _wait(submitted, by_key, cfg_for, poll, say)
     except BaseException:
         live = [s.job_id for s in submitted.values() if not s.paths.result_pickle.exists()]
         if live:
@@ -194,12 +189,17 @@ def _timeout(minutes: int) -> str:
             f"--set job_minutes=MINUTES)")
 
 
-def _wait(submitted: dict, by_key: dict, minutes: dict, poll: float,
+def _wait(submitted: dict, by_key: dict, cfg_for: dict, poll: float,
           say: Callable[[str], None]) -> tuple[bool, str]:
     open_keys = set(submitted)
     gone: dict = {}
     failures: list[str] = []
     cancelled: list[str] = []
+
+    def fail(sj: Any, job: Any, what: str, tag: str) -> None:
+        failures.append(f"{job.label} (seed {job.seed}) {what}; SLURM job {sj.job_id}, log {sj.paths.stderr}")
+        say(f"  {tag} seed {job.seed} {job.label} (SLURM job {sj.job_id})")
+
     while open_keys:
         time.sleep(poll)
         queued = _queued([submitted[k].job_id for k in open_keys])
@@ -211,10 +211,9 @@ def _wait(submitted: dict, by_key: dict, minutes: dict, poll: float,
                     job.seconds = sj.result()
                 except Exception as exc:  # noqa: BLE001 - the job's own error, reported below
                     why = _job_error(_traceback(sj, exc))  # a job signalled at its limit ends "timed-out"
-                    what = _timeout(minutes[key]) if "timed-out" in why else f"failed in {why}"
-                    failures.append(f"{job.label} (seed {job.seed}) {what}; SLURM job {sj.job_id}, "
-                                    f"log {sj.paths.stderr}")
-                    say(f"  FAILED seed {job.seed} {job.label} (SLURM job {sj.job_id})")
+                    timed_out = "timed-out" in why
+                    fail(sj, job, _timeout(cfg_for[job.seed].job_minutes) if timed_out else f"failed in {why}",
+                         "TIMEOUT" if timed_out else "FAILED")
                     continue
                 say(f"  done   seed {job.seed} {job.label} in {job.seconds:.1f} s (SLURM job {sj.job_id})")
             elif sj.job_id not in queued:
@@ -226,14 +225,10 @@ def _wait(submitted: dict, by_key: dict, minutes: dict, poll: float,
                     cancelled.append(f"seed {job.seed} {job.label}")
                     say(f"  cancelled seed {job.seed} {job.label}: a prerequisite failed")
                 elif state == "TIMEOUT":
-                    failures.append(f"{job.label} (seed {job.seed}) {_timeout(minutes[key])}; SLURM job "
-                                    f"{sj.job_id}, log {sj.paths.stderr}")
-                    say(f"  TIMEOUT seed {job.seed} {job.label} (SLURM job {sj.job_id})")
+                    fail(sj, job, _timeout(cfg_for[job.seed].job_minutes), state)
                 else:
-                    failures.append(f"{job.label} (seed {job.seed}) ended {state}"
-                                    + (f" ({reason})" if reason and reason != "None" else "")
-                                    + f" without a result; SLURM job {sj.job_id}, log {sj.paths.stderr}")
-                    say(f"  {state} seed {job.seed} {job.label} (SLURM job {sj.job_id})")
+                    fail(sj, job, f"ended {state}" + (f" ({reason})" if reason and reason != "None" else "")
+                         + " without a result", state)
     if not failures and not cancelled:
         return True, ""
     lines = failures + ([f"not run, a prerequisite failed: {', '.join(cancelled)}"] if cancelled else [])
