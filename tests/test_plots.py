@@ -145,7 +145,7 @@ def test_plots_is_the_single_source_of_defense_colours():
 
 def test_defense_color_accepts_labels_and_rejects_others():
     c = plots.DEFENSE_COLORS
-    assert list(c) == ["none", "oe", "dp", "dawn", "cip"] and len(set(c.values())) == 5
+    assert list(c) == ["none", "oe", "dp", "dawn", "cip", "am"] and len(set(c.values())) == 6
     for label, key in [("cip", "cip"), ("CIP", "cip"), ("dp, soft", "dp"), ("DAWN r=1", "dawn"),
                        ("undefended", "none"), ("OE only", "oe"), ("none: test accuracy", "none"),
                        ("dp_victim-grad", "dp"), ("  Dawn hard ", "dawn")]:

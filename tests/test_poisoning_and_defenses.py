@@ -114,7 +114,8 @@ def query_images(n: int, seed: int = 0) -> Tensor:
 
 
 class TableModel(nn.Module):
-    """Returns ``table[i]`` for an image whose pixel (0, 0, 0) is i / (len(table) - 1), so tests
+    """Returns ``table[i]`` for an image whose pixel (0, 0, 0) is i / (len(table) - 1) (:meth:`images`
+    sets every pixel to it), so tests
     choose every logit (hence energies, probabilities and reliability scores) exactly."""
 
     def __init__(self, table: Tensor) -> None:
@@ -130,10 +131,10 @@ class TableModel(nn.Module):
         return self.table[idx]
 
     def images(self, idx: list[int] | Tensor) -> Tensor:
+        """Image i: every pixel i / (len(table) - 1), so distinct rows are distinct queries in
+        the defenses' canonical form too (a one-pixel code would be one query there)."""
         idx = torch.as_tensor(idx, dtype=torch.float32)
-        x = torch.zeros(len(idx), *SHAPE)
-        x[:, 0, 0, 0] = idx / (len(self.table) - 1)
-        return x
+        return (idx / (len(self.table) - 1)).reshape(-1, 1, 1, 1).expand(len(idx), *SHAPE).clone()
 
 
 def logits_with_energy(energy: float, k: int = 10, spread: float = 40.0) -> Tensor:

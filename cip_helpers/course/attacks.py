@@ -32,7 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from ..method.defenses import CIP, DAWN, Defense, TriggerSet
-from ..method.digests import tensor_sha256, weights_sha256
+from ..method.digests import QUERY_FORM, tensor_sha256, weights_sha256
+from ..method.misinformation import AdaptiveMisinformation
 from ..method.models import build_model, predict_logits, small_cnn
 from . import data, dfme, pipeline, training
 from .config import Profile
@@ -168,15 +169,16 @@ def dawn_rate_for(cfg: Profile, n_queries: int) -> float:
 
 def make_defense(cfg: Profile, name: str, split: str = "all", strong: str = "shuffle_noise",
                  pbd: str | None = "online", dawn_rate: float | None = None,
-                 pbd_T: float | None = None, p1: float | None = None, p2: float | None = None) -> Defense:
+                 pbd_T: float | None = None, p1: float | None = None, p2: float | None = None,
+                 am_score: str | None = None) -> Defense:
     """A FRESH defended API (empty trigger set) via :func:`pipeline.get_defense`;
     ``dawn_rate`` and ``pbd_T`` override ``cfg.dawn_rate`` and ``cfg.pbd_offline_T``, ``p1`` / ``p2``
-    the victim's E1 / E2 percentiles (ablations)."""
+    the victim's E1 / E2 percentiles (ablations), ``am_score`` AM's score (default ``cfg.am_score``)."""
     if dawn_rate is not None:
         cfg = dataclasses.replace(cfg, dawn_rate=dawn_rate)
     if pbd_T is not None:
         cfg = dataclasses.replace(cfg, pbd_offline_T=pbd_T)
-    return pipeline.get_defense(cfg, name, split, strong=strong, pbd=pbd, p1=p1, p2=p2)
+    return pipeline.get_defense(cfg, name, split, strong=strong, pbd=pbd, p1=p1, p2=p2, am_score=am_score)
 
 
 def defended_accuracy(cfg: Profile, split: str = "all", **defense_kwargs) -> float:
@@ -323,9 +325,14 @@ def check_record_keys(rec: dict, path: Path) -> None:
                          f"Delete it (rm '{path}') and re-run its attack notebook (07-10) if you need it")
 
 
-OE_DEFENSES = ("oe", "cip")
+OE_DEFENSES = ("oe", "cip", "am")
 """Defenses answered by the OE-tuned victim M'_V (checkpoint ``oe_victim_<split>.pt``); the others
-wrap the plain victim M_V (``victim_<split>.pt``)."""
+wrap the plain victim M_V (``victim_<split>.pt``). AM's answers also come from its misinformation
+model (``misinformation_<split>.pt``, :data:`SECOND_CHECKPOINTS`)."""
+
+SECOND_CHECKPOINTS = {"am": ("misinformation", "misinformation_sha256")}
+"""Defenses whose answers also come from a second model: the checkpoint stage and the record key
+holding the sha256 of its weights (:func:`check_record` compares both)."""
 
 
 def answering_checkpoint(defense: str) -> str:
@@ -334,21 +341,26 @@ def answering_checkpoint(defense: str) -> str:
 
 
 def check_record(cfg: Profile, rec: dict) -> None:
-    """Refuse a record made with other weights than the victim checkpoint now on disk.
+    """Refuse a record made with other weights than the checkpoints now on disk.
 
     The record's ``weights_sha256`` must equal the sha256 of the checkpoint that answered
-    (``oe_victim_<victim>.pt`` for CIP and OE-only, ``victim_<victim>.pt`` otherwise). Without the checkpoint
-    (a fresh clone reading committed JSON) there is nothing to compare and the record is kept.
-    Raises ``ValueError`` naming the command that re-runs the attack."""
-    stage = answering_checkpoint(rec.get("defense"))
-    path = cfg.checkpoint_dir / f"{stage}_{rec.get('victim', 'all')}.pt"
-    if not path.exists():
-        return
-    have = _checkpoint_sha256(str(path), path.stat().st_mtime_ns)
-    if rec.get("weights_sha256") != have:
-        raise ValueError(f"metrics/{rec.get('name')}.json was measured against other weights than "
-                         f"{path.name} now holds ({str(rec.get('weights_sha256'))[:16]}... vs "
-                         f"{have[:16]}...); " + _rerun_hint(cfg, rec))
+    (``oe_victim_<victim>.pt`` for CIP, OE-only and AM, ``victim_<victim>.pt`` otherwise); for AM
+    also ``misinformation_sha256`` that of ``misinformation_<victim>.pt`` (:data:`SECOND_CHECKPOINTS`).
+    Without a checkpoint (a fresh clone reading committed JSON) there is nothing to compare and
+    that check passes. Raises ``ValueError`` naming the command that re-runs the attack."""
+    split = rec.get("victim", "all")
+    checks = [(answering_checkpoint(rec.get("defense")), "weights_sha256")]
+    if rec.get("defense") in SECOND_CHECKPOINTS:
+        checks.append(SECOND_CHECKPOINTS[rec["defense"]])
+    for stage, key in checks:
+        path = cfg.checkpoint_dir / f"{stage}_{split}.pt"
+        if not path.exists():
+            continue
+        have = _checkpoint_sha256(str(path), path.stat().st_mtime_ns)
+        if rec.get(key) != have:
+            raise ValueError(f"metrics/{rec.get('name')}.json was measured against other weights than "
+                             f"{path.name} now holds ({str(rec.get(key))[:16]}... vs "
+                             f"{have[:16]}...); " + _rerun_hint(cfg, rec))
 
 
 # ----------------------------------------------------------------------------- one stealing run
@@ -434,12 +446,35 @@ def steal(cfg: Profile, attack: str, defense: str, queries: Tensor, label_type: 
         "dqa_ratio": None, "seed": cfg.seed, "routes": api.route_counts() if isinstance(api, CIP) else None,
         **kept, "routes_by_source": _routes_by_source(api, sources),
         "defense_kwargs": defense_kwargs, "surrogate_checkpoint": info["checkpoint"],
-        "surrogate_loaded": info["loaded"], **provenance(api.weights_sha256, queries, triggers, model),
+        "surrogate_loaded": info["loaded"], **_am_fields(cfg, split, api, keep),
+        **provenance(api.weights_sha256, queries, triggers, model, _second_weights(api)),
         **(extra or {}),
     }
     record["seconds"] = round(time.perf_counter() - start, 2)
     write_record(cfg, record, triggers)
     return record
+
+
+def _second_weights(api: Defense) -> str | None:
+    """The sha256 of an AM API's misinformation model (``None`` for the other defenses)."""
+    return api.misinformation_sha256 if isinstance(api, AdaptiveMisinformation) else None
+
+
+def _am_fields(cfg: Profile, split: str, api: Defense, answered: Tensor | None = None) -> dict:
+    """The record keys of an AM run (``{}`` for the other defenses): ``am_tau``, ``am_nu``,
+    ``am_score``; ``am_target_top1_change`` (the share of ID training images whose top-1 the served
+    CIP changes, what tau was calibrated to) and ``am_train_top1_change`` (the share AM changes,
+    :func:`pipeline.get_am_calibration`); given ``answered`` (a mask over the last call's queries),
+    ``am_misinformed``: the share of those answered with a > 0.5 (misinformation)."""
+    if not isinstance(api, AdaptiveMisinformation):
+        return {}
+    c = pipeline.get_am_calibration(cfg, split, api.score, verbose=False)
+    out = {"am_tau": api.tau, "am_nu": api.nu, "am_score": api.score,
+           "am_target_top1_change": c["target_top1_change"], "am_train_top1_change": c["top1_change"]}
+    if answered is not None and len(api.last_alpha) == len(answered):
+        alpha = api.last_alpha[answered]
+        out["am_misinformed"] = float((alpha > 0.5).double().mean()) if len(alpha) else None
+    return out
 
 
 def _trigger_set(api: Defense) -> TriggerSet | None:
@@ -484,16 +519,19 @@ def _routes_by_source(api: Defense, sources: Tensor | None) -> dict | None:
 
 
 def provenance(weights: str, queries: Tensor | None, triggers: TriggerSet | None,
-               surrogate: nn.Module) -> dict:
+               surrogate: nn.Module, misinformation: str | None = None) -> dict:
     """The content addresses of one run (sha256, hex): the weights that answered
     (``weights_sha256``, given), the transfer set (``queries_sha256``; ``None`` for DFME, whose
     queries are generated), the defender's trigger set (``triggers_sha256``, ``None`` without one)
-    and the surrogate's weights (``surrogate_sha256``). Readers of the record compare them with the
-    files at hand (:func:`check_record`, :func:`load_trigger_set`, :func:`load_surrogate`)."""
+    and the surrogate's weights (``surrogate_sha256``); for AM also its misinformation model's
+    weights (``misinformation_sha256``, given; the key only exists for AM). Readers of the record
+    compare them with the files at hand (:func:`check_record`, :func:`load_trigger_set`,
+    :func:`load_surrogate`)."""
     return {"weights_sha256": weights,
             "queries_sha256": tensor_sha256(queries) if queries is not None else None,
             "triggers_sha256": triggers_sha256(triggers) if triggers is not None else None,
-            "surrogate_sha256": weights_sha256(surrogate)}
+            "surrogate_sha256": weights_sha256(surrogate),
+            **({"misinformation_sha256": misinformation} if misinformation is not None else {})}
 
 
 def triggers_sha256(triggers: TriggerSet) -> str:
@@ -588,7 +626,8 @@ def cip_routes(cfg: Profile, queries: Tensor, split: str = "all", p1: float | No
 
 def run_knockoff(cfg: Profile, defense: str, label_type: str, n_queries: int | None = None,
                  verbose: bool = True, arch: str | None = None, pool: str = "photos",
-                 p1: float | None = None, branch: int | None = None, pbd: str = "offline_top_T") -> dict:
+                 p1: float | None = None, branch: int | None = None, pbd: str = "offline_top_T",
+                 am_score: str | None = None) -> dict:
     """KnockoffNets (Orekondy et al. 2019) against the ``all`` victim: unlabelled images from
     ``pool`` (:data:`KNOCKOFF_POOLS`), answers from ``defense``, a surrogate trained on them. CIP as
     in the authors' release (``knockoffnets/main.py``): strong PPD ``shuffle_noise`` and offline
@@ -603,16 +642,22 @@ def run_knockoff(cfg: Profile, defense: str, label_type: str, n_queries: int | N
     ``k`` (``scores.ROUTE_NAMES``; e.g. 1 = low-ES, where weak PPD answers). Mixed-pool records carry
     ``routes_by_source`` (CIP: routing counts per :data:`MIXED_SOURCES`). ``pbd="online"``: CIP as
     an owner serves it (online PBD, R1 from :func:`pipeline.get_thresholds`), setting
-    ``<...>_online``, a main row of its own beside the paper's offline top-T row.
+    ``<...>_online``, a main row of its own beside the paper's offline top-T row. AM (``am``):
+    tau calibrated to CIP's share of changed training answers (:func:`pipeline.get_am_calibration`);
+    ``am_score`` other than ``cfg.am_score`` is an ablation, setting ``_<score>`` (e.g. ``_energy``:
+    AM's answer behind CIP's energy score).
 
     Raises ``ValueError`` for an unknown pool or branch, a pool the data does not have (``mixed``
-    needs :func:`data.has_near_pool`) and more queries than the pool holds."""
+    needs :func:`data.has_near_pool`), more queries than the pool holds, and ``am_score`` for
+    another defense than ``am``."""
     from ..method.scores import ROUTE_NAMES
 
     if branch is not None and branch not in range(len(ROUTE_NAMES)):
         raise ValueError(f"branch must be one of 0, 1, 2 ({', '.join(ROUTE_NAMES)}), got {branch!r}")
     if p1 is not None and defense != "cip":
         raise ValueError(f"p1 sets CIP's E1; defense {defense!r} has no thresholds (use defense='cip')")
+    if am_score is not None and defense != "am":
+        raise ValueError(f"am_score sets AM's OOD score; defense {defense!r} is not AM (use defense='am')")
     _check_pbd(defense, pbd)
     queries, source = pool_queries(cfg, pool)
     n = len(queries) if n_queries is None else n_queries
@@ -629,6 +674,11 @@ def run_knockoff(cfg: Profile, defense: str, label_type: str, n_queries: int | N
     if p1 is not None:
         setting += f"_p1-{p1:g}"
         ablation = f"E1 at p1 = {p1:g}"
+    kwargs: dict = {}
+    if am_score is not None and am_score != cfg.am_score:
+        setting += f"_{am_score}"
+        ablation = f"AM with the {am_score} score"
+        kwargs["am_score"] = am_score
     if branch is not None:
         keep = cip_routes(cfg, queries, "all", p1) == branch
         if not bool(keep.any()):
@@ -636,7 +686,6 @@ def run_knockoff(cfg: Profile, defense: str, label_type: str, n_queries: int | N
         queries, source = queries[keep], (source[keep] if source is not None else None)
         setting += f"_branch{branch}"
         ablation = f"only the queries CIP routes {ROUTE_NAMES[branch]}"  # how many: the record's queries
-    kwargs: dict = {}
     if defense == "cip" and pbd == "online":
         kwargs = served_cip_kwargs("knockoff", p1)
     elif defense == "cip":
@@ -780,10 +829,16 @@ def run_dqa(cfg: Profile, defense: str, r: float, verbose: bool = True, pbd: str
 
 
 def defense_spec(cfg: Profile, defense: str, split: str = "all", strong: str = "shuffle_noise",
-                 pbd: str | None = "online", dawn_rate: float | None = None) -> dict:
+                 pbd: str | None = "online", dawn_rate: float | None = None, am_score: str | None = None) -> dict:
     """Every setting of a defended API, the sha256 of the wrapped model's weights included (and,
-    for CIP, the thresholds computed from them): the part of an interactive attack's checkpoint
-    key that the defense contributes, so a retrained victim never reuses a stale DFME student."""
+    for CIP, the thresholds computed from them; for AM, its misinformation model's sha256 and tau):
+    the part of an interactive attack's checkpoint key that the defense contributes, so a retrained
+    victim (or misinformation model) never reuses a stale DFME student."""
+    if defense == "am":
+        c = pipeline.get_am_calibration(cfg, split, am_score)
+        return {"name": "am", "weights_sha256": c["weights_sha256"],
+                "misinformation_sha256": c["misinformation_sha256"], "tau": c["tau"], "nu": c["nu"],
+                "score": c["score"], "T": c["T"]}
     if defense == "oe":
         _, info = pipeline.get_oe_victim(cfg, split, verbose=False)
         return {"name": "oe", "weights_sha256": info["weights_sha256"]}
@@ -792,7 +847,7 @@ def defense_spec(cfg: Profile, defense: str, split: str = "all", strong: str = "
         spec = {"name": "cip", "weights_sha256": t["weights_sha256"],
                 "E1": t["E1"], "E2": t["E2"], "R1": t["R1"], "T": t["T"], "strong": strong,
                 "pbd": pbd, "snr_db": cfg.snr_db, "beta": cfg.rs_beta, "gamma": cfg.rs_gamma,
-                "pbd_T": cfg.pbd_offline_T, "seed": cfg.seed}
+                "pbd_T": cfg.pbd_offline_T, "seed": cfg.seed, "keyed_on": _form_spec()}
         if pbd is not None:
             spec["pbd_answer"] = cfg.pbd_answer
         return spec
@@ -801,10 +856,17 @@ def defense_spec(cfg: Profile, defense: str, split: str = "all", strong: str = "
     if defense == "dp":
         spec.update(beta=cfg.rs_beta, gamma=cfg.rs_gamma)
     elif defense == "dawn":
-        spec.update(rate=cfg.dawn_rate if dawn_rate is None else dawn_rate, key=pipeline.dawn_key(cfg))
+        spec.update(rate=cfg.dawn_rate if dawn_rate is None else dawn_rate, key=pipeline.dawn_key(cfg),
+                    keyed_on=_form_spec())
     elif defense != "none":
         raise ValueError(f"unknown defense {defense!r}; choose one of {pipeline.DEFENSES}")
     return spec
+
+
+def _form_spec() -> dict:
+    """The canonical form CIP's and DAWN's random choices are keyed on (:data:`digests.QUERY_FORM`):
+    part of a defense's spec, since the same settings with another form give other answers."""
+    return {"levels": QUERY_FORM.levels, "pool": QUERY_FORM.pool}
 
 
 def run_dfme(cfg: Profile, defense: str, verbose: bool = True,
@@ -852,7 +914,8 @@ def run_dfme(cfg: Profile, defense: str, verbose: bool = True,
         "n_triggers": len(triggers) if triggers is not None else None, "dqa_ratio": None,
         "seed": cfg.seed, "defense_kwargs": kwargs, "curve": info["curve"],
         "attack_seconds": info["seconds"], "surrogate_checkpoint": str(info["path"].relative_to(cfg.results_dir)),
-        **provenance(spec["weights_sha256"], None, triggers, student),
+        **(_am_fields(cfg, "all", make_defense(cfg, defense)) if defense == "am" else {}),
+        **provenance(spec["weights_sha256"], None, triggers, student, spec.get("misinformation_sha256")),
         "generator_checkpoint": str(info["path"].with_suffix(".generator.pt").relative_to(cfg.results_dir)),
         "surrogate_loaded": info["loaded"],
     }

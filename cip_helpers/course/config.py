@@ -92,6 +92,13 @@ class Profile:
     # --- 06 DAWN -------------------------------------------------------------------------
     dawn_rate: float = 0.005
     dawn_key: str = "cip-course-dawn-key"
+    # --- 06 Adaptive Misinformation (AM, Kariyappa & Qureshi 2020; a baseline beside CIP) ----
+    # AM wraps the OE-tuned victim; its misinformation model (the victim's architecture, lr, batch
+    # and augmentation) learns to avoid the victim's class on the ID-train images + OE outliers;
+    # tau is calibrated so AM changes the top-1 of as many ID-train images as the served CIP does.
+    am_epochs: int = 4  # epochs of the misinformation model (ID-train images + as many outliers per step)
+    am_nu: float = 10_000.0  # a = sigmoid(nu (tau - s)): the release's 10,000, a step at tau
+    am_score: str = "msp"  # AM's OOD score s: "msp" (max softmax, AM's own) or "energy" (-E(x), ablation)
     # --- attacks (07-10) -----------------------------------------------------------------
     surrogate_arch: str = "cnn"
     surrogate_epochs: int = 6  # KnockoffNets surrogate
@@ -148,6 +155,9 @@ class Profile:
     evidence: bool = False  # queries-to-conviction grid + memorisation curve (runner task "evidence")
     conviction_queries: tuple[int, ...] = (250, 500, 1000, 2000)  # thief budgets of the grid
     memorisation_epochs: int = 24  # mixed-pool KnockoffNets vs deployed CIP, trigger accuracy per epoch
+    # --- adaptive attackers (notebook 12; the heavy thieves run only when evidence is on) ----
+    adaptive_crops: int = 20  # photo crops per defense of the live averaging attack (evidence: 5x)
+    adaptive_repeats: int = 200  # the most times the averaging thief asks each crop
     # --- cluster jobs (runner --executor slurm; tools/cluster.py JobResources reads them) -----
     job_gpus: int = 0  # GPUs per job (not for 00); 0 = CPU only, as the course's code computes today
     job_mem_gb: int = 8  # memory per job (SLURM --mem)
@@ -230,6 +240,8 @@ POOL_SOURCES = ("embedded", "stored")
 ``stored`` = the pools ``data_prep`` laid out (``data_full.POOL_NAMES``; not on mnist_embedded)."""
 NEAR_SOURCES = ("characters", "mnist_digits")
 """``near_source``: ``data.NEAR_SOURCES``."""
+AM_SCORES = ("msp", "energy")
+"""``am_score``: ``misinformation.AM_SCORES``."""
 
 
 @functools.cache
@@ -388,6 +400,7 @@ def check_ranges(p: Profile) -> list[str]:
     one_of("surrogate_schedule", SURROGATE_SCHEDULES)
     one_of("pools", POOL_SOURCES)
     one_of("near_source", NEAR_SOURCES)
+    one_of("am_score", AM_SCORES)
     need(not (p.pools == "stored" and p.dataset == "mnist_embedded"), "pools, dataset",
          "'embedded' with dataset='mnist_embedded' (stored pools come with the data_prep datasets)")
     need(p.near_source != "mnist_digits" or p.n_near <= 5000, "n_near, near_source",
@@ -407,12 +420,12 @@ def check_ranges(p: Profile) -> list[str]:
             need(getattr(p, f) >= 0, f, ">= 0 (0 = the whole stored pool)")
     for f in ("n_noise", "victim_epochs", "batch_size", "oe_epochs", "surrogate_epochs", "surrogate_width",
               "surrogate_batch", "knockoff_queries", "dfme_queries", "dfme_batch", "dfme_nz", "dfme_grad_m",
-              "dfme_g_iter", "dfme_s_iter", "dfme_replay_size", "dfme_eval_every", "ida_epochs"):
+              "dfme_g_iter", "dfme_s_iter", "dfme_replay_size", "dfme_eval_every", "ida_epochs", "am_epochs"):
         need(getattr(p, f) >= 1, f, ">= 1")
     need(p.n_innocent >= 2, "n_innocent", ">= 2 (verification judges each suspect against K - 1 innocent "
          "models; 8 or more for the calibrated quick numbers)")
     for f in ("lr", "oe_lr", "surrogate_lr", "dfme_lr_s", "dfme_lr_g", "temperature", "rs_beta", "rs_gamma",
-              "dfme_gain", "dfme_grad_eps"):
+              "dfme_gain", "dfme_grad_eps", "am_nu"):
         need(getattr(p, f) > 0, f, "> 0")
     for f in ("weight_decay", "oe_lambda", "knockoff_gamma"):
         need(getattr(p, f) >= 0, f, ">= 0" + (" (0 = raw pool images)" if f == "knockoff_gamma" else ""))
@@ -522,9 +535,12 @@ PROFILES: dict[str, Profile] = {
         dfme_gen_channels=(16, 8),
         dfme_eval_every=600,
         ida_epochs=2,
+        am_epochs=1,
         pbd_offline_T=3,
         dawn_rate=0.02,
         n_innocent=3,
+        adaptive_crops=4,
+        adaptive_repeats=20,
         cell_timeout=600,
     ),
     "full": Profile(

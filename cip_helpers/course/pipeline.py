@@ -15,13 +15,14 @@ from torch import Tensor, nn
 
 from ..method.defenses import CIP, DAWN, DP, Defense, NoDefense, OEOnly, calibrate_thresholds
 from ..method.digests import tensor_sha256, weights_sha256
+from ..method.misinformation import AdaptiveMisinformation, check_score
 from ..method.models import build_model, predict_logits
 from ..method.scores import energy_score
 from . import data
 from .config import Profile
 from .progress import progress as progress_bar
 from .store import load_or_train, read_json, write_json
-from .training import OERecipe, TrainRecipe, finetune_oe, oe_recipe_spec, train_classifier
+from .training import OERecipe, TrainRecipe, finetune_oe, oe_recipe_spec, train_classifier, train_misinformation
 
 VICTIM_SPLITS = ("all", "half")
 
@@ -201,23 +202,34 @@ def get_thresholds(cfg: Profile, split: str = "all", verbose: bool = True, p1: f
     return fresh
 
 
-DEFENSES = ("none", "oe", "dp", "dawn", "cip")
+DEFENSES = ("none", "oe", "dp", "dawn", "cip", "am")
 """Every defense :func:`get_defense` builds; ``oe`` (the OE-tuned victim, no poisoning) is the
-course's ablation between ``none`` and ``cip``."""
+course's ablation between ``none`` and ``cip``; ``am`` (Adaptive Misinformation, Kariyappa &
+Qureshi 2020) a baseline that, like CIP, wraps the OE-tuned victim and changes as many training
+answers."""
 
 
 def get_defense(cfg: Profile, name: str, split: str = "all", strong: str = "shuffle_noise",
-                pbd: str | None = "online", p1: float | None = None, p2: float | None = None) -> Defense:
+                pbd: str | None = "online", p1: float | None = None, p2: float | None = None,
+                am_score: str | None = None) -> Defense:
     """A fresh defended API around the ``split`` victim, configured from the profile.
 
     ``none``, ``dp`` and ``dawn`` wrap the plain victim M_V; ``cip`` wraps the OE-tuned victim
     M'_V with the thresholds of :func:`get_thresholds` (as in the paper's code release); ``oe``
-    answers with M'_V's own softmax (:class:`defenses.OEOnly`: outlier exposure without poisoning).
-    ``strong`` picks CIP's strong PPD; ``pbd`` is ``"online"`` (the API default), ``"offline_top_T"``
-    (evaluation device: one call = the whole transfer set) or ``None``; PBD answers with
-    ``cfg.pbd_answer``; ``p1`` / ``p2`` override the victim's E1 / E2 percentiles (ablations, see
-    :func:`get_thresholds`)."""
+    answers with M'_V's own softmax (:class:`defenses.OEOnly`: outlier exposure without poisoning);
+    ``am`` wraps M'_V and the misinformation model of :func:`get_misinformation_model` with the tau
+    of :func:`get_am_calibration` (score ``am_score``, default ``cfg.am_score``; ``nu`` =
+    ``cfg.am_nu``). ``strong`` picks CIP's strong PPD; ``pbd`` is ``"online"`` (the API default),
+    ``"offline_top_T"`` (evaluation device: one call = the whole transfer set) or ``None``; PBD
+    answers with ``cfg.pbd_answer``; ``p1`` / ``p2`` override the victim's E1 / E2 percentiles
+    (ablations, see :func:`get_thresholds`). ``strong``, ``pbd``, ``p1`` and ``p2`` do not apply
+    to ``am``, ``am_score`` applies to ``am`` only."""
     shape = data.id_data(cfg).shape
+    if name == "am":
+        model, _ = get_oe_victim(cfg, split, verbose=False)
+        fhat, _ = get_misinformation_model(cfg, split, verbose=False)
+        c = get_am_calibration(cfg, split, am_score)
+        return AdaptiveMisinformation(model, fhat, shape, c["tau"], nu=c["nu"], score=c["score"], temperature=c["T"])
     if name == "cip":
         model, _ = get_oe_victim(cfg, split, verbose=False)
         t = get_thresholds(cfg, split, p1=p1, p2=p2)
@@ -235,6 +247,137 @@ def get_defense(cfg: Profile, name: str, split: str = "all", strong: str = "shuf
     if name == "dawn":
         return DAWN(model, shape, rate=cfg.dawn_rate, key=dawn_key(cfg))
     raise ValueError(f"unknown defense {name!r}; choose one of {DEFENSES}")
+
+
+MISINFORMATION_SEED = 5151
+"""Offset of the misinformation model's seed (initial weights, data order) from ``cfg.seed``: a
+network of its own, not a copy of the victim's initialisation."""
+
+
+def misinformation_spec(cfg: Profile, split: str, oe_weights_sha256: str) -> dict:
+    """Every setting that shapes AM's misinformation model of the ``split`` victim: the OE-tuned
+    victim it learns to contradict (its spec and the sha256 of its weights, so a retrained M'_V
+    retrains it), the recipe (:meth:`training.TrainRecipe.misinformation`), the seed and the sha256
+    of its training images (the split's ID images and the OE outlier pool)."""
+    _check_split(split)
+    x, _ = data.id_data(cfg).split(split)
+    return {"stage": "misinformation", "oe_victim": oe_spec(cfg, split), "oe_weights_sha256": oe_weights_sha256,
+            "arch": cfg.victim_arch, "epochs": cfg.am_epochs, "lr": cfg.lr, "batch_size": cfg.batch_size,
+            "weight_decay": cfg.weight_decay, "augment_shift": cfg.augment_shift,
+            "seed": cfg.seed + MISINFORMATION_SEED, "data_sha256": tensor_sha256(x),
+            "outliers_sha256": tensor_sha256(data.query_pool(cfg, "outlier"))}
+
+
+def get_misinformation_model(cfg: Profile, split: str = "all", verbose: bool = True) -> tuple[nn.Module, dict]:
+    """AM's misinformation model fhat of the ``split`` victim (load-or-train,
+    ``checkpoints/misinformation_<split>.pt``): the victim's architecture trained for
+    ``cfg.am_epochs`` epochs on the split's ID training images and the OE outlier pool to put low
+    probability on the OE-tuned victim's top-1 (:func:`training.train_misinformation`; checkpoint
+    key :func:`misinformation_spec`). ``info`` holds ``loaded``, ``weights_sha256`` and the
+    learning curve (``history``: victim-class mass and agreement on the ID test images)."""
+    oe_model, oe_info = get_oe_victim(cfg, split, verbose)
+    d = data.id_data(cfg)
+    x, _ = d.split(split)
+    spec = misinformation_spec(cfg, split, oe_info["weights_sha256"])
+
+    def build() -> nn.Module:
+        torch.manual_seed(spec["seed"])
+        c, h, _ = d.shape
+        return build_model(cfg.victim_arch, c, d.n_classes, h)
+
+    def train(model: nn.Module) -> dict:
+        history = train_misinformation(model, oe_model, x, data.query_pool(cfg, "outlier"),
+                                       TrainRecipe.misinformation(cfg), seed=spec["seed"],
+                                       eval_x=d.split("test")[0], desc=f"misinformation model ({split})",
+                                       progress=verbose)
+        return {"history": history}
+
+    return load_or_train(cfg.checkpoint_dir / f"misinformation_{split}.pt", spec, build, train, verbose,
+                         name=f"misinformation model ({split})")
+
+
+AM_FILE = "am_calibration.json"
+"""Per seed, AM's tau per victim split and score (``results/<profile>/seed-<k>/am_calibration.json``)."""
+
+AM_KEYS = ("weights_sha256", "misinformation_sha256", "data_sha256", "score", "nu", "T", "cip")
+"""What a stored AM calibration must match to be reused: the bits of the OE-tuned victim, of the
+misinformation model and of the ID training images, the score, nu and temperature, and the
+settings of the CIP whose top-1 change share it matches (``cip``: thresholds and poisoning)."""
+
+
+def served_cip(cfg: Profile, split: str) -> CIP:
+    """The CIP an owner serves in front of the ``split`` victim (online PBD), with the strong PPD
+    of that split's attacks (``shuffle_noise`` for ``all``: KnockoffNets, DFME; ``reverse_rank``
+    for ``half``: IDA, DQA), as :func:`benign_price` measures it."""
+    return get_defense(cfg, "cip", split, strong="reverse_rank" if split == "half" else "shuffle_noise")
+
+
+def _cip_settings(cip: CIP) -> dict:
+    return {"E1": cip.e1, "E2": cip.e2, "R1": cip.r1, "T": cip.temperature, "strong": cip.strong,
+            "snr_db": cip.snr_db, "beta": cip.beta, "gamma": cip.gamma, "pbd": cip.pbd,
+            "pbd_answer": cip.pbd_answer, "seed": cip.seed}
+
+
+def _top1_change(api: Defense, x: Tensor) -> float:
+    """Share of the images ``x`` whose top-1 answer ``api`` changes vs its wrapped model's top-1."""
+    return float((api(x).argmax(1) != api.last_clean.argmax(1)).double().mean())
+
+
+def compute_am_calibration(cfg: Profile, split: str = "all", score: str | None = None) -> dict:
+    """AM's tau for the ``split`` victim, from the split's ID TRAINING images: the share of them
+    whose top-1 the served CIP changes (:func:`served_cip`, vs M'_V's top-1; ``target_top1_change``)
+    is the target, and :meth:`AdaptiveMisinformation.calibrate` picks the tau at which AM (``score``,
+    default ``cfg.am_score``; ``cfg.am_nu``; ``cfg.temperature`` for the energy score) changes as
+    many as it can without changing more (``top1_change``: the share reached; ``misinformed``: the
+    share answered with a > 0.5). The entry records the sha256 of both models' weights and of the
+    images, and CIP's settings (:data:`AM_KEYS`)."""
+    _check_split(split)
+    score = check_score(cfg.am_score if score is None else score)
+    model, info = get_oe_victim(cfg, split, verbose=False)
+    fhat, finfo = get_misinformation_model(cfg, split, verbose=False)
+    x, _ = data.id_data(cfg).split(split)
+    cip = served_cip(cfg, split)
+    target = _top1_change(cip, x)
+    t = cfg.temperature if score == "energy" else 1.0
+    am = AdaptiveMisinformation.calibrate(model, fhat, x, target, score=score, nu=cfg.am_nu, temperature=t)
+    reached = _top1_change(am, x)
+    return {"tau": am.tau, "score": score, "nu": am.nu, "T": t, "target_top1_change": target,
+            "top1_change": reached, "misinformed": am.totals["misinformed"] / len(x), "n": len(x),
+            "cip": _cip_settings(cip),
+            "model": f"checkpoints/oe_victim_{split}.pt (OE-tuned '{split}' victim)",
+            "misinformation_model": f"checkpoints/misinformation_{split}.pt",
+            "weights_sha256": info["weights_sha256"], "misinformation_sha256": finfo["weights_sha256"],
+            "data": f"ID training images of the '{split}' victim ({len(x)} from {cfg.dataset})",
+            "data_sha256": tensor_sha256(x)}
+
+
+def get_am_calibration(cfg: Profile, split: str = "all", score: str | None = None, verbose: bool = True) -> dict:
+    """AM's calibration (:func:`compute_am_calibration`) of the ``split`` victim with ``score``
+    (default ``cfg.am_score``), from :data:`AM_FILE` (keys: split, then score). The stored entry is
+    reused only if it matches :data:`AM_KEYS`: the sha256 of the OE-tuned victim's and the
+    misinformation model's weights and of the ID training images, the score, nu, temperature and
+    the served CIP's thresholds and settings; otherwise it is recomputed and rewritten (and, with
+    ``verbose``, the reason is printed)."""
+    _check_split(split)
+    score = check_score(cfg.am_score if score is None else score)
+    _, info = get_oe_victim(cfg, split, verbose=False)
+    _, finfo = get_misinformation_model(cfg, split, verbose=False)
+    x, _ = data.id_data(cfg).split(split)
+    wanted = {"weights_sha256": info["weights_sha256"], "misinformation_sha256": finfo["weights_sha256"],
+              "data_sha256": tensor_sha256(x), "score": score, "nu": cfg.am_nu,
+              "T": cfg.temperature if score == "energy" else 1.0, "cip": _cip_settings(served_cip(cfg, split))}
+    path = cfg.results_dir / AM_FILE
+    stored = read_json(path) if path.exists() else {}
+    entry = stored.get(split, {}).get(score, {})
+    stale = [k for k in AM_KEYS if entry.get(k) != wanted[k]]
+    if not stale:
+        return dict(entry)
+    if entry and verbose:
+        print(f"{AM_FILE} ({split}, {score}) was computed for other {', '.join(stale)}: recomputing")
+    fresh = compute_am_calibration(cfg, split, score)
+    stored.setdefault(split, {})[score] = fresh
+    write_json(path, stored)
+    return fresh
 
 
 def dawn_key(cfg: Profile) -> str:

@@ -24,12 +24,14 @@ from .progress import batch_mode  # headless: sliders draw their default view
 from .store import write_png
 
 DEFENSE_COLORS: dict[str, str] = {"none": "#7f7f7f", "oe": "#9467bd", "dp": "#1f77b4",
-                                  "dawn": "#2ca02c", "cip": "#d62728"}
+                                  "dawn": "#2ca02c", "cip": "#d62728", "am": "#e6ab02"}
 """The one colour of each defense (keys as in ``pipeline.DEFENSES``), in every figure of the
-course: undefended grey, OE only purple, DP blue, DAWN green, CIP red."""
+course: undefended grey, OE only purple, DP blue, DAWN green, CIP red, Adaptive Misinformation
+amber."""
 
 DEFENSE_ALIASES: dict[str, str] = {"undefended": "none", "no defense": "none", "no_defense": "none",
-                                   "oe only": "oe", "oe_only": "oe"}
+                                   "oe only": "oe", "oe_only": "oe", "adaptive misinformation": "am",
+                                   "adaptive_misinformation": "am"}
 """Whole labels (lower case) that name a defense without starting with its key."""
 
 OTHER_COLORS: tuple[str, ...] = ("#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#bcbd22", "#393b79")

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..method.misinformation import misinformation_loss
 from ..method.models import predict_logits
 from ..method.scores import energy_score, oe_energy_loss
 from .data import make_loader
@@ -245,6 +246,13 @@ class TrainRecipe:
                    weight_decay=cfg.weight_decay, augment_shift=cfg.augment_shift)
 
     @classmethod
+    def misinformation(cls, cfg: Any) -> TrainRecipe:
+        """The recipe of AM's misinformation model (:func:`train_misinformation`): the victims'
+        (:meth:`victim`) for ``cfg.am_epochs`` epochs, as the release trains it beside the
+        defender with the defender's optimiser settings."""
+        return dataclasses.replace(cls.victim(cfg), epochs=cfg.am_epochs)
+
+    @classmethod
     def surrogate(cls, cfg: Any, epochs: int | None = None) -> TrainRecipe:
         """The attack surrogates' recipe of profile ``cfg`` (its ``surrogate_*`` fields; ``epochs``
         overrides ``surrogate_epochs``), with Adam's fused kernel. Raises ``ValueError`` when
@@ -418,6 +426,65 @@ def finetune_oe(model: nn.Module, x_in: Tensor, y_in: Tensor, x_out: Tensor, rec
             row["test_acc"] = accuracy(model, *eval_data)
         history.append(row)
         bar.set_postfix({k: round(v, 3) for k, v in row.items() if k != "epoch"})
+    model.eval()
+    return history
+
+
+def train_misinformation(model: nn.Module, victim: nn.Module, x_in: Tensor, x_out: Tensor, recipe: TrainRecipe,
+                         seed: int = 0, eval_x: Tensor | None = None, desc: str = "misinformation model",
+                         progress: bool = True) -> list[dict]:
+    """Train AM's misinformation model ``model`` (Kariyappa & Qureshi 2020) to put low probability
+    on ``victim``'s class: :func:`~cip_helpers.method.misinformation.misinformation_loss` with
+    labels argmax ``victim(x)`` (eval mode, no gradient) of exactly the images ``model`` sees.
+
+    Every step takes a batch of ID images ``x_in`` (N, C, H, W) in [0, 1] (randomly shifted,
+    rotated and scaled by ``recipe.augment_shift``, :func:`random_affine`) and as many outliers of
+    ``x_out`` (M, C, H, W), in a fresh random order every epoch (cycled when the pool is short),
+    and runs both through ``model`` in ONE pass, as the release's ``train_step`` does
+    (``admis/utils/model.py``; it labels its ID images with the true class, the course with the
+    victim's top-1, the class AM must not reveal). Optimiser and per-epoch lr schedule: ``recipe``
+    (:class:`TrainRecipe`, e.g. :meth:`TrainRecipe.misinformation`). Returns one dict per epoch:
+    ``loss``, ``victim_mass`` (mean probability ``model`` puts on the victim's class over the
+    epoch's ID images) and, on ``eval_x``, ``test_victim_mass`` and ``test_agree`` (share of images
+    where ``model``'s top-1 IS the victim's: the misinformation that would not mislead).
+    Raises ``ValueError`` for an empty ID set or outlier pool, or an invalid recipe."""
+    if len(x_in) == 0 or len(x_out) == 0:
+        raise ValueError("the misinformation model needs a non-empty ID training set and outlier pool")
+    set_seed(seed)
+    victim.eval()
+    opt = recipe.make_optimizer(model.parameters())
+    sched = recipe.make_scheduler(opt)
+    loader = make_loader(x_in, None, recipe.batch_size, shuffle=True, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    eval_labels = predict_logits(victim, eval_x).argmax(1) if eval_x is not None else None
+    history = []
+    bar = progress_bar(range(recipe.epochs), desc=desc, disable=not progress)
+    for epoch in bar:
+        model.train()
+        out_order = torch.randperm(len(x_out), generator=g)
+        loss_sum, mass_sum, seen = 0.0, 0.0, 0
+        for step, (xb,) in enumerate(loader):
+            pick = out_order[(torch.arange(len(xb)) + step * recipe.batch_size) % len(x_out)]
+            x_all = torch.cat([random_affine(xb, recipe.augment_shift, g), x_out[pick]])
+            with torch.no_grad():
+                labels = victim(x_all).argmax(1)
+            logits = model(x_all)
+            loss = misinformation_loss(logits, labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss.detach()) * len(x_all)
+            mass_sum += float(logits[: len(xb)].detach().softmax(1).gather(1, labels[: len(xb), None]).sum())
+            seen += len(xb)
+        if sched is not None:
+            sched.step()
+        row = {"epoch": epoch + 1, "loss": loss_sum / (2 * seen), "victim_mass": mass_sum / seen}
+        if eval_x is not None:
+            q = predict_logits(model, eval_x).softmax(1)
+            row["test_victim_mass"] = float(q.gather(1, eval_labels[:, None]).mean())
+            row["test_agree"] = float((q.argmax(1) == eval_labels).float().mean())
+        history.append(row)
+        bar.set_postfix({k: round(v, 4) for k, v in row.items() if k != "epoch"})
     model.eval()
     return history
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from . import poisoning
-from .digests import keyed_row_digests, row_digests, weights_sha256
+from .digests import QUERY_FORM, QueryForm, keyed_randoms, weights_sha256
 from .inputs import as_images
 from .models import PREDICT_BATCH, predict_logits
 from .scores import (HIGH_ES, ID, LOW_ES, ROUTE_NAMES, check_temperature, check_thresholds, energy_score,
@@ -57,12 +57,14 @@ class TriggerSet:
     """Queries whose answers the defender altered on purpose: (input, original answer, altered
     answer). A stolen model agrees with ``labels`` (the altered top-1) far more than chance.
 
-    It is a set: :meth:`append` keeps a bitwise-identical image once (the first answer), so a
-    query asked twice is one trigger, not two pieces of evidence (:mod:`verification`)."""
+    It is a set: :meth:`append` keeps an image once (the first answer) when its canonical form
+    (``form``, :class:`digests.QueryForm`, the defense's own) was seen before, so a query asked
+    twice, or its -0.0 twin, is one trigger, not two pieces of evidence (:mod:`verification`)."""
 
     x: Tensor = field(default_factory=lambda: torch.empty(0))
     original: Tensor = field(default_factory=lambda: torch.empty(0))
     altered: Tensor = field(default_factory=lambda: torch.empty(0))
+    form: QueryForm = QUERY_FORM
     # digests of the images in the set, built on first append (a loaded set hashes its images once)
     _digests: set[bytes] | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -76,18 +78,18 @@ class TriggerSet:
 
     def append(self, x: Tensor, original: Tensor, altered: Tensor) -> None:
         """Add triggers: inputs ``x`` (N, C, H, W) with their original and altered probability rows
-        (N, K); images already in the set (bitwise) are skipped. Raises ``ValueError`` on
+        (N, K); images already in the set (same canonical form) are skipped. Raises ``ValueError`` on
         mismatched lengths."""
         if not len(x) == len(original) == len(altered):
             raise ValueError(f"x, original and altered need the same length, got {len(x)}, "
                              f"{len(original)}, {len(altered)}")
         if len(x) == 0:
             return
-        # a set: a query asked again (bitwise-identical image) is already evidence, once
+        # a set: a query asked again (the same canonical form) is already evidence, once
         if self._digests is None:
-            self._digests = set(row_digests(self.x)) if len(self) else set()
+            self._digests = set(self.form.digests(self.x)) if len(self) else set()
         new = []
-        for i, digest in enumerate(row_digests(x)):
+        for i, digest in enumerate(self.form.digests(x)):
             if digest not in self._digests:
                 self._digests.add(digest)
                 new.append(i)
@@ -101,6 +103,17 @@ class TriggerSet:
             self.x = torch.cat([self.x, x])
             self.original = torch.cat([self.original, original])
             self.altered = torch.cat([self.altered, altered])
+
+def probe_logits(model: nn.Module, input_shape: tuple[int, ...], what: str) -> Tensor:
+    """``model``'s output for one black image of ``input_shape`` (C, H, W), without gradients.
+    Raises ``ValueError`` naming ``what`` when the model does not take images of that shape."""
+    try:
+        with torch.no_grad():
+            return model(torch.zeros(1, *input_shape))
+    except RuntimeError as exc:
+        raise ValueError(f"{what} does not take images of input_shape {tuple(input_shape)} (C, H, W): "
+                         f"{exc}") from exc
+
 
 class Defense:
     """Base class of every defended API: input checks, one batched forward pass, output checks,
@@ -134,12 +147,7 @@ class Defense:
             raise ValueError(f"{self.name}: input_shape must be (C, H, W) of positive ints, got {input_shape!r}")
         self.model = model.eval()
         self.input_shape = tuple(int(v) for v in shape)
-        try:
-            with torch.no_grad():
-                probe = model(torch.zeros(1, *self.input_shape))
-        except RuntimeError as exc:
-            raise ValueError(f"{self.name}: the model does not take images of input_shape "
-                             f"{self.input_shape} (C, H, W): {exc}") from exc
+        probe = probe_logits(model, self.input_shape, f"{self.name}: the model")
         if probe.ndim != 2 or probe.shape[1] < 2:
             raise ValueError(f"{self.name}: the model must return logits (N, K >= 2) for images of "
                              f"shape {self.input_shape}, got shape {tuple(probe.shape)}")
@@ -243,14 +251,15 @@ class DP(Defense):
 
 
 class DAWN(Defense):
-    """Dynamic adversarial watermarking (Szyller et al. 2021): a keyed hash of the input bytes
-    selects a fraction ``rate`` of queries; their top-floor(sqrt(K)) entries are permuted (top-1
-    changes). The same query always gets the same answer; watermarked queries are logged."""
+    """Dynamic adversarial watermarking (Szyller et al. 2021): a keyed hash of the query's
+    canonical form (``form``, :class:`digests.QueryForm`) selects a fraction ``rate`` of queries;
+    their top-floor(sqrt(K)) entries are permuted (top-1 changes). The same query always gets the
+    same answer, whatever the batching, order or repetition; watermarked queries are logged."""
 
     name = "dawn"
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, int, int], rate: float = 0.005,
-                 key: str = "dawn-key") -> None:
+                 key: str = "dawn-key", form: QueryForm = QUERY_FORM) -> None:
         if isinstance(rate, bool) or not isinstance(rate, (int, float, np.floating)) or not 0 <= rate <= 1:
             raise ValueError(f"DAWN rate must be a number in [0, 1] (the fraction of queries "
                              f"watermarked; Szyller et al. use 0.005), got {rate!r}")
@@ -258,16 +267,19 @@ class DAWN(Defense):
             raise ValueError(f"DAWN key must be a non-empty str (or bytes): the secret that selects "
                              f"the watermarked queries, got {key!r}")
         super().__init__(model, input_shape)
+        if not isinstance(form, QueryForm):
+            raise ValueError(f"DAWN form must be a digests.QueryForm, got {form!r}")
         self.rate, self.key = float(rate), key.encode() if isinstance(key, str) else bytes(key)
-        self.trigger_set = TriggerSet()
+        self.form = form
+        self.trigger_set = TriggerSet(form=form)
         self.last_watermarked = torch.zeros(0, dtype=torch.bool)
 
     def _hashes(self, x: Tensor) -> np.ndarray:
-        """One 64-bit keyed hash per image (:func:`digests.keyed_row_digests`)."""
-        return np.array([int.from_bytes(d, "big") for d in keyed_row_digests(x, self.key, 8)], dtype=np.uint64)
+        """One 64-bit keyed hash per image's canonical form (:meth:`digests.QueryForm.digests`)."""
+        return np.array([int.from_bytes(d, "big") for d in self.form.digests(x, self.key, 8)], dtype=np.uint64)
 
     def is_watermarked(self, x: Tensor) -> Tensor:
-        """Which of the images ``x`` DAWN watermarks (a pure function of the image bytes and key)."""
+        """Which of the images ``x`` DAWN watermarks (a pure function of the canonical form and key)."""
         return torch.from_numpy(self._hashes(x) / 2.0**64 < self.rate).reshape(len(x))
 
     def answer(self, x: Tensor, logits: Tensor) -> Tensor:
@@ -315,6 +327,12 @@ class CIP(Defense):
     query by :meth:`pbd_randoms`) or ``"inverse"`` (plain 1/p renormalised: flat, on the original
     least likely class; the course's earlier answer, kept as an ablation).
 
+    Every random choice (the strong shuffle and its noise, PBD's class) is keyed on the query's
+    canonical form (``form``, :class:`digests.QueryForm`) and the owner's secret (derived from
+    ``seed``): the same image gets the same answer whatever the batching, order or repetition, so
+    asking again or sending a nudged copy that is the same query in ``form`` buys no fresh
+    randomness (notebook 05 measures which nudges are).
+
     Fails closed: rows whose logits are not all finite go to high-ES (strongest poisoning, applied
     to a uniform row), never to ID or PBD. Every parameter is checked at construction
     (``ValueError`` naming the valid range): E1 <= E2 finite, T > 0, beta > 0, gamma > 0,
@@ -332,7 +350,7 @@ class CIP(Defense):
                  temperature: float = 1.0, strong: str = "shuffle_noise", snr_db: float = 10.0,
                  beta: float = 0.9, gamma: float = 0.6, pbd: str | None = "online",
                  r1: float | None = None, pbd_T: float = 0.0, seed: int = 0,
-                 pbd_answer: str = "authors") -> None:
+                 pbd_answer: str = "authors", form: QueryForm = QUERY_FORM) -> None:
         if pbd_answer not in poisoning.PBD_ANSWERS:
             raise ValueError(f"unknown PBD answer {pbd_answer!r}; choose one of {poisoning.PBD_ANSWERS} "
                              "('authors': the release's near one-hot answer on a random other class; "
@@ -362,14 +380,16 @@ class CIP(Defense):
                              "pbd=None for no PBD")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise ValueError(f"seed must be an int, got {seed!r}")
+        if not isinstance(form, QueryForm):
+            raise ValueError(f"CIP form must be a digests.QueryForm, got {form!r}")
         super().__init__(model, input_shape)
         self.e1, self.e2, self.temperature = e1, e2, temperature
         self.strong, self.snr_db, self.beta, self.gamma = strong, float(snr_db), float(beta), float(gamma)
         self.pbd, self.r1, self.pbd_T = pbd, None if r1 is None else float(r1), float(pbd_T)
         self.seed = int(seed)
         self.pbd_answer = pbd_answer
-        self.generator = torch.Generator().manual_seed(self.seed)
-        self.trigger_set = TriggerSet()
+        self.form = form
+        self.trigger_set = TriggerSet(form=form)
         self.last_routes = torch.zeros(0, dtype=torch.long)
         self.last_flipped = torch.zeros(0, dtype=torch.bool)
         self._last_counts = (0, 0, 0, 0)
@@ -398,9 +418,12 @@ class CIP(Defense):
             out[low] = poisoning.reverse_sigmoid(p[low], self.beta, self.gamma)
         if n_high:
             high = routes == HIGH_ES
-            strong = poisoning.STRONG_PPD[self.strong]
-            kwargs = {"snr_db": self.snr_db, "generator": self.generator} if self.strong == "shuffle_noise" else {}
-            out[high] = strong(p[high], **kwargs)
+            if self.strong == "shuffle_noise":
+                u, z = keyed_randoms(x[high], f"cip-strong/{self.seed}".encode(), self.n_classes + 1,
+                                     self.n_classes, self.form)
+                out[high] = poisoning.shuffle_noise(p[high], self.snr_db, u=u, z=z)
+            else:
+                out[high] = poisoning.STRONG_PPD[self.strong](p[high])
         flipped = self._pbd_mask(p, routes == ID, n_id)
         n_flipped = int(flipped.sum()) if n_id else 0
         if n_flipped:
@@ -414,12 +437,9 @@ class CIP(Defense):
 
     def pbd_randoms(self, x: Tensor) -> Tensor:
         """(N, K + 1) float64 uniforms in [0, 1) for :func:`poisoning.pbd_authors`, one row per
-        image of ``x``, from a BLAKE2b hash of the image's float32 bytes keyed with ``seed``: the
-        same query always gets the same flipped answer, whatever the call it arrives in."""
-        digests = keyed_row_digests(x, f"cip-pbd/{self.seed}".encode(), 16)
-        rows = [np.random.Generator(np.random.Philox(int.from_bytes(d, "big"))).random(self.n_classes + 1)
-                for d in digests]
-        return torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, self.n_classes + 1, dtype=torch.float64)
+        image of ``x`` (:func:`digests.keyed_randoms` of its canonical form, keyed with ``seed``):
+        the same query always gets the same flipped answer, whatever the call it arrives in."""
+        return keyed_randoms(x, f"cip-pbd/{self.seed}".encode(), self.n_classes + 1, 0, self.form)[0]
 
     def _pbd_mask(self, p: Tensor, is_id: Tensor, n_id: int) -> Tensor:
         if self.pbd is None or n_id == 0:
@@ -439,11 +459,10 @@ class CIP(Defense):
 
     def fresh(self, **changes) -> CIP:
         """A new CIP around the same model with the same settings (``changes`` replace single
-        constructor arguments, e.g. ``pbd="offline_top_T"``): empty trigger set, zero totals, the
-        random generator restarted from ``seed``."""
+        constructor arguments, e.g. ``pbd="offline_top_T"``): empty trigger set, zero totals."""
         settings = dict(temperature=self.temperature, strong=self.strong, snr_db=self.snr_db,
                         beta=self.beta, gamma=self.gamma, pbd=self.pbd, r1=self.r1, pbd_T=self.pbd_T,
-                        seed=self.seed, pbd_answer=self.pbd_answer)
+                        seed=self.seed, pbd_answer=self.pbd_answer, form=self.form)
         new = CIP(self.model, self.input_shape, self.e1, self.e2, **{**settings, **changes})
         new._weights_sha256 = self._weights_sha256
         return new

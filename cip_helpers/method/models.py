@@ -145,7 +145,8 @@ changed."""
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: Tensor, batch_size: int = PREDICT_BATCH) -> Tensor:
     """Logits of ``model`` (eval mode) for every image of ``x``, batched."""
-    model.eval()
+    if model.training:  # eval() walks every submodule: a fixed cost on the API's per-call path
+        model.eval()
     if len(x) == 0:
         return torch.empty(0, model(torch.zeros(1, *x.shape[1:])).shape[1])
     if len(x) <= batch_size:  # one chunk: no concatenation (a copy) on the API's per-call path

@@ -104,24 +104,40 @@ def _check_probs(p: Tensor, name: str) -> None:
         raise ValueError(f"{name} expects float probabilities, got dtype {p.dtype}")
 
 
-def shuffle_noise(p: Tensor, snr_db: float = 10.0, generator: torch.Generator | None = None) -> Tensor:
+def shuffle_noise(p: Tensor, snr_db: float = 10.0, generator: torch.Generator | None = None,
+                  u: Tensor | None = None, z: Tensor | None = None) -> Tensor:
     """Strong PPD against KnockoffNets/DFME: permute each row at random so that its top class moves,
-    add |white Gaussian noise| at ``snr_db`` (noise power = mean(q^2) / 10^(snr/10)), renormalise."""
+    add |white Gaussian noise| at ``snr_db`` (noise power = mean(q^2) / 10^(snr/10)), renormalise.
+
+    The randomness: ``u`` (N, K + 1) uniforms in [0, 1) (row i's permutation is
+    ``argsort(u[i, :K])``; ``u[i, K]`` picks where the top value goes if it stayed) and ``z``
+    (N, K) standard normals, so the answer is a pure function of (p, u, z) (what
+    :class:`~cip_helpers.method.defenses.CIP` passes, keyed on each query); without them both
+    are drawn from ``generator``. Raises ``ValueError`` for wrong shapes."""
     _check_probs(p, "shuffle_noise")
     n, k = p.shape
-    perm = torch.rand(n, k, generator=generator).argsort(1)
+    if (u is None) != (z is None):
+        raise ValueError("shuffle_noise takes u and z together (or neither, to draw from generator)")
+    if u is None:
+        u = torch.rand(n, k + 1, generator=generator, dtype=torch.float64)
+        z = torch.randn(n, k, generator=generator, dtype=torch.float64)
+    if tuple(u.shape) != (n, k + 1) or tuple(z.shape) != (n, k):
+        raise ValueError(f"shuffle_noise needs u of shape {(n, k + 1)} and z of shape {(n, k)}, got "
+                         f"{tuple(u.shape)} and {tuple(z.shape)}")
+    perm = u[:, :k].argsort(1)
     top = p.argmax(1)
     # q[j] = p[perm[j]]: the top value stays in place exactly where perm[top] == top. There, swap
     # perm[top] with a random other slot so the top value always lands on another class.
     stuck = perm.gather(1, top[:, None])[:, 0] == top
     if stuck.any():
         rows = torch.nonzero(stuck).flatten()
-        other = (top[rows] + torch.randint(1, k, (len(rows),), generator=generator)) % k
+        step = 1 + (u[rows, k] * (k - 1)).long().clamp_max(k - 2)
+        other = (top[rows] + step) % k
         a, b = perm[rows, top[rows]].clone(), perm[rows, other].clone()
         perm[rows, top[rows]], perm[rows, other] = b, a
     q = p.double().gather(1, perm)
     noise_std = torch.sqrt(q.pow(2).mean(1, keepdim=True) / 10 ** (snr_db / 10))
-    q = q + (torch.randn(n, k, generator=generator, dtype=torch.float64) * noise_std).abs()
+    q = q + (z.double() * noise_std).abs()
     return ensure_top_changed(normalize(q), top)
 
 

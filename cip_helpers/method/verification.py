@@ -62,7 +62,7 @@ import torch
 from scipy import stats
 from torch import Tensor, nn
 
-from .digests import row_digests, weights_sha256
+from .digests import IMAGE_FORM, QueryForm, weights_sha256
 from .inputs import as_images
 from .models import predict_logits
 from .scores import energy_score, finite_number
@@ -95,14 +95,18 @@ def _check_model(model: object, what: str = "suspect") -> None:
                         "checkpoint first (e.g. attacks.load_surrogate or store.load_checkpoint)")
 
 
-def distinct_index(x: Tensor, labels: Tensor | None = None, ood: Tensor | None = None) -> Tensor:
-    """Indices (int64, ascending) of the first occurrence of every bitwise-distinct image of ``x``
-    (N, C, H, W): the rows a trigger set keeps when the same query was asked again. With
+def distinct_index(x: Tensor, labels: Tensor | None = None, ood: Tensor | None = None,
+                   form: QueryForm = IMAGE_FORM) -> Tensor:
+    """Indices (int64, ascending) of the first occurrence of every distinct image of ``x``
+    (N, C, H, W), distinct as 8-bit images (``form``, :data:`digests.IMAGE_FORM`: -0.0 and 0.0
+    are one image): the rows a trigger set keeps when the same query was asked again (a
+    defense's :class:`~cip_helpers.method.defenses.TriggerSet` already keeps one per canonical
+    form, a coarser test). With
     ``labels`` (N,) or ``ood`` (N,) bool, raises ``ValueError`` if one image carries two
     different altered labels (a corrupt trigger log: the owner could not say which answer it
     gave) or two OOD flags (flags not computed from the logged images)."""
     first: dict[bytes, int] = {}
-    for i, d in enumerate(row_digests(x)):
+    for i, d in enumerate(form.digests(x)):
         j = first.setdefault(d, i)
         if labels is not None and labels[j] != labels[i]:
             raise ValueError(f"trigger {i} repeats trigger {j} with another altered label "
@@ -114,8 +118,8 @@ def distinct_index(x: Tensor, labels: Tensor | None = None, ood: Tensor | None =
 
 
 def distinct_triggers(x: Tensor | np.ndarray, labels: Tensor | np.ndarray) -> tuple[Tensor, Tensor]:
-    """The trigger set as a set: ``(x, labels)`` with every bitwise-identical repeated image
-    (N, C, H, W) in [0, 1] kept once, in first-seen order; ``labels`` (N,) are the altered top-1
+    """The trigger set as a set: ``(x, labels)`` with every repeated image (N, C, H, W) in [0, 1]
+    (the same 8-bit image, :func:`distinct_index`) kept once, in first-seen order; ``labels`` (N,) are the altered top-1
     classes. Raises ``ValueError`` if the lengths differ or one image has two altered labels."""
     x, labels = as_images(x), as_labels(labels)
     if len(x) != len(labels):

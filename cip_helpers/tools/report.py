@@ -39,8 +39,10 @@ def _near_label(dataset: str | None) -> str:
     MNIST digits for a Fashion-MNIST victim, printed characters for digit victims)."""
     return "MNIST digits" if dataset == "fashionmnist" else "printed characters"
 ATTACK_ORDER = ("knockoff", "dfme", "ida", "dqa")
-DEFENSE_ORDER = ("none", "oe", "dp", "dawn", "cip")
-"""Row order of a setting; ``oe`` (the OE-tuned victim without poisoning) has no paper row."""
+DEFENSE_ORDER = ("none", "oe", "dp", "dawn", "cip", "am")
+"""Row order of a setting; ``oe`` (the OE-tuned victim without poisoning) and ``am`` (Adaptive
+Misinformation, a baseline the paper does not run) have no paper row. AM's rows follow CIP's, so
+the two defenses' ``API acc`` (benign fidelity) stand side by side."""
 
 
 def load_all_records(cfg: Profile, check: bool = True) -> list[dict]:
@@ -102,8 +104,8 @@ def paper_row(attack: str, defense: str, setting: str | None, dataset: str | Non
     """The paper's Table IV row for our (attack, defense) on :func:`paper_task` of ``dataset``;
     DQA only at r=1."""
     key = attack
-    if defense == "oe" or (setting or "").startswith("mixed"):
-        return None  # the paper has neither an OE-only row nor a near-distribution pool
+    if defense in ("oe", "am") or (setting or "").startswith("mixed"):
+        return None  # the paper has neither an OE-only nor an AM row, nor a near-distribution pool
     if attack == "ida" and setting not in (None, "hard"):
         return None  # the paper's IDA trains on hard labels
     if attack == "dqa":
@@ -131,7 +133,7 @@ def paper_targets(dataset: str | None = None) -> pd.DataFrame:
     rows = []
     for attack in ATTACK_ORDER:
         setting = {"dqa": "r1", "ida": "hard"}.get(attack)
-        for defense in (d for d in DEFENSE_ORDER if d != "oe"):
+        for defense in (d for d in DEFENSE_ORDER if d not in ("oe", "am")):
             row = paper_row(attack, defense, setting, dataset)
             if row is None:
                 continue
@@ -273,6 +275,12 @@ def table_notes(df: pd.DataFrame, records: Sequence[dict] = ()) -> list[str]:
              "not an API), which is what its Table IV reports."]
     if df.empty:
         return notes
+    if (df["defense"] == "am").any():
+        notes.append("am (not in the paper): Adaptive Misinformation (Kariyappa & Qureshi, CVPR 2020) around "
+                     "the same OE-tuned victim as CIP: queries whose max softmax probability is below tau get "
+                     "the answer of a misinformation model trained to avoid the victim's class; tau is set so "
+                     "AM changes the top-1 answer of as many ID training images as the served CIP does, so "
+                     "compare its API acc with CIP's (the row above). AM keeps no trigger set.")
     routes = {(r["attack"], _setting(r)): r.get("routes") for r in records if r.get("defense") == "cip"}
     for row in df[(df["defense"] == "cip") & (df["T"].fillna(0) == 0) & (df["attack"] != "dfme")
                   ].itertuples(index=False):
@@ -552,7 +560,54 @@ def seed_summary(profile_dir: Path, seeds: Sequence[int]) -> dict:
                                                          lambda d, split=split, part=part: (d.get(split) or {}).get(part))
                                      for part in ("oe_part", "pbd_part", "total")} for split in ("all", "half")},
             "verification": verification,
-            "conviction": conviction_summary(load_verdicts(profile_dir, seeds, evidence=True)), "rows": rows}
+            "conviction": conviction_summary(load_verdicts(profile_dir, seeds, evidence=True)),
+            "adaptive": adaptive_summary(profile_dir, seeds), "rows": rows}
+
+
+def adaptive_summary(profile_dir: Path, seeds: Sequence[int]) -> list[dict] | None:
+    """Mean ± sd over seeds of the adaptive attackers (notebook 12's ``seed-<k>/adaptive.json``,
+    written by the evidence run; :func:`cip_helpers.course.adaptive.aggregate`), ``None`` when no
+    seed has one."""
+    from ..course import adaptive
+
+    per_seed = adaptive.read_seeds(profile_dir, seeds)
+    return adaptive.aggregate(per_seed) if per_seed else None
+
+
+def _pm_pct(row: dict, key: str, digits: int = 1) -> str:
+    """``mean ± sd`` in percent of a fraction aggregated by :func:`adaptive.aggregate` (``-``
+    when missing)."""
+    mean, sd = row.get(key), row.get(f"{key}_sd")
+    if mean is None:
+        return "-"
+    return f"{100 * mean:.{digits}f}" + (f" ± {100 * sd:.{digits}f}" if sd is not None else "")
+
+
+def adaptive_table(rows: list[dict]) -> pd.DataFrame:
+    """The adaptive attackers as a table (one row per attacker and variant, one column per
+    defense): the averaging thief's recovery of the hidden top-1 after its largest number of
+    asks (with the chance bound), the other thieves' surrogate accuracy; mean ± sd over seeds, in
+    percent, and for DAWN and CIP the seeds whose surrogate the ownership test flagged."""
+    defenses = [d for d in DEFENSE_ORDER if any(r["defense"] == d for r in rows)]
+    out: dict[tuple, dict] = {}
+    for r in rows:
+        line = out.setdefault((r["attacker"], r["variant"]), {"attacker": r["attacker"], "variant": r["variant"]})
+        if r["attacker"] == "averaging":
+            cell = _pm_pct(r, "recovery") + (f" (chance <= {100 * r['chance_bound']:.0f})" if r.get("chance_bound") is not None else "")
+        else:
+            cell = _pm_pct(r, "surrogate_acc")
+            if r.get("judged"):
+                cell += f", flagged {r['flagged']}/{r['judged']}"
+        line[r["defense"]] = cell
+    return pd.DataFrame(list(out.values()), columns=["attacker", "variant", *defenses])
+
+
+ADAPTIVE_HEADER = ("\n## Adaptive attackers (notebook 12, the evidence run)\n\nAveraging: the share of "
+                   "poisoned photo crops whose hidden top-1 the mean of the thief's asks names, after its "
+                   "largest number of asks (repeats or nudged copies), with the 99 % chance bound. The others: "
+                   "hard-label (unless named) surrogate test accuracy on the mixed pool; `flagged k/n`: seeds "
+                   "whose surrogate the ownership test of notebook 11 flags with the defender's trigger set. "
+                   "Mean ± sd over seeds, percent.\n\n")
 
 
 def verdict_row(v: dict) -> str:
@@ -786,7 +841,9 @@ def write_seed_aggregate(profile_dir: Path, seeds: Sequence[int]) -> list[Path]:
     ablation = aggregate_table(seed_table(profile_dir, seeds, ablations=True))
     written = [write_json(profile_dir / "summary.json", summary),
                write_text(profile_dir / "table.md", header + to_markdown(table) + "\nNotes:\n\n" + notes + "\n"
-                          + (ABLATION_HEADER + to_markdown(ablation) if not ablation.empty else ""))]
+                          + (ABLATION_HEADER + to_markdown(ablation) if not ablation.empty else "")
+                          + (ADAPTIVE_HEADER + to_markdown(adaptive_table(summary["adaptive"]))
+                             if summary.get("adaptive") else ""))]
     return written + [write_overview(profile_dir)] + write_conviction(profile_dir, seeds, summary)
 
 
@@ -1061,19 +1118,23 @@ def readme_block(summary: dict) -> str:
     begin, end = readme_markers(summary["profile"])
     dataset = summary.get("dataset") or "mnist_embedded"
     images = "digits" if dataset in ("mnist_embedded", "mnist") else "images"
+    # AM's column only where the summary has AM rows: the block of a run without AM stays as it was
+    shown = [d for d in DEFENSE_ORDER if d != "am" or any(r["defense"] == "am" for r in summary["rows"])]
+    heads = {"none": "no defense", "oe": "OE only", "dp": "DP", "dawn": "DAWN", "cip": "CIP", "am": "AM"}
     out = [begin, "",
            f"Mean ± sd over {summary['n_seeds']} seeds ({seeds}) of the {summary['profile']} profile, "
            f"surrogate test accuracy in percent (ours: {_data_label(dataset)}, small CNNs; paper: "
            "its Table IV):", "",
-           "| attack | no defense | OE only | DP | DAWN | CIP | paper, no defense -> CIP |",
-           "| --- | --- | --- | --- | --- | --- | --- |"]
+           "| attack | " + " | ".join(heads[d] for d in shown) + " | paper, no defense -> CIP |",
+           "|" + " --- |" * (len(shown) + 2)]
     for attack, setting, label in README_ROWS:
-        cells = [_pct(rows.get((attack, setting, d), {}).get("surrogate_acc")) for d in DEFENSE_ORDER]
+        cells = {d: _pct(rows.get((attack, setting, d), {}).get("surrogate_acc")) for d in shown}
         cip = rows.get((attack, setting, "cip"), {})
         paper = cip.get("paper") or {}
         ref = (f"{paper['surrogate_acc_no_defense']} -> {paper['surrogate_acc']} ({paper_task(attack, dataset)})"
                if paper.get("surrogate_acc") is not None else "")
-        out.append(f"| {label} | " + " | ".join(cells[:-1]) + f" | **{cells[-1]}** | {ref} |")
+        out.append(f"| {label} | " + " | ".join(f"**{cells[d]}**" if d == "cip" else cells[d] for d in shown)
+                   + f" | {ref} |")
     victims = summary.get("victims", {})
     cip_ko = rows.get(("knockoff", "soft", "cip"), {})
     cip_ida = rows.get(("ida", "hard", "cip"), {})
@@ -1082,6 +1143,10 @@ def readme_block(summary: dict) -> str:
             f"behind CIP, {_pct(cip_ko.get('defended_acc'))} % (the `half` victim of IDA/DQA: "
             f"{_pct(victims.get('half'))} % -> {_pct(cip_ida.get('defended_acc'))} %). CIP answers "
             f"{_pct(summary.get('id_test_answered_unpoisoned'))} % of the ID test {images} unpoisoned."]
+    am_ko, am_ida = rows.get(("knockoff", "soft", "am"), {}), rows.get(("ida", "hard", "am"), {})
+    if am_ko or am_ida:
+        out[-1] += (f" Behind Adaptive Misinformation (AM; its tau changes as many training answers as CIP): "
+                    f"{_pct(am_ko.get('defended_acc'))} % (`half`: {_pct(am_ida.get('defended_acc'))} %).")
     trig = []
     for r in summary["rows"]:
         if r["defense"] in ("dawn", "cip") and r["attack"] in ("ida", "dqa") and not r.get("ablation"):
@@ -1121,6 +1186,8 @@ def readme_block(summary: dict) -> str:
                  for r in conviction_table(conviction).to_dict("records")]
         out.append("* **Queries to conviction** (per seed; `-`: not convicted within the grid; "
                    f"`results/{summary['profile']}/conviction.md`, notebook 11): " + "; ".join(parts) + ".")
+    if summary.get("adaptive"):
+        out.append(_adaptive_line(summary["adaptive"]))
     rep = summary.get("reproducibility")
     if rep:
         out.append(_reproducibility_line(rep, summary))
@@ -1138,14 +1205,46 @@ def readme_block(summary: dict) -> str:
     return "\n".join(out)
 
 
+def _adaptive_line(rows: list[dict]) -> str:
+    """The README's line on notebook 12's adaptive attackers, from :func:`adaptive_summary` rows."""
+    def get(attacker: str, variant: str, defense: str) -> dict:
+        return next((r for r in rows if (r["attacker"], r["variant"], r["defense"]) == (attacker, variant, defense)), {})
+
+    parts = []
+    avg = {d: [r for r in rows if r["attacker"] == "averaging" and r["defense"] == d and r.get("recovery") is not None]
+           for d in ("cip", "am")}
+    said = [f"{d.upper()} {_pm_pct(max(mine, key=lambda r: r['recovery']), 'recovery', 0)} % "
+            f"(chance bound {100 * (max(mine, key=lambda r: r['recovery']).get('chance_bound') or 0):.0f} %)"
+            for d, mine in avg.items() if mine]
+    if said:
+        asks = max(r.get("R") or 0 for mine in avg.values() for r in mine)
+        parts.append(f"averaging {asks:.0f} asks of each poisoned photo crop (repeats or nudged copies, the "
+                     "worst nudge) names its hidden top-1 on " + ", ".join(said))
+    budget = sorted({int(r["queries"]) for r in rows if r["attacker"] == "budget" and r.get("queries")})
+    if budget:
+        cells = [(q, get("budget", f"{q} queries", "none"), get("budget", f"{q} queries", "cip"))
+                 for q in (budget[0], budget[-1])]
+        parts.append("a hard-label thief on the mixed pool: " + "; ".join(
+            f"{q:,} queries {_pm_pct(c, 'surrogate_acc')} % behind CIP, {_pm_pct(n, 'surrogate_acc')} % undefended"
+            for q, n, c in cells))
+    drop, keep = get("poison_aware", "soft, drop flat answers", "cip"), get("poison_aware", "soft, all answers", "cip")
+    if drop and keep:
+        parts.append(f"a soft-label thief that drops flat answers {_pm_pct(drop, 'surrogate_acc')} % behind CIP "
+                     f"({_pm_pct(keep, 'surrogate_acc')} % keeping them)")
+    return ("* **Attackers who know CIP** (notebook 12; every thief, defense and verdict in `table.md`): "
+            + "; ".join(parts) + ".")
+
+
 def _reproducibility_line(rep: dict, summary: dict) -> str:
     """The README's reproducibility bullet from ``reproducibility.json`` (``same_machine``, and
-    ``other_machine`` from :func:`compare_machines` or, in older files, ``other_threads``)."""
+    ``other_machine`` from :func:`compare_machines` or, in older files, ``other_threads``;
+    ``measured_at``, when set, says which results the comparison was made on)."""
     sds = [r["surrogate_acc"]["sd"] for r in summary["rows"] if r["surrogate_acc"].get("sd") is not None]
     spread = (f"against a seed-to-seed sd of {100 * sum(sds) / len(sds):.1f} points averaged over the table's "
               f"rows (up to {100 * max(sds):.1f})")
     same = rep["same_machine"]
-    text = (f"* **Reproducibility.** Same machine, same seed: two from-scratch runs of seed 0 agree on "
+    when = f" (measured on {rep['measured_at']})" if rep.get("measured_at") else ""
+    text = (f"* **Reproducibility{when}.** Same machine, same seed: two from-scratch runs of seed 0 agree on "
             f"{same['identical']} of {same['json_files']} JSON artifacts, wall times aside"
             + (f" ({', '.join(same['differing'])} differ: {rep['same_machine_why']})" if same["differing"] else "")
             + ". ")

@@ -19,8 +19,9 @@ list literal (``--set knockoff_curve=[500,1000]``). ``CIP_RESULTS_ROOT`` / ``CIP
 resolved once against the directory the command runs from and passed absolute to every kernel.
 
 **Scheduling.** Notebooks are jobs with dependencies (:data:`DEPENDS`): 01 -> 02, then 03-10 need
-only 02 (07 also 03, 10 also 09), and 11 needs everything of every seed in the run (and the
-``innocents`` task, :data:`TASKS`, which trains notebook 11's innocent models in a lane of its own). Each job is a separate
+only 02 (07 also 03, 10 also 09), 12 needs 07, 09 and 10 of its seed, and 11 needs everything of
+every seed in the run; 11 and 12 also wait for the ``innocents`` task (:data:`TASKS`), which trains
+the innocent models of the ownership test in a lane of its own. Each job is a separate
 process (a fresh kernel) with a FIXED number of torch threads (:data:`THREADS`: 2 for 01, 02 and
 11, which run alone in a one-seed run, 1 for the rest), and ``--jobs`` CPU slots are filled greedily. A notebook's
 numbers therefore never depend on how many jobs ran beside it: same machine, same seed, same
@@ -62,26 +63,31 @@ THREADS = {"01": 2, "02": 2, "11": 2}
 """torch threads per notebook (default 1). Fixed per notebook so results do not depend on --jobs:
 2 for the notebooks that run alone on the critical path of a one-seed run (01, 02 and 11)."""
 
-DEPENDS = {"02": ("01",), "07": ("03",), "10": ("09",)}
+DEPENDS = {"02": ("01",), "07": ("03",), "10": ("09",), "12": ("06", "07", "09", "10")}
 """Prerequisites within one seed; every other notebook from 03 on needs 02, which trains the
 OE-tuned victims and computes their thresholds (see :func:`prerequisites`). 07 waits for 03,
-whose threshold trade-off grid trains the mixed-pool CIP surrogate that 07 then reuses."""
+whose threshold trade-off grid trains the mixed-pool CIP surrogate that 07 then reuses. 12 (the
+adaptive attackers) waits for the attack notebooks (its evidence-run thieves reuse 07's mixed-pool
+surrogates and run after the attacks' own runs) and for 06, which trains AM's misinformation model
+(no two jobs train one checkpoint)."""
 
-TASKS = {"innocents": "11", "evidence": "11"}
-"""Stages that run as jobs of their own, ahead of the notebook that needs them (task -> notebook):
-``innocents`` trains the innocent models of notebook 11 (``pipeline.get_innocent_models``; they
-need only the ID data), so that 11 (which waits for every other notebook) only loads them;
-``evidence`` runs the queries-to-conviction grid and the memorisation runs
-(``evidence.run_evidence``; nothing unless the profile's ``evidence`` is on). A task is scheduled
-only when its notebook is in the run; the notebook still trains what is missing."""
+TASKS = {"innocents": ("11", "12"), "evidence": ("11",)}
+"""Stages that run as jobs of their own, ahead of the notebooks that need them (task -> notebooks):
+``innocents`` trains the innocent models of notebooks 11 and 12 (``pipeline.get_innocent_models``;
+they need only the ID data), so that 11 (which waits for every other notebook) and 12's ownership
+verdicts only load them; ``evidence`` runs the queries-to-conviction grid and the memorisation
+runs (``evidence.run_evidence``; nothing unless the profile's ``evidence`` is on). A task is
+scheduled (once per seed) only when one of its notebooks is in the run, and every one of them in
+the run waits for it; the notebook still trains what is missing."""
 
 TASK_NEEDS = {"evidence": ("07", "09", "10")}
 """Notebooks (of the same seed, among those in the run) a task waits for: the evidence grid reuses
 the surrogates and records of the attack notebooks."""
 
-PRIORITY = ("01", "02", "09", "03", "07", "08", "10", "evidence", "innocents", "06", "04", "05", "00", "11")
+PRIORITY = ("01", "02", "09", "03", "07", "08", "10", "evidence", "innocents", "12", "06", "04", "05", "00",
+            "11")
 """Order in which ready jobs are started: 09 first (10 waits for it), 03 (07 reuses its surrogates),
-then the longest, so the lanes finish together."""
+then the longest, so the lanes finish together (12 is long only in the evidence run)."""
 
 
 def list_notebooks(only: list[str] | None = None, notebook_dir: Path = NOTEBOOK_DIR) -> list[Path]:
@@ -98,8 +104,9 @@ def list_notebooks(only: list[str] | None = None, notebook_dir: Path = NOTEBOOK_
 
 def prerequisites(number: str, present: set[str]) -> set[str]:
     """The notebooks (numbers, among ``present``) that must finish before ``number`` of the SAME
-    seed starts: 02 needs 01, 07 needs 03, 10 needs 09, 03-10 need 02 (it writes the thresholds), and 11 needs
-    every other notebook (and, in :func:`schedule`, every seed)."""
+    seed starts: 02 needs 01, 07 needs 03, 10 needs 09, 12 needs 07, 09 and 10, 03-10 and 12 need
+    02 (it writes the thresholds), and 11 needs every other notebook (and, in :func:`schedule`,
+    every seed)."""
     if number == "11":
         return present - {"11"}
     needs = set(DEPENDS.get(number, ()))
@@ -234,10 +241,11 @@ def schedule(books: list[Path], seeds: list[int], jobs: int) -> list[Job]:
                 needs |= {(s, p) for s in seeds for p in present - {"11"}}
                 if seed == seeds[0]:
                     needs |= {(s, "11") for s in seeds[1:]}
-            for task, user in TASKS.items():
-                if user == n:
-                    out.append(Job(seed, book, 1, {(seed, p) for p in TASK_NEEDS.get(task, ()) if p in present},
-                                   task=task))
+            for task, users in TASKS.items():
+                if n in users:
+                    if n == min(u for u in users if u in present):  # scheduled once, with its first user
+                        out.append(Job(seed, book, 1, {(seed, p) for p in TASK_NEEDS.get(task, ()) if p in present},
+                                       task=task))
                     needs = needs | {(seed, task)}
             out.append(Job(seed, book, min(THREADS.get(n, 1), jobs), needs))
     return out
