@@ -99,7 +99,9 @@ def test_runner_schedules_by_dependencies_and_seeds():
     books = run.list_notebooks()
     jobs = {j.key: j for j in run.schedule(books, [0, 1], jobs=2)}
     assert jobs[(0, "02")].needs == {(0, "01")} and jobs[(1, "03")].needs == {(1, "02")}
-    assert jobs[(0, "07")].needs == {(0, "02"), (0, "03")}  # 07 reuses 03's trade-off surrogate
+    # 07 reuses 03's trade-off surrogate; 07 and 08 use AM's misinformation model, which 06 trains
+    assert jobs[(0, "07")].needs == {(0, "02"), (0, "03"), (0, "06")}
+    assert jobs[(0, "08")].needs == {(0, "02"), (0, "06")}
     assert jobs[(0, "10")].needs == {(0, "02"), (0, "09")}
     assert jobs[(0, "11")].needs >= {(0, "innocents")}  # the innocent models train in a lane of their own
     assert {(1, "10"), (0, "07"), (1, "03")} <= jobs[(0, "11")].needs  # 11 waits for every seed

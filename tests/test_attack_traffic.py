@@ -237,7 +237,7 @@ def test_issue16_runner_trains_the_innocent_models_as_a_task_before_11():
     eleven = next(j for j in jobs if j.key == (0, "11"))
     assert (0, "innocents") in eleven.needs
     seven = next(j for j in jobs if j.key == (0, "07"))
-    assert seven.needs == {(0, "02"), (0, "03")}  # 07 reuses the mixed-pool surrogate of 03's grid
+    assert seven.needs == {(0, "02"), (0, "03"), (0, "06")}  # 03: its grid's surrogate; 06: AM's model
     assert run.prerequisites("07", {"02", "07"}) == {"02"}  # without 03 in the run, still after 02
     only = run.schedule(run.list_notebooks(["07"]), [0], 2)
     assert [j.task for j in only] == [None]

@@ -211,32 +211,48 @@ def test_issue28_query_form_checks_and_shapes():
 
 # --- the report: adaptive attackers in table.md and the README ------------------------------
 
-def test_issue28_adaptive_rows_reach_the_table_and_the_readme(tmp_path):
+def test_issue28_adaptive_rows_reach_the_table_and_the_readme(tmp_path, monkeypatch):
+    from cip_helpers.course import adaptive, config
     from cip_helpers.course.store import write_json
     from cip_helpers.tools import report
 
+    monkeypatch.setenv("CIP_RESULTS_ROOT", str(tmp_path))
+
     def seed(k: int, cip_acc: float) -> dict:
         rows = [{"attacker": "averaging", "variant": "pixel", "defense": "cip", "R": 200, "recovery": 0.1 + k / 50,
-                 "chance_bound": 0.2},
+                 "single_answer": 0.1, "chance_bound": 0.2},
                 {"attacker": "budget", "variant": "500 queries", "defense": "none", "queries": 500, "surrogate_acc": 0.6},
                 {"attacker": "budget", "variant": "500 queries", "defense": "cip", "queries": 500,
                  "surrogate_acc": cip_acc, "flagged": k == 0},
                 {"attacker": "budget", "variant": "8000 queries", "defense": "none", "queries": 8000, "surrogate_acc": 0.9},
                 {"attacker": "budget", "variant": "8000 queries", "defense": "cip", "queries": 8000,
                  "surrogate_acc": 0.88, "flagged": False}]
-        return {"seed": k, "rows": rows}
+        cfg = config.get_profile("smoke", seed=k)
+        return {"seed": k, "rows": rows, "version": adaptive.VERSION, "checkpoints": {},
+                "settings": adaptive.settings(cfg)}
 
+    profile_dir = tmp_path / "smoke"
     for k, acc in ((0, 0.5), (1, 0.7)):
-        write_json(tmp_path / f"seed-{k}" / "adaptive.json", seed(k, acc))
-    rows = report.adaptive_summary(tmp_path, [0, 1])
+        write_json(profile_dir / f"seed-{k}" / "adaptive.json", seed(k, acc))
+    rows = report.adaptive_summary(profile_dir, [0, 1])
     table = report.adaptive_table(rows)
     cell = table.set_index(["attacker", "variant"]).loc[("budget", "500 queries"), "cip"]
     assert cell == "60.0 ± 14.1, flagged 1/2"
-    assert table.set_index(["attacker", "variant"]).loc[("averaging", "pixel"), "cip"] == "11.0 ± 1.4 (chance <= 20)"
+    assert table.set_index(["attacker", "variant"]).loc[("averaging", "pixel"), "cip"] == "10 ± 0 -> 11 ± 1 (chance <= 20)"
     line = report._adaptive_line(rows)
     assert "500 queries 60.0 ± 14.1 % behind CIP, 60.0 ± 0.0 % undefended" in line
-    assert "8,000 queries 88.0 ± 0.0 % behind CIP" in line and "CIP 11 ± 1 % (chance bound 20 %)" in line
-    assert report.adaptive_summary(tmp_path, [5]) is None
+    assert "8,000 queries 88.0 ± 0.0 % behind CIP" in line and "names its hidden top-1 on 10 ± 0 -> 11 ± 1 % (pixel)" in line
+    assert report.adaptive_summary(profile_dir, [5]) is None
+    stale = seed(1, 0.7)
+    stale["settings"]["profile"]["surrogate_epochs"] = 99  # measured with other settings: left out, said so
+    write_json(profile_dir / "seed-1" / "adaptive.json", stale)
+    with pytest.warns(UserWarning, match="seed 1: adaptive.json was measured with other settings"):
+        only = report.adaptive_summary(profile_dir, [0, 1])
+    assert all(r["n"] == 1 for r in only)
+    elsewhere = tmp_path / "elsewhere" / "smoke"
+    write_json(elsewhere / "seed-0" / "adaptive.json", seed(0, 0.5))
+    with pytest.raises(ValueError, match="CIP_RESULTS_ROOT"):
+        report.adaptive_summary(elsewhere, [0])
 
 
 def test_issue28_numpy_and_art_answers_do_not_depend_on_their_batch_size(queries):
@@ -251,3 +267,44 @@ def test_issue28_numpy_and_art_answers_do_not_depend_on_their_batch_size(queries
     art = interop.art_classifier(every_defense(queries)["cip"])
     assert np.array_equal(art.predict(x, batch_size=1), one_call)
     assert np.array_equal(art.predict(x[::-1].copy(), batch_size=7)[::-1], one_call)
+
+
+def test_issue28_near_twins_of_one_8bit_image_are_one_trigger_and_verifiable():
+    """A thief sends two copies of one 8-bit image that fall into two canonical forms (a block mean
+    on a level boundary, one copy 1e-4 brighter): they may get different PBD classes, but the
+    trigger log keeps one of them, so the ownership test never sees one image with two labels."""
+    from cip_helpers.method import verification
+
+    base = torch.zeros(1, *SHAPE)
+    base[:, :, :7, :7] = 4.0 / 255  # block mean 4/255: x 31 = 0.486, near the 0.5 rounding boundary
+    base[:, :, 7:, :] = torch.rand(1, 1, 21, 28, generator=torch.Generator().manual_seed(0))
+    base = torch.round(base * 255) / 255
+    twin = base.clone()
+    twin[:, :, :7, :7] = base[:, :, :7, :7] + 0.0019  # 4.48/255: rounds to 4/255, block mean crosses 0.5/31
+    assert IMAGE_FORM.digests(base) == IMAGE_FORM.digests(twin)
+    assert QUERY_FORM.digests(base) != QUERY_FORM.digests(twin)
+    model = RowwiseModel(1)
+    cip = CIP(model, SHAPE, 1e6, 2e6, pbd="online", r1=10.0, seed=0)  # every query routed ID and flipped
+    cip(torch.cat([base, twin]))
+    assert len(cip.trigger_set) == 1
+    x, labels = verification.distinct_triggers(cip.trigger_set.x, cip.trigger_set.labels)
+    assert len(x) == 1
+
+
+def test_issue28_the_owners_key_decides_the_randomness(queries):
+    model = RowwiseModel(1)
+    t = calibrate_thresholds(model(queries), 33.0, 66.0, 1.0, 50.0)
+
+    def cip(**kw) -> CIP:
+        return CIP(model, SHAPE, t["E1"], t["E2"], r1=t["R1"], seed=7, **kw)
+
+    default = cip()(queries)
+    assert torch.equal(cip(key="7")(queries), default)  # key=None: derived from the seed (public)
+    secret = cip(key=b"\x8a" * 32)
+    other = secret(queries)
+    poisoned = (secret.last_routes == HIGH_ES) | secret.last_flipped
+    assert (other[poisoned] != default[poisoned]).any(1).float().mean() > 0.9
+    assert torch.equal(secret.fresh()(queries), other)
+    for bad in ("", b"", 7):
+        with pytest.raises(ValueError, match="CIP key must be"):
+            cip(key=bad)

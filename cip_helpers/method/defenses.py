@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from . import poisoning
-from .digests import QUERY_FORM, QueryForm, keyed_randoms, weights_sha256
+from .digests import IMAGE_FORM, QUERY_FORM, QueryForm, keyed_randoms, weights_sha256
 from .inputs import as_images
 from .models import PREDICT_BATCH, predict_logits
 from .scores import (HIGH_ES, ID, LOW_ES, ROUTE_NAMES, check_temperature, check_thresholds, energy_score,
@@ -57,15 +57,18 @@ class TriggerSet:
     """Queries whose answers the defender altered on purpose: (input, original answer, altered
     answer). A stolen model agrees with ``labels`` (the altered top-1) far more than chance.
 
-    It is a set: :meth:`append` keeps an image once (the first answer) when its canonical form
-    (``form``, :class:`digests.QueryForm`, the defense's own) was seen before, so a query asked
-    twice, or its -0.0 twin, is one trigger, not two pieces of evidence (:mod:`verification`)."""
+    It is a set: :meth:`append` skips an image whose canonical form (``form``,
+    :class:`digests.QueryForm`, the defense's own) or whose 8-bit image
+    (:data:`digests.IMAGE_FORM`, what :func:`verification.distinct_index` counts) is already in
+    it, keeping the first answer: a query asked twice, its -0.0 twin, or a copy nudged below the
+    form's resolution is one trigger, not two pieces of evidence (:mod:`verification`), and two
+    entries never share an 8-bit image (which the ownership test would refuse as a corrupt log)."""
 
     x: Tensor = field(default_factory=lambda: torch.empty(0))
     original: Tensor = field(default_factory=lambda: torch.empty(0))
     altered: Tensor = field(default_factory=lambda: torch.empty(0))
     form: QueryForm = QUERY_FORM
-    # digests of the images in the set, built on first append (a loaded set hashes its images once)
+    # digests (canonical form, 8-bit image) of the images in the set, built on first append
     _digests: set[bytes] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -87,11 +90,14 @@ class TriggerSet:
             return
         # a set: a query asked again (the same canonical form) is already evidence, once
         if self._digests is None:
-            self._digests = set(self.form.digests(self.x)) if len(self) else set()
+            self._digests = set()
+            if len(self):
+                self._digests.update(b"f" + d for d in self.form.digests(self.x))
+                self._digests.update(b"i" + d for d in IMAGE_FORM.digests(self.x))
         new = []
-        for i, digest in enumerate(self.form.digests(x)):
-            if digest not in self._digests:
-                self._digests.add(digest)
+        for i, (form, image) in enumerate(zip(self.form.digests(x), IMAGE_FORM.digests(x))):
+            if b"f" + form not in self._digests and b"i" + image not in self._digests:
+                self._digests.update((b"f" + form, b"i" + image))
                 new.append(i)
         if not new:
             return
@@ -254,7 +260,9 @@ class DAWN(Defense):
     """Dynamic adversarial watermarking (Szyller et al. 2021): a keyed hash of the query's
     canonical form (``form``, :class:`digests.QueryForm`) selects a fraction ``rate`` of queries;
     their top-floor(sqrt(K)) entries are permuted (top-1 changes). The same query always gets the
-    same answer, whatever the batching, order or repetition; watermarked queries are logged."""
+    same answer, whatever the batching, order or repetition; watermarked queries are logged.
+    ``key`` is the owner's secret: the default ``"dawn-key"`` is public (the course's, for
+    reproducible numbers); a served API passes its own."""
 
     name = "dawn"
 
@@ -328,10 +336,13 @@ class CIP(Defense):
     least likely class; the course's earlier answer, kept as an ablation).
 
     Every random choice (the strong shuffle and its noise, PBD's class) is keyed on the query's
-    canonical form (``form``, :class:`digests.QueryForm`) and the owner's secret (derived from
-    ``seed``): the same image gets the same answer whatever the batching, order or repetition, so
-    asking again or sending a nudged copy that is the same query in ``form`` buys no fresh
-    randomness (notebook 05 measures which nudges are).
+    canonical form (``form``, :class:`digests.QueryForm`) and the owner's secret ``key``: the same
+    image gets the same answer whatever the batching, order or repetition, so asking again or
+    sending a nudged copy that is the same query in ``form`` buys no fresh randomness (notebook 04
+    measures which nudges are). ``key=None`` derives the key from ``seed``: reproducible, hence NOT
+    a secret (the course's setting, where every number must be re-computable). A served API must
+    pass a secret ``key`` (str or bytes, e.g. ``os.urandom(32)``): whoever knows the key and the
+    form can recompute the shuffle and undo strong PPD.
 
     Fails closed: rows whose logits are not all finite go to high-ES (strongest poisoning, applied
     to a uniform row), never to ID or PBD. Every parameter is checked at construction
@@ -350,7 +361,8 @@ class CIP(Defense):
                  temperature: float = 1.0, strong: str = "shuffle_noise", snr_db: float = 10.0,
                  beta: float = 0.9, gamma: float = 0.6, pbd: str | None = "online",
                  r1: float | None = None, pbd_T: float = 0.0, seed: int = 0,
-                 pbd_answer: str = "authors", form: QueryForm = QUERY_FORM) -> None:
+                 pbd_answer: str = "authors", form: QueryForm = QUERY_FORM,
+                 key: str | bytes | None = None) -> None:
         if pbd_answer not in poisoning.PBD_ANSWERS:
             raise ValueError(f"unknown PBD answer {pbd_answer!r}; choose one of {poisoning.PBD_ANSWERS} "
                              "('authors': the release's near one-hot answer on a random other class; "
@@ -382,6 +394,8 @@ class CIP(Defense):
             raise ValueError(f"seed must be an int, got {seed!r}")
         if not isinstance(form, QueryForm):
             raise ValueError(f"CIP form must be a digests.QueryForm, got {form!r}")
+        if key is not None and (not isinstance(key, (str, bytes)) or len(key) == 0):
+            raise ValueError(f"CIP key must be a non-empty str or bytes (the owner's secret), got {key!r}")
         super().__init__(model, input_shape)
         self.e1, self.e2, self.temperature = e1, e2, temperature
         self.strong, self.snr_db, self.beta, self.gamma = strong, float(snr_db), float(beta), float(gamma)
@@ -389,6 +403,9 @@ class CIP(Defense):
         self.seed = int(seed)
         self.pbd_answer = pbd_answer
         self.form = form
+        self.key = key
+        secret = (key.encode() if isinstance(key, str) else key) if key is not None else str(self.seed).encode()
+        self._strong_key, self._pbd_key = b"cip-strong/" + secret, b"cip-pbd/" + secret
         self.trigger_set = TriggerSet(form=form)
         self.last_routes = torch.zeros(0, dtype=torch.long)
         self.last_flipped = torch.zeros(0, dtype=torch.bool)
@@ -419,8 +436,7 @@ class CIP(Defense):
         if n_high:
             high = routes == HIGH_ES
             if self.strong == "shuffle_noise":
-                u, z = keyed_randoms(x[high], f"cip-strong/{self.seed}".encode(), self.n_classes + 1,
-                                     self.n_classes, self.form)
+                u, z = keyed_randoms(x[high], self._strong_key, self.n_classes + 1, self.n_classes, self.form)
                 out[high] = poisoning.shuffle_noise(p[high], self.snr_db, u=u, z=z)
             else:
                 out[high] = poisoning.STRONG_PPD[self.strong](p[high])
@@ -437,9 +453,9 @@ class CIP(Defense):
 
     def pbd_randoms(self, x: Tensor) -> Tensor:
         """(N, K + 1) float64 uniforms in [0, 1) for :func:`poisoning.pbd_authors`, one row per
-        image of ``x`` (:func:`digests.keyed_randoms` of its canonical form, keyed with ``seed``):
+        image of ``x`` (:func:`digests.keyed_randoms` of its canonical form and the owner's key):
         the same query always gets the same flipped answer, whatever the call it arrives in."""
-        return keyed_randoms(x, f"cip-pbd/{self.seed}".encode(), self.n_classes + 1, 0, self.form)[0]
+        return keyed_randoms(x, self._pbd_key, self.n_classes + 1, 0, self.form)[0]
 
     def _pbd_mask(self, p: Tensor, is_id: Tensor, n_id: int) -> Tensor:
         if self.pbd is None or n_id == 0:
@@ -462,7 +478,7 @@ class CIP(Defense):
         constructor arguments, e.g. ``pbd="offline_top_T"``): empty trigger set, zero totals."""
         settings = dict(temperature=self.temperature, strong=self.strong, snr_db=self.snr_db,
                         beta=self.beta, gamma=self.gamma, pbd=self.pbd, r1=self.r1, pbd_T=self.pbd_T,
-                        seed=self.seed, pbd_answer=self.pbd_answer, form=self.form)
+                        seed=self.seed, pbd_answer=self.pbd_answer, form=self.form, key=self.key)
         new = CIP(self.model, self.input_shape, self.e1, self.e2, **{**settings, **changes})
         new._weights_sha256 = self._weights_sha256
         return new

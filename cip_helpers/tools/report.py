@@ -12,7 +12,7 @@ import pandas as pd
 from torch import nn
 
 from ..course import attacks, pipeline
-from ..course.config import Profile
+from ..course.config import Profile, get_profile
 from ..course.store import read_json, write_json, write_png, write_text
 from ..method import verification
 from ..method.digests import weights_sha256
@@ -567,10 +567,26 @@ def seed_summary(profile_dir: Path, seeds: Sequence[int]) -> dict:
 def adaptive_summary(profile_dir: Path, seeds: Sequence[int]) -> list[dict] | None:
     """Mean ± sd over seeds of the adaptive attackers (notebook 12's ``seed-<k>/adaptive.json``,
     written by the evidence run; :func:`cip_helpers.course.adaptive.aggregate`), ``None`` when no
-    seed has one."""
+    seed has a valid one. A file measured with other weights or settings than the seed's
+    (:func:`adaptive.load`) is left out with a warning naming why. Raises ``ValueError`` when
+    ``profile_dir`` is not where the profile of its name writes (set ``CIP_RESULTS_ROOT``)."""
+    import warnings
+
     from ..course import adaptive
 
-    per_seed = adaptive.read_seeds(profile_dir, seeds)
+    per_seed = []
+    for seed in seeds:
+        if not (Path(profile_dir) / f"seed-{seed}" / adaptive.FILE).exists():
+            continue
+        cfg = get_profile(Path(profile_dir).name, seed=seed)
+        if cfg.results_dir.resolve() != (Path(profile_dir) / f"seed-{seed}").resolve():
+            raise ValueError(f"{profile_dir} is not where profile {cfg.name!r} writes ({cfg.profile_dir}); "
+                             "set CIP_RESULTS_ROOT to its parent to aggregate it")
+        stored, why = adaptive.load(cfg)
+        if stored is None:
+            warnings.warn(f"seed {seed}: {why}; left out of the adaptive table ({adaptive.COMMAND})", stacklevel=2)
+            continue
+        per_seed.append(stored)
     return adaptive.aggregate(per_seed) if per_seed else None
 
 
@@ -593,7 +609,8 @@ def adaptive_table(rows: list[dict]) -> pd.DataFrame:
     for r in rows:
         line = out.setdefault((r["attacker"], r["variant"]), {"attacker": r["attacker"], "variant": r["variant"]})
         if r["attacker"] == "averaging":
-            cell = _pm_pct(r, "recovery") + (f" (chance <= {100 * r['chance_bound']:.0f})" if r.get("chance_bound") is not None else "")
+            cell = (_pm_pct(r, "single_answer", 0) + " -> " + _pm_pct(r, "recovery", 0)
+                    + (f" (chance <= {100 * r['chance_bound']:.0f})" if r.get("chance_bound") is not None else ""))
         else:
             cell = _pm_pct(r, "surrogate_acc")
             if r.get("judged"):
@@ -603,8 +620,9 @@ def adaptive_table(rows: list[dict]) -> pd.DataFrame:
 
 
 ADAPTIVE_HEADER = ("\n## Adaptive attackers (notebook 12, the evidence run)\n\nAveraging: the share of "
-                   "poisoned photo crops whose hidden top-1 the mean of the thief's asks names, after its "
-                   "largest number of asks (repeats or nudged copies), with the 99 % chance bound. The others: "
+                   "poisoned photo crops whose hidden top-1 the thief names from one answer -> from the mean of "
+                   "its largest number of asks (repeats or nudged copies), with the 99 % bound of an answer-blind "
+                   "guess (the victim's most common class). The others: "
                    "hard-label (unless named) surrogate test accuracy on the mixed pool; `flagged k/n`: seeds "
                    "whose surrogate the ownership test of notebook 11 flags with the defender's trigger set. "
                    "Mean ± sd over seeds, percent.\n\n")
@@ -1211,15 +1229,12 @@ def _adaptive_line(rows: list[dict]) -> str:
         return next((r for r in rows if (r["attacker"], r["variant"], r["defense"]) == (attacker, variant, defense)), {})
 
     parts = []
-    avg = {d: [r for r in rows if r["attacker"] == "averaging" and r["defense"] == d and r.get("recovery") is not None]
-           for d in ("cip", "am")}
-    said = [f"{d.upper()} {_pm_pct(max(mine, key=lambda r: r['recovery']), 'recovery', 0)} % "
-            f"(chance bound {100 * (max(mine, key=lambda r: r['recovery']).get('chance_bound') or 0):.0f} %)"
-            for d, mine in avg.items() if mine]
-    if said:
-        asks = max(r.get("R") or 0 for mine in avg.values() for r in mine)
-        parts.append(f"averaging {asks:.0f} asks of each poisoned photo crop (repeats or nudged copies, the "
-                     "worst nudge) names its hidden top-1 on " + ", ".join(said))
+    avg = [r for r in rows if r["attacker"] == "averaging" and r["defense"] == "cip" and r.get("recovery") is not None]
+    if avg:
+        asks = max(r.get("R") or 0 for r in avg)
+        parts.append(f"averaging {asks:.0f} asks of each of CIP's poisoned photo crops names its hidden top-1 on "
+                     + ", ".join(f"{_pm_pct(r, 'single_answer', 0)} -> {_pm_pct(r, 'recovery', 0)} % ({r['variant']})"
+                                 for r in avg) + " (one answer -> the mean)")
     budget = sorted({int(r["queries"]) for r in rows if r["attacker"] == "budget" and r.get("queries")})
     if budget:
         cells = [(q, get("budget", f"{q} queries", "none"), get("budget", f"{q} queries", "cip"))

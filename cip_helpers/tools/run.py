@@ -19,7 +19,8 @@ list literal (``--set knockoff_curve=[500,1000]``). ``CIP_RESULTS_ROOT`` / ``CIP
 resolved once against the directory the command runs from and passed absolute to every kernel.
 
 **Scheduling.** Notebooks are jobs with dependencies (:data:`DEPENDS`): 01 -> 02, then 03-10 need
-only 02 (07 also 03, 10 also 09), 12 needs 07, 09 and 10 of its seed, and 11 needs everything of
+only 02 (07 also 03 and 06, 08 also 06, 10 also 09), 12 needs 06, 07, 09 and 10 of its seed, and
+11 needs everything of
 every seed in the run; 11 and 12 also wait for the ``innocents`` task (:data:`TASKS`), which trains
 the innocent models of the ownership test in a lane of its own. Each job is a separate
 process (a fresh kernel) with a FIXED number of torch threads (:data:`THREADS`: 2 for 01, 02 and
@@ -63,13 +64,15 @@ THREADS = {"01": 2, "02": 2, "11": 2}
 """torch threads per notebook (default 1). Fixed per notebook so results do not depend on --jobs:
 2 for the notebooks that run alone on the critical path of a one-seed run (01, 02 and 11)."""
 
-DEPENDS = {"02": ("01",), "07": ("03",), "10": ("09",), "12": ("06", "07", "09", "10")}
+DEPENDS = {"02": ("01",), "07": ("03", "06"), "08": ("06",), "10": ("09",), "12": ("06", "07", "09", "10")}
 """Prerequisites within one seed; every other notebook from 03 on needs 02, which trains the
 OE-tuned victims and computes their thresholds (see :func:`prerequisites`). 07 waits for 03,
 whose threshold trade-off grid trains the mixed-pool CIP surrogate that 07 then reuses. 12 (the
 adaptive attackers) waits for the attack notebooks (its evidence-run thieves reuse 07's mixed-pool
-surrogates and run after the attacks' own runs) and for 06, which trains AM's misinformation model
-(no two jobs train one checkpoint)."""
+surrogates and run after the attacks' own runs). 06 trains AM's misinformation model of the ``all``
+victim, which 07 and 08 (in the evidence run) and 12 use, so they wait for it: no two jobs train
+one checkpoint or write ``am_calibration.json`` at once (the ``half`` model is trained by 09, which
+10 waits for)."""
 
 TASKS = {"innocents": ("11", "12"), "evidence": ("11",)}
 """Stages that run as jobs of their own, ahead of the notebooks that need them (task -> notebooks):
@@ -84,10 +87,11 @@ TASK_NEEDS = {"evidence": ("07", "09", "10")}
 """Notebooks (of the same seed, among those in the run) a task waits for: the evidence grid reuses
 the surrogates and records of the attack notebooks."""
 
-PRIORITY = ("01", "02", "09", "03", "07", "08", "10", "evidence", "innocents", "12", "06", "04", "05", "00",
+PRIORITY = ("01", "02", "09", "06", "03", "07", "08", "10", "evidence", "innocents", "12", "04", "05", "00",
             "11")
-"""Order in which ready jobs are started: 09 first (10 waits for it), 03 (07 reuses its surrogates),
-then the longest, so the lanes finish together (12 is long only in the evidence run)."""
+"""Order in which ready jobs are started: 09 first (10 waits for it), 06 (07, 08 and 12 wait for
+its misinformation model), 03 (07 reuses its surrogates), then the longest, so the lanes finish
+together (12 is long only in the evidence run)."""
 
 
 def list_notebooks(only: list[str] | None = None, notebook_dir: Path = NOTEBOOK_DIR) -> list[Path]:
@@ -104,7 +108,8 @@ def list_notebooks(only: list[str] | None = None, notebook_dir: Path = NOTEBOOK_
 
 def prerequisites(number: str, present: set[str]) -> set[str]:
     """The notebooks (numbers, among ``present``) that must finish before ``number`` of the SAME
-    seed starts: 02 needs 01, 07 needs 03, 10 needs 09, 12 needs 07, 09 and 10, 03-10 and 12 need
+    seed starts: 02 needs 01, 07 needs 03 and 06, 08 needs 06, 10 needs 09, 12 needs 06, 07, 09 and
+    10, 03-10 and 12 need
     02 (it writes the thresholds), and 11 needs every other notebook (and, in :func:`schedule`,
     every seed)."""
     if number == "11":
