@@ -308,3 +308,17 @@ def test_issue28_the_owners_key_decides_the_randomness(queries):
     for bad in ("", b"", 7):
         with pytest.raises(ValueError, match="CIP key must be"):
             cip(key=bad)
+
+
+def test_issue28_stored_grids_and_dfme_keys_follow_the_canonical_form(results_root, monkeypatch):
+    """The threshold trade-off grid (notebook 03) and a DFME student are stored stages whose
+    answers come from CIP: a stored one computed under another canonical form must not be reused
+    (the committed grid once was, after the answers were keyed; the fresh clone's differed)."""
+    from cip_helpers.course import attacks, config
+
+    cfg = config.get_profile("smoke")
+    key, spec = attacks.tradeoff_key(cfg), attacks.defense_spec(cfg, "cip")
+    monkeypatch.setattr(attacks, "QUERY_FORM", QueryForm(255, 1))
+    assert attacks.tradeoff_key(cfg) != key
+    assert attacks.defense_spec(cfg, "cip") != spec
+    assert attacks.defense_spec(cfg, "dawn")["keyed_on"] == {"levels": 255, "pool": 1}

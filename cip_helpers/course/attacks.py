@@ -930,6 +930,23 @@ TRADEOFF_FILE = "threshold_tradeoff.json"
 TRADEOFF_VERSION = 3  # the rows' fields: a stored grid of another version is recomputed
 
 
+def tradeoff_key(cfg: Profile) -> dict:
+    """What a stored trade-off grid (:func:`threshold_tradeoff`) must match to be reused: the OE
+    victim's weights, the mixed pool and the test digits (sha256), the grids, CIP's settings (the
+    canonical form its answers are keyed on included) and the surrogate recipe."""
+    queries, _ = mixed_queries(cfg)
+    _, oe_info = pipeline.get_oe_victim(cfg, "all", verbose=False)
+    test_x, _ = data.id_data(cfg).split("test")
+    return {"version": TRADEOFF_VERSION, "weights_sha256": oe_info["weights_sha256"],
+            "queries_sha256": tensor_sha256(queries),
+            "test_sha256": tensor_sha256(test_x), "p1_grid": list(cfg.tradeoff_p1),
+            "p2_grid": list(cfg.tradeoff_p2), "p1": cfg.p1, "p2": cfg.p2, "T": cfg.temperature,
+            "label_type": cfg.knockoff_curve_label_type, "knockoff_pbd_T": cfg.knockoff_pbd_T,
+            "cip": {"snr_db": cfg.snr_db, "beta": cfg.rs_beta, "gamma": cfg.rs_gamma,
+                    "pbd_answer": cfg.pbd_answer, "keyed_on": _form_spec()},
+            "surrogate": surrogate_recipe(cfg, cfg.surrogate_epochs)}
+
+
 def threshold_tradeoff(cfg: Profile, verbose: bool = True) -> dict:
     """What moving a threshold costs and buys (notebook 03), load-or-compute in
     ``<results_dir>/threshold_tradeoff.json``.
@@ -946,7 +963,8 @@ def threshold_tradeoff(cfg: Profile, verbose: bool = True) -> dict:
     and strong PPD, so the poisoned share stays) and ``near_shares``; no surrogate is trained.
 
     The file records the sha256 of the OE victim's weights, of the mixed pool and of the test
-    digits, the grids, CIP's poisoning settings and the surrogate recipe; it is reused only when
+    digits, the grids, CIP's poisoning settings (the canonical form its answers are keyed on
+    included) and the surrogate recipe; it is reused only when
     all match and every p1 row's surrogate is on disk with the weights its record names (else
     recomputed: a fresh clone has the JSON but no checkpoints).
     Returns ``{"key": ..., "p1": [rows], "p2": [rows], "label_type": ...}``. Raises ``ValueError``
@@ -955,17 +973,9 @@ def threshold_tradeoff(cfg: Profile, verbose: bool = True) -> dict:
 
     path = cfg.results_dir / TRADEOFF_FILE
     queries, _ = mixed_queries(cfg)
-    oe_model, oe_info = pipeline.get_oe_victim(cfg, "all", verbose=False)
-    test_x, _ = data.id_data(cfg).split("test")
+    oe_model, _ = pipeline.get_oe_victim(cfg, "all", verbose=False)
     label_type = cfg.knockoff_curve_label_type
-    key = {"version": TRADEOFF_VERSION, "weights_sha256": oe_info["weights_sha256"],
-           "queries_sha256": tensor_sha256(queries),
-           "test_sha256": tensor_sha256(test_x), "p1_grid": list(cfg.tradeoff_p1),
-           "p2_grid": list(cfg.tradeoff_p2), "p1": cfg.p1, "p2": cfg.p2, "T": cfg.temperature,
-           "label_type": label_type, "knockoff_pbd_T": cfg.knockoff_pbd_T,
-           "cip": {"snr_db": cfg.snr_db, "beta": cfg.rs_beta, "gamma": cfg.rs_gamma,
-                   "pbd_answer": cfg.pbd_answer},
-           "surrogate": surrogate_recipe(cfg, cfg.surrogate_epochs)}
+    key = tradeoff_key(cfg)
     if path.exists():
         stored = read_json(path)
         missing = _tradeoff_surrogates_missing(cfg, stored) if stored.get("key") == key else []
