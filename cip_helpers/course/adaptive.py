@@ -39,11 +39,11 @@ from torch import Tensor, nn
 
 from ..method import verification
 from ..method.defenses import Defense
-from ..method.digests import QUERY_FORM, row_digests, weights_sha256
+from ..method.digests import row_digests, weights_sha256
 from ..method.models import predict_logits
 from . import attacks, data, pipeline, training
 from .config import Profile
-from .store import CheckpointError, load_checkpoint, read_json, write_json
+from .store import CheckpointError, read_json, write_json
 
 DEFENSES = ("none", "dp", "dawn", "cip", "am")
 """The defenses every adaptive thief meets (those :data:`pipeline.DEFENSES` builds; see
@@ -448,7 +448,7 @@ def settings(cfg: Profile) -> dict:
              "crops": evidence_crops(cfg), "probe": None,
              "poison_pmax": POISON_PMAX, "selection": list(SELECTION), "budget": list(BUDGET),
              "max_shift": MAX_SHIFT, "thief_seed": THIEF_SEED,
-             "query_form": {"levels": QUERY_FORM.levels, "pool": QUERY_FORM.pool}}
+             "query_form": attacks.form_spec()}
     return json.loads(json.dumps({"profile": profile, "thieves": thief}))
 
 
@@ -460,7 +460,7 @@ def checkpoint_hashes(cfg: Profile, names: Sequence[str] = CHECKPOINTS) -> dict[
         path = cfg.checkpoint_dir / f"{stage}.pt"
         if path.exists():
             try:
-                out[stage] = weights_sha256(load_checkpoint(path)[2])
+                out[stage] = attacks.checkpoint_sha256(path)
             except CheckpointError:
                 out[stage] = "unreadable"
     return out

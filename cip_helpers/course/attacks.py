@@ -306,6 +306,13 @@ def load_trigger_set(cfg: Profile, record: str) -> TriggerSet | None:
     return triggers
 
 
+def checkpoint_sha256(path: Path) -> str:
+    """sha256 of the weights in the checkpoint at ``path`` (:func:`digests.weights_sha256`), read
+    once per file version (cached by path and modification time: a rewritten file is re-read).
+    Raises ``OSError`` or :class:`store.CheckpointError` for a missing or unreadable file."""
+    return _checkpoint_sha256(str(path), Path(path).stat().st_mtime_ns)
+
+
 @functools.lru_cache(maxsize=16)
 def _checkpoint_sha256(path: str, mtime_ns: int) -> str:  # mtime_ns: a rewritten file is re-read
     return weights_sha256(load_checkpoint(Path(path))[2])
@@ -356,7 +363,7 @@ def check_record(cfg: Profile, rec: dict) -> None:
         path = cfg.checkpoint_dir / f"{stage}_{split}.pt"
         if not path.exists():
             continue
-        have = _checkpoint_sha256(str(path), path.stat().st_mtime_ns)
+        have = checkpoint_sha256(path)
         if rec.get(key) != have:
             raise ValueError(f"metrics/{rec.get('name')}.json was measured against other weights than "
                              f"{path.name} now holds ({str(rec.get(key))[:16]}... vs "
@@ -847,7 +854,7 @@ def defense_spec(cfg: Profile, defense: str, split: str = "all", strong: str = "
         spec = {"name": "cip", "weights_sha256": t["weights_sha256"],
                 "E1": t["E1"], "E2": t["E2"], "R1": t["R1"], "T": t["T"], "strong": strong,
                 "pbd": pbd, "snr_db": cfg.snr_db, "beta": cfg.rs_beta, "gamma": cfg.rs_gamma,
-                "pbd_T": cfg.pbd_offline_T, "seed": cfg.seed, "keyed_on": _form_spec()}
+                "pbd_T": cfg.pbd_offline_T, "seed": cfg.seed, "keyed_on": form_spec()}
         if pbd is not None:
             spec["pbd_answer"] = cfg.pbd_answer
         return spec
@@ -857,15 +864,16 @@ def defense_spec(cfg: Profile, defense: str, split: str = "all", strong: str = "
         spec.update(beta=cfg.rs_beta, gamma=cfg.rs_gamma)
     elif defense == "dawn":
         spec.update(rate=cfg.dawn_rate if dawn_rate is None else dawn_rate, key=pipeline.dawn_key(cfg),
-                    keyed_on=_form_spec())
+                    keyed_on=form_spec())
     elif defense != "none":
         raise ValueError(f"unknown defense {defense!r}; choose one of {pipeline.DEFENSES}")
     return spec
 
 
-def _form_spec() -> dict:
-    """The canonical form CIP's and DAWN's random choices are keyed on (:data:`digests.QUERY_FORM`):
-    part of a defense's spec, since the same settings with another form give other answers."""
+def form_spec() -> dict:
+    """The canonical form CIP's and DAWN's random choices are keyed on (:data:`digests.QUERY_FORM`),
+    as JSON: part of every stored stage computed from their answers (a defense's spec, the
+    trade-off grid, ``adaptive.json``), since the same settings with another form give other answers."""
     return {"levels": QUERY_FORM.levels, "pool": QUERY_FORM.pool}
 
 
@@ -943,7 +951,7 @@ def tradeoff_key(cfg: Profile) -> dict:
             "p2_grid": list(cfg.tradeoff_p2), "p1": cfg.p1, "p2": cfg.p2, "T": cfg.temperature,
             "label_type": cfg.knockoff_curve_label_type, "knockoff_pbd_T": cfg.knockoff_pbd_T,
             "cip": {"snr_db": cfg.snr_db, "beta": cfg.rs_beta, "gamma": cfg.rs_gamma,
-                    "pbd_answer": cfg.pbd_answer, "keyed_on": _form_spec()},
+                    "pbd_answer": cfg.pbd_answer, "keyed_on": form_spec()},
             "surrogate": surrogate_recipe(cfg, cfg.surrogate_epochs)}
 
 
